@@ -1,0 +1,127 @@
+"""The `chatlora` command: each verb calls one library function. No logic lives here.
+
+    chatlora data check [DATA] [--model M] [--template T] [--system S] [--max-seq-tokens N] [--dump PATH]
+    chatlora download MODEL_ID [--source huggingface|modelscope]
+    chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
+
+A user mistake (bad file, flag or path) prints one paragraph and exits with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from chatlora import __version__
+from chatlora.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="a config file (groups model, lora, data, train, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+                   help="override any config field, e.g. --set data.max_seq_tokens=512 (repeatable)")
+    p.add_argument("--model", help="base model: local dir, .gguf file, cached hub id, or smollm2-demo")
+    p.add_argument("--template", choices=["auto", "index", "self-llm"], help="chat format")
+    p.add_argument("--system", help="system prompt for rows without one")
+    p.add_argument("--max-seq-tokens", type=int, help="longest example in tokens")
+    p.add_argument("--on-overlength", choices=["truncate", "drop", "error"])
+    p.add_argument("--on-error", choices=["stop", "skip"], help="stop at bad rows (default) or skip them")
+
+
+def _load(args, data: str | None = None):
+    from chatlora.config import load_config
+
+    flags = {"model.path": args.model, "model.template": args.template, "data.system_prompt": args.system,
+             "data.max_seq_tokens": args.max_seq_tokens, "data.on_overlength": args.on_overlength,
+             "data.on_error": args.on_error, "data.path": data}
+    return load_config(args.config, args.overrides, flags)
+
+
+def cmd_data_check(args) -> int:
+    from chatlora.atomic import write_text
+    from chatlora.dataset import dataset_for_config, dump_examples, format_report
+
+    cfg = _load(args, args.data)
+    if args.dump:  # refuse before the work, not after
+        from chatlora.atomic import refuse_existing
+        refuse_existing(Path(args.dump))
+    _, _, _, ds = dataset_for_config(cfg, Path(args.rejects) if args.rejects else None)
+    print(format_report(ds.report))
+    if ds.report.get("rejects_file"):
+        print(f"rejected rows   written to {ds.report['rejects_file']}")
+    if args.json:
+        write_text(Path(args.json), json.dumps(ds.report, ensure_ascii=False, indent=2))
+    if args.dump:
+        dump_examples(Path(args.dump), ds.train + ds.held_out)
+        print(f"dumped          {len(ds.train) + len(ds.held_out)} examples to {args.dump}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from chatlora.hub import download
+
+    path = download(args.model_id, args.source, args.revision)
+    print(f"downloaded {args.model_id} to {path}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from chatlora.config import field_docs
+
+    cfg = _load(args)
+    docs = field_docs()
+    for group, fields in cfg.to_dict().items():
+        print(f"{group}:")
+        for name, value in fields.items():
+            print(f"  {name}: {json.dumps(value, ensure_ascii=False)}    # {docs[f'{group}.{name}'][0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatlora", description="LoRA fine-tuning of chat LLMs, fast "
+                                     "and correct: data check, train, chat, serve, evaluate, export.")
+    parser.add_argument("--version", action="version", version=f"chatlora {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
+    check = data.add_parser("check", help="validate a dataset and print statistics (lengths, truncation, "
+                                          "duplicates)")
+    check.add_argument("data", nargs="?", help="JSON/JSONL file; default: the bundled huanhuan dataset")
+    _config_args(check)
+    check.add_argument("--dump", metavar="PATH", help="write every kept example as JSONL "
+                                                       "{input_ids, labels} (-100 = not supervised)")
+    check.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    check.add_argument("--rejects", metavar="PATH", help="with --on-error skip: where the bad rows go "
+                                                          "(default: DATA-NAME.rejected.jsonl here)")
+    check.set_defaults(func=cmd_data_check)
+
+    dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
+    dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
+    dl.add_argument("--source", choices=["huggingface", "modelscope"], default="huggingface")
+    dl.add_argument("--revision", help="branch, tag or commit")
+    dl.set_defaults(func=cmd_download)
+
+    cfg = verbs.add_parser("config", help="print the resolved configuration with a line of doc per field")
+    _config_args(cfg)
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"chatlora: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"chatlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chatlora: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,270 @@
+"""Typed configuration: a few groups, one documented line per field, validated all at once.
+
+Defaults are the seed recipe (self-llm "04-Index-1.9B-Chat Lora"; see docs in index-model.md):
+LoRA r=8, alpha=32, dropout 0.1 on the seven projections, 384 tokens, 16 examples per optimizer
+step, 3 epochs, lr 1e-4, linear decay, the 甄嬛 system prompt for the bundled dataset.
+
+    cfg = load_config("my.yaml", overrides=["train.epochs=1", "lora.r=16"])
+    cfg.train.learning_rate  # -> 0.0001
+
+A YAML file holds the same groups as this module: `{model: {path: ...}, lora: {r: 16}}`.
+Every problem in a file and in the overrides is reported together in one `UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from chatlora.errors import UserError
+
+DEFAULT_MODEL = "IndexTeam/Index-1.9B-Chat"
+BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside the package
+# The system prompt the seed tutorial trains the bundled dataset with.
+HUANHUAN_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+
+
+def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    """A dataclass field carrying its one-line documentation (shown by --help and in errors)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("base model: a local directory, a .gguf file, a hub id in the cache, or 'smollm2-demo'",
+                    DEFAULT_MODEL)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc(
+        "weight dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU", "auto")
+    template: Literal["auto", "index", "self-llm"] = doc(
+        "chat format: index (Index's official), self-llm (the tutorial's), auto (the tokenizer's own; "
+        "Index models default to index)", "auto")
+
+
+@dataclass
+class LoraConfig:
+    r: int = doc("LoRA rank", 8)
+    alpha: float = doc("LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rslora)", 32.0)
+    dropout: float = doc("dropout on the LoRA input", 0.1)
+    targets: list[str] = doc("module names that get adapters",
+                             factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                              "gate_proj", "up_proj", "down_proj"])
+    rslora: bool = doc("rank-stabilized scaling alpha/sqrt(r) (peft use_rslora)", False)
+    dora: bool = doc("weight-decomposed LoRA (peft use_dora); slower", False)
+
+
+@dataclass
+class DataConfig:
+    path: str = doc("training data: JSON/JSONL in alpaca, sharegpt or messages shape; 'huanhuan' = bundled",
+                    BUNDLED_DATA)
+    system_prompt: str | None = doc(
+        "system prompt for rows without one; unset = the 甄嬛 prompt for the bundled data, none otherwise", None)
+    max_seq_tokens: int = doc("longest example in tokens", 384)
+    on_overlength: Literal["truncate", "drop", "error"] = doc(
+        "what to do with an example longer than max_seq_tokens (truncate keeps the left part)", "truncate")
+    on_error: Literal["stop", "skip"] = doc(
+        "bad rows: stop and list them all, or skip them and write them to a rejects file", "stop")
+    held_out_fraction: float = doc("share of examples kept aside for held-out loss (seeded split)", 0.02)
+    seed: int = doc("seed of the held-out split", 42)
+
+
+@dataclass
+class TrainConfig:
+    examples_per_step: int = doc("examples per optimizer step (micro-batch x accumulation)", 16)
+    micro_batch_examples: int = doc("examples per forward/backward pass", 4)
+    epochs: float = doc("passes over the training examples", 3.0)
+    max_steps: int | None = doc("stop after this many optimizer steps (overrides epochs)", None)
+    learning_rate: float = doc("peak learning rate (AdamW)", 1e-4)
+    schedule: Literal["linear", "cosine", "constant"] = doc("learning-rate decay after warm-up", "linear")
+    warmup_ratio: float = doc("share of steps spent warming up linearly from 0", 0.0)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    max_grad_norm: float | None = doc("clip the gradient norm to this; unset = no clipping", None)
+    gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    seed: int = doc("seed of initialization, data order and dropout", 42)
+    eval_every: int = doc("held-out loss every N optimizer steps (0 = only at the end)", 100)
+    save_every: int = doc("write a checkpoint every N optimizer steps (0 = only at the end)", 100)
+    keep_last: int = doc("keep only the newest K checkpoints (0 = keep all)", 2)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = doc("longest reply in tokens", 300)
+    temperature: float = doc("sampling temperature; 0 = greedy", 0.3)
+    top_k: int = doc("sample among the k most likely tokens (0 = off)", 5)
+    top_p: float = doc("nucleus sampling threshold", 0.8)
+    repetition_penalty: float = doc("penalty on tokens already present (1 = off)", 1.1)
+
+
+@dataclass
+class ServeConfig:
+    host: str = doc("address to bind; non-loopback needs an API key", "127.0.0.1")
+    port: int = doc("TCP port", 8000)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_docs() -> dict[str, tuple[str, object]]:
+    """`{"group.field": (doc, default)}` for every field, in declaration order (for --help)."""
+    out = {}
+    for group_name, group_type in typing.get_type_hints(Config).items():
+        for f in dataclasses.fields(group_type):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out[f"{group_name}.{f.name}"] = (f.metadata["doc"], default)
+    return out
+
+
+def _check_type(value, annotation) -> tuple[bool, object, str]:
+    """Return (ok, coerced value, expected description) for a value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return value in choices, value, "one of " + ", ".join(map(str, choices))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return True, None, "null"
+        return _check_type(value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
+        return ok, value, f"a list of {item.__name__}"
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return True, float(value), "a number"
+    if annotation is bool:
+        return isinstance(value, bool), value, "true or false"
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True, str(value), "a string"
+    return isinstance(value, annotation), value, f"a {annotation.__name__}"
+
+
+def _apply(cfg: Config, group: str, name: str, value, origin: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(Config)
+    if group not in hints:
+        problems.append(f"{origin}: unknown group '{group}' (groups: {', '.join(hints)})")
+        return
+    group_obj = getattr(cfg, group)
+    field_hints = typing.get_type_hints(type(group_obj))
+    if name not in field_hints:
+        problems.append(f"{origin}: unknown field '{group}.{name}' (fields: {', '.join(field_hints)})")
+        return
+    ok, coerced, expected = _check_type(value, field_hints[name])
+    if not ok:
+        problems.append(f"{origin}: {group}.{name} must be {expected}, got {value!r}")
+        return
+    setattr(group_obj, name, coerced)
+
+
+def _check_ranges(cfg: Config) -> list[str]:
+    """Value checks that need more than the type: every violated rule, as messages."""
+    rules = [
+        (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (len(cfg.lora.targets) > 0, "lora.targets must name at least one module"),
+        (cfg.data.max_seq_tokens >= 8, "data.max_seq_tokens must be >= 8"),
+        (0 <= cfg.data.held_out_fraction < 1, "data.held_out_fraction must be in [0, 1)"),
+        (cfg.train.examples_per_step >= 1, "train.examples_per_step must be >= 1"),
+        (cfg.train.micro_batch_examples >= 1, "train.micro_batch_examples must be >= 1"),
+        (cfg.train.examples_per_step % max(cfg.train.micro_batch_examples, 1) == 0,
+         "train.examples_per_step must be a multiple of train.micro_batch_examples"),
+        (cfg.train.epochs > 0, "train.epochs must be > 0"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
+        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+        (cfg.generate.temperature >= 0, "generate.temperature must be >= 0"),
+        (0 < cfg.generate.top_p <= 1, "generate.top_p must be in (0, 1]"),
+        (cfg.generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
+        (1 <= cfg.serve.port <= 65535, "serve.port must be in 1..65535"),
+    ]
+    return [message for ok, message in rules if not ok]
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'train.epochs=2' -> ('train', 'epochs', 2); the value is read as YAML (so 2 is an int)."""
+    key, sep, raw = text.partition("=")
+    group, dot, name = key.strip().partition(".")
+    if not sep or not dot:
+        raise UserError(f"override '{text}' must look like group.field=value, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return group, name, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                flags: dict[str, object] | None = None) -> Config:
+    """Defaults, then the YAML file, then `group.field=value` overrides, then typed command-line
+    flags (`{"data.max_seq_tokens": 512}`, None = not given); all problems reported at once."""
+    cfg = Config()
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the top level must be a mapping of groups (model:, lora:, data:, ...)")
+        for group, fields in data.items():
+            if not isinstance(fields, dict):
+                problems.append(f"{path}: group '{group}' must be a mapping of fields")
+                continue
+            for name, value in fields.items():
+                _apply(cfg, str(group), str(name), value, str(path), problems)
+    for text in overrides:
+        group, name, value = parse_override(text)
+        _apply(cfg, group, name, value, f"override '{text}'", problems)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            group, _, name = key.partition(".")
+            _apply(cfg, group, name, value, f"option for {key}", problems)
+    problems += _check_ranges(cfg)
+    if problems:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved with `to_dict()` (e.g. a run directory's config.yaml)."""
+    cfg = Config()
+    problems: list[str] = []
+    for group, fields in data.items():
+        for name, value in (fields or {}).items():
+            _apply(cfg, group, name, value, "saved config", problems)
+    if problems:
+        raise UserError("invalid saved configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def system_prompt_for(cfg: Config) -> str | None:
+    """The system prompt actually used: the configured one, else the seed's for the bundled data."""
+    if cfg.data.system_prompt is not None:
+        return cfg.data.system_prompt
+    return HUANHUAN_SYSTEM_PROMPT if cfg.data.path == BUNDLED_DATA else None

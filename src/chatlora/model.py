@@ -1,0 +1,234 @@
+"""Base models: find, convert once, load. Index natively as Llama with its NormHead folded.
+
+Every base model becomes a plain Hugging Face directory that `from_pretrained` loads without
+remote code:
+- an Index-family download (`model_type: index`) is converted once into a Llama directory in the
+  cache: weights read from safetensors or, for the official pickle `.bin`, with
+  `torch.load(weights_only=True)`; `lm_head.weight` rows scaled to unit norm (NormHead folded,
+  index-model.md); `rope_ratio` applied to the RoPE base. Its `.py` files are never imported.
+- a GGUF file (the offline demo model) is de-quantized once by transformers into the cache.
+- any other Hugging Face causal-LM directory is used as it is.
+
+    base = prepare_base("IndexTeam/Index-1.9B-Chat")
+    model = load_model(base)              # bf16 on a capable GPU, fp32 on CPU
+    tok = load_tokenizer(base)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from chatlora import hub
+from chatlora.errors import UserError
+from chatlora.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
+
+SOURCE_FILE = "chatlora_source.json"  # written into every converted directory: where it came from
+# Files copied unchanged from an Index download into its converted directory.
+INDEX_SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model ready to load: `dir` is a native Hugging Face directory."""
+
+    name: str  # what the user asked for (path, hub id or alias)
+    dir: Path
+    family: Literal["index", "hf"]
+
+
+def prepare_base(name: str) -> BaseModel:
+    """Resolve `name` and convert it once if needed (Index, GGUF); never runs a repository's code."""
+    path = hub.resolve_model_path(name)
+    if path.is_file():  # a .gguf file
+        return BaseModel(name, _converted(path, [path], _convert_gguf, "hf"), "hf")
+    config = _read_config(path)
+    if is_index_config(config):
+        weights = _weight_files(path)
+        return BaseModel(name, _converted(path, weights, _convert_index, "index"), "index")
+    source = path / SOURCE_FILE
+    family = json.loads(source.read_text())["family"] if source.is_file() else "hf"
+    return BaseModel(name, path, family)
+
+
+def is_index_config(config: dict) -> bool:
+    return config.get("model_type") == "index" or "IndexForCausalLM" in (config.get("architectures") or [])
+
+
+def load_tokenizer(base: BaseModel):
+    return load_index_tokenizer(base.dir) if base.family == "index" else load_hf_tokenizer(base.dir)
+
+
+def pick_dtype(dtype: str = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None):
+    """The base model in eval mode on `device` (default: the GPU if there is one)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base.dir), dtype=pick_dtype(dtype, device), trust_remote_code=False)
+    except ValueError as e:
+        raise UserError(f"transformers cannot load {base.dir} natively ({e}). chatlora never runs a "
+                        f"model repository's own code; use a model transformers supports.") from None
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- conversion into the cache
+
+
+def _converted(source: Path, inputs: list[Path], convert, family: str) -> Path:
+    """The cached conversion of `source`, made once; keyed by path, sizes and mtimes of `inputs`."""
+    h = hashlib.sha256(str(source.resolve()).encode())
+    for p in inputs:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    target = hub.cache_root() / "converted" / f"{source.stem}-{h.hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        convert(source, tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()),
+                                                   "family": family}, indent=2))
+        os.replace(tmp, target)  # atomic: a directory at `target` is always complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"chatlora: converting {path.name} to a safetensors copy in the cache (once)", flush=True)
+    kwargs = dict(gguf_file=path.name, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    # The weights are de-quantized fp32 tensors now; transformers refuses save_pretrained on a model
+    # loaded from GGUF, so write a plain directory ourselves, without the GGUF quantization_config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    _save_weights(model.state_dict(), out, tied=config.tie_word_embeddings)
+    tok.save_pretrained(str(out))
+
+
+def _save_weights(state: dict[str, torch.Tensor], out: Path, tied: bool) -> None:
+    from safetensors.torch import save_file
+
+    if tied:  # safetensors refuses shared storage; from_pretrained re-ties the head
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def index_llama_config(raw: dict):
+    """Index's config.json as a LlamaConfig (same blocks; NormHead is folded into the weights)."""
+    from transformers import LlamaConfig
+
+    if raw.get("rope_scaling"):
+        raise UserError(f"Index config has rope_scaling={raw['rope_scaling']!r}, which chatlora does not "
+                        f"map yet; please report it with the model's name")
+    # Index-1.9B-32K scales the RoPE base by rope_ratio (inferred: 32 -> theta 320000, index-model.md).
+    theta = float(raw.get("rope_theta", 10000.0)) * float(raw.get("rope_ratio", 1))
+    heads = raw["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        hidden_act=raw.get("hidden_act", "silu"), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        initializer_range=raw.get("initializer_range", 0.01),
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id", 1), eos_token_id=raw.get("eos_token_id", 2),
+        pad_token_id=raw.get("pad_token_id", 0), attention_bias=False, mlp_bias=False,
+        architectures=["LlamaForCausalLM"], dtype=raw.get("torch_dtype", "bfloat16"),
+    )
+
+
+def fold_norm_head(weight: torch.Tensor) -> torch.Tensor:
+    """NormHead folded: each vocabulary row scaled to unit L2 norm (F.normalize defaults), in fp32."""
+    return torch.nn.functional.normalize(weight.float(), dim=1).to(weight.dtype)
+
+
+def _convert_index(path: Path, out: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    raw = _read_config(path)
+    config = index_llama_config(raw)
+    print(f"chatlora: converting the Index model in {path} to a Llama safetensors copy in the cache "
+          f"(once)", flush=True)
+    state = read_state_dict(_weight_files(path))
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        expected = set(LlamaForCausalLM(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the Index architecture in its config.json "
+                        f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    if int(raw.get("norm_head", 0)):
+        state["lm_head.weight"] = fold_norm_head(state["lm_head.weight"])
+    config.save_pretrained(str(out))
+    _save_weights(state, out, tied=config.tie_word_embeddings)
+    for name in INDEX_SIDE_FILES:
+        if (path / name).is_file():
+            shutil.copyfile(path / name, out / name)
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors files, or from pickle .bin files with weights_only=True (no code runs)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(str(f)))
+            continue
+        try:
+            state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing to load {f}: it holds Python objects other than tensors, which "
+                            f"could run code ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def _read_config(path: Path) -> dict:
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{path} is not a model directory: it has no config.json")
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None

@@ -1,0 +1,193 @@
+"""THE chat-format path: conversation -> token ids with a loss mask, generation prompts, stop ids.
+
+Training, chat, serving and export all call this module, so what the model is trained on and what
+it is asked at inference can never disagree. Three formats:
+
+- `index`: Index's official layout (index-model.md, "Chat format"), built from ids, not strings:
+      [<unk>] sp(system) [reserved_0] sp(user) [reserved_1] sp(reply) ... [</s>]
+  The model learns to end every reply with `</s>`, yet the input between turns holds no `</s>`,
+  exactly as official multi-turn inference feeds it: after a non-final reply, `</s>` is the *label*
+  of the next turn's first token (LLaMA-Factory's "efficient eos").
+- `self-llm`: the seed tutorial's exact tokens (role words in the text, `<unk>` after each reply),
+  for reproducing it. Not the model's own format; selecting it warns.
+- `auto`: the tokenizer's own `chat_template` (ChatML, Llama, Qwen...). Reply spans are found by
+  rendering prefixes of the conversation, not by looking for template markers.
+
+Labels are aligned with input_ids (not shifted); -100 marks an unsupervised position.
+
+    fmt = chat_format("index", tok)
+    ids, labels = fmt.render([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "A"}])
+    prompt_ids = fmt.prompt(messages_ending_with_user)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from chatlora.errors import UserError
+
+IGNORE = -100
+# Index's role and end tokens (index-model.md, "Tokenizer").
+UNK, EOS, USER_START, REPLY_START = 0, 2, 3, 4
+
+Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+
+
+def split_system(messages: Messages) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(system, [(user, reply), ...]); the last reply is None when the conversation ends on a user."""
+    system = None
+    rest = messages
+    if rest and rest[0]["role"] == "system":
+        system, rest = rest[0]["content"], rest[1:]
+    turns = []
+    for i in range(0, len(rest), 2):
+        user = rest[i]
+        reply = rest[i + 1] if i + 1 < len(rest) else None
+        if user["role"] != "user" or (reply is not None and reply["role"] != "assistant"):
+            raise ValueError("messages must be [system], then user/assistant alternating")
+        turns.append((user["content"], reply["content"] if reply else None))
+    return system, turns
+
+
+class IdFormat:
+    """A format assembled from ids: Index's own (`index`) and the tutorial's (`self-llm`)."""
+
+    def __init__(self, name: Literal["index", "self-llm"], tok):
+        if tok.token_id("reserved_0") != USER_START or tok.token_id("reserved_1") != REPLY_START:
+            raise UserError(f"template '{name}' needs Index's tokenizer (reserved_0/reserved_1 at ids 3/4); "
+                            f"use --template auto for this model")
+        self.name = name
+        self.tok = tok
+        if name == "index":
+            self.end_id, self.end_in_input = EOS, False
+        else:
+            warnings.warn("template 'self-llm' reproduces the seed tutorial's tokens (role words in the "
+                          "text, <unk> ends each reply); it is not Index's own chat format, so the tuned "
+                          "model will not match official inference. Use 'index' unless you are comparing.")
+            self.end_id, self.end_in_input = UNK, True
+        # Official Ollama Modelfile stops on all four; each is safe to stop on.
+        self.stop_ids = [EOS, USER_START, REPLY_START, UNK]
+
+    def _system(self, system: str | None) -> list[int]:
+        if not system:
+            return []
+        if self.name == "index":
+            return [UNK] + self.tok.encode(system)
+        return self.tok.encode("<unk>system" + system)  # the tutorial tokenizes this as one string
+
+    def _user(self, text: str) -> list[int]:
+        if self.name == "index":
+            return [USER_START] + self.tok.encode(text) + [REPLY_START]
+        return self.tok.encode(f"reserved_0user{text}reserved_1assistant")
+
+    def render(self, messages: Messages) -> tuple[list[int], list[int]]:
+        system, turns = split_system(messages)
+        ids = self._system(system)
+        labels = [IGNORE] * len(ids)
+        for i, (user, reply) in enumerate(turns):
+            if reply is None:
+                raise ValueError("a training conversation must end with an assistant reply")
+            prompt = self._user(user)
+            ids += prompt
+            labels += [IGNORE] * len(prompt)
+            if i > 0 and not self.end_in_input:
+                labels[-len(prompt)] = self.end_id  # the previous reply's end, learned but not fed
+            answer = self.tok.encode(reply)
+            ids += answer
+            labels += answer
+            if self.end_in_input:
+                ids.append(self.end_id)
+                labels.append(self.end_id)
+        if not self.end_in_input:
+            ids.append(self.end_id)
+            labels.append(self.end_id)
+        return ids, labels
+
+    def prompt(self, messages: Messages) -> list[int]:
+        system, turns = split_system(messages)
+        if not turns or turns[-1][1] is not None:
+            raise ValueError("a generation prompt must end with a user message")
+        ids = self._system(system)
+        for user, reply in turns:
+            ids += self._user(user)
+            if reply is not None:
+                ids += self.tok.encode(reply)
+                if self.end_in_input:
+                    ids.append(self.end_id)
+        return ids
+
+
+class TemplateFormat:
+    """The tokenizer's own Jinja chat_template, with reply spans found by rendering prefixes."""
+
+    name = "auto"
+
+    def __init__(self, tok):
+        if not tok.chat_template:
+            raise UserError("this model's tokenizer has no chat_template; pick one with --template")
+        self.tok = tok
+        self.end_text = tok.hf.eos_token
+        self.stop_ids = sorted({tok.eos_id} | set(_generation_eos_ids(tok)))
+
+    def _text(self, messages: Messages, generation_prompt: bool) -> str:
+        return self.tok.hf.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=generation_prompt)
+
+    def _spans(self, messages: Messages) -> tuple[list[tuple[str, bool]], str]:
+        """The conversation up to its last reply's end token, cut into (text, supervised) spans,
+        and that text itself."""
+        spans, done = [], ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._text(messages[:k], generation_prompt=True)
+            full = self._text(messages[: k + 1], generation_prompt=False)
+            if not before.startswith(done) or not full.startswith(before):
+                raise UserError("this chat_template rewrites earlier turns when a turn is added, so reply "
+                                "spans cannot be found by prefixes; pick another --template")
+            reply = full[len(before):]
+            # Supervise through the end token; what follows it (ChatML's newline) belongs to the prompt.
+            cut = reply.find(self.end_text) + len(self.end_text) if self.end_text in reply else len(reply)
+            spans += [(before[len(done):], False), (reply[:cut], True)]
+            done = before + reply[:cut]
+        return spans, done
+
+    def render(self, messages: Messages) -> tuple[list[int], list[int]]:
+        spans, done = self._spans(messages)
+        spans.append((self._text(messages, generation_prompt=False)[len(done):], False))
+        ids, labels = [], []
+        for text, supervised in spans:
+            piece = self.tok.encode(text)
+            if supervised and self.end_text not in text:
+                piece.append(self.tok.eos_id)  # a template that writes no end token: still learn to stop
+            ids += piece
+            labels += piece if supervised else [IGNORE] * len(piece)
+        return ids, labels
+
+    def prompt(self, messages: Messages) -> list[int]:
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("a generation prompt must end with a user message")
+        spans, done = self._spans(messages[:-1])
+        full = self._text(messages, generation_prompt=True)
+        if not full.startswith(done):
+            raise UserError("this chat_template rewrites earlier turns; pick another --template")
+        return [i for text, _ in spans for i in self.tok.encode(text)] + self.tok.encode(full[len(done):])
+
+
+def _generation_eos_ids(tok) -> list[int]:
+    eos = getattr(tok.hf, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def chat_format(name: str, tok, family: str = "hf"):
+    """The format for a template name; `auto` means `index` for Index models."""
+    if name == "auto" and family == "index":
+        name = "index"
+    match name:
+        case "index" | "self-llm":
+            return IdFormat(name, tok)
+        case "auto":
+            return TemplateFormat(tok)
+    raise UserError(f"unknown template '{name}' (choose auto, index or self-llm)")

@@ -1,0 +1,139 @@
+"""Tokenizers behind one small interface: `encode(text)`, `decode(ids)`, and a few special ids.
+
+Index ships a raw sentencepiece model (`tokenizer.model`) and a remote-code tokenizer class that we
+never run. `SentencePieceTokenizer` reproduces that class exactly: the text is split on the special
+tokens (`<unk>`, `<s>`, `</s>`, `reserved_0`, `reserved_1`: "special, not normalized" added tokens),
+and every piece between them is encoded by `SentencePieceProcessor.encode` unchanged. We do not use
+transformers' sentencepiece backend: with `legacy=False` it rewrites the model to drop the dummy
+prefix, which is not how Index was trained (index-model.md, "Trap").
+
+Every other model uses its own Hugging Face tokenizer (`HFTokenizer`), special tokens split the same way.
+
+    tok = load_tokenizer(model_dir)
+    tok.encode("reserved_0你好")   # -> [3, ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from chatlora.errors import UserError
+
+# Index's fixed special ids (tokenizer_config.json of Index-1.9B-Chat; index-model.md, "Tokenizer").
+INDEX_SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "reserved_0": 3, "reserved_1": 4}
+
+# Files that decide how text becomes ids; their bytes key the tokenized-data cache.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
+class SentencePieceTokenizer:
+    """Index's tokenizer: special tokens split out, sentencepiece between them, no BOS added."""
+
+    def __init__(self, model_file: Path, special_tokens: dict[str, int], eos_id: int, pad_id: int,
+                 chat_template: str | None = None):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.special_tokens = dict(special_tokens)
+        self.special_ids = set(special_tokens.values())
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.vocab_size = self.sp.get_piece_size()
+        self.chat_template = chat_template
+        # Longest first, so that a special token never matches as the prefix of a longer one.
+        names = sorted(special_tokens, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special:
+                    out.append(self.sp.id_to_piece(i) if i < self.vocab_size else "")
+            else:
+                run.append(i)
+        out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def token_id(self, text: str) -> int | None:
+        return self.special_tokens.get(text)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through the same interface (no BOS/EOS added by encode)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.eos_id = hf_tokenizer.eos_token_id
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(hf_tokenizer)
+        self.chat_template = hf_tokenizer.chat_template
+        self.special_ids = set(hf_tokenizer.all_special_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def token_id(self, text: str) -> int | None:
+        tid = self.hf.convert_tokens_to_ids(text)
+        return None if tid is None or tid == self.hf.unk_token_id and text != self.hf.unk_token else tid
+
+
+def load_index_tokenizer(model_dir: Path) -> SentencePieceTokenizer:
+    model_file = model_dir / "tokenizer.model"
+    if not model_file.is_file():
+        raise UserError(f"{model_dir} looks like an Index model but has no tokenizer.model")
+    config = _read_json(model_dir / "tokenizer_config.json")
+    special = dict(INDEX_SPECIAL_TOKENS)
+    # Honour the file's own added special tokens (ids and texts) where it lists them.
+    for tid, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and entry.get("special") and entry.get("content"):
+            special[entry["content"]] = int(tid)
+    return SentencePieceTokenizer(model_file, special, eos_id=special["</s>"], pad_id=special["<unk>"],
+                                  chat_template=config.get("chat_template"))
+
+
+def load_hf_tokenizer(model_dir: Path) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer in {model_dir}: {e}") from None
+    return HFTokenizer(hf)
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    """A hash of the files that decide tokenization (keys the tokenized-data cache)."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = model_dir / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None

@@ -1,0 +1,66 @@
+"""The command line: data check end to end, clear errors with exit 2 and no traceback."""
+
+import json
+import subprocess
+import sys
+
+from chatlora.cli import main
+from chatlora.templates import IGNORE
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "chatlora", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_data_check_bundled_with_index_tokenizer(index_dir, tmp_path, capsys):
+    dump, report = tmp_path / "dump.jsonl", tmp_path / "report.json"
+    assert main(["data", "check", "--model", str(index_dir), "--dump", str(dump), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "rows read       3729  (alpaca 3729)" in out and "现在你要扮演皇帝身边的女人--甄嬛" in out
+    data = json.loads(report.read_text())
+    assert data["rows_read"] == 3729 and data["template"] == "index"
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(rows) == data["examples_kept"]
+    first = rows[0]
+    assert len(first["input_ids"]) == len(first["labels"]) and first["input_ids"][0] == 0
+    assert first["labels"][-1] == 2 and first["input_ids"][-1] == 2 and IGNORE in first["labels"]
+
+
+def test_dump_refuses_to_clobber(index_dir, tmp_path, capsys):
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("precious")
+    assert main(["data", "check", "--model", str(index_dir), "--dump", str(dump)]) == 2
+    assert "already exists" in capsys.readouterr().err and dump.read_text() == "precious"
+
+
+def test_bad_data_exits_2_with_file_line_field_and_no_traceback(index_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n{"instruction": "q", "output": ]}\n')
+    result = run_cli("data", "check", str(data), "--model", str(index_dir))
+    assert result.returncode == 2
+    assert f"{data}:2: output: missing" in result.stderr and f"{data}:3:32: malformed JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_skip_writes_rejects_beside_the_working_directory(index_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
+    result = run_cli("data", "check", str(data), "--model", str(index_dir), "--on-error", "skip", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rows rejected   1" in result.stdout
+    assert json.loads((tmp_path / "bad.rejected.jsonl").read_text())["line"] == 2
+
+
+def test_bad_flag_and_bad_model_exit_2(tmp_path):
+    result = run_cli("data", "check", "--model", "someone/missing-model")
+    assert result.returncode == 2 and "chatlora download someone/missing-model" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("data", "check", "--max-seq-tokens", "lots")
+    assert result.returncode == 2 and "invalid int value" in result.stderr
+
+
+def test_config_prints_docs(capsys):
+    assert main(["config", "--set", "lora.r=16"]) == 0
+    out = capsys.readouterr().out
+    assert "  r: 16    # LoRA rank" in out

@@ -1,0 +1,139 @@
+"""The one chat-format path: index (official), self-llm (the tutorial's tokens), auto (tokenizer's own)."""
+
+import pytest
+
+from chatlora.errors import UserError
+from chatlora.templates import IGNORE, chat_format
+
+SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+
+
+def conv(*texts, system=SYSTEM):
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, text in enumerate(texts):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return messages
+
+
+@pytest.fixture(scope="module")
+def sp(sp_model_file):
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(sp_model_file))
+
+
+def test_index_single_turn_exact_ids_and_mask(index_tok, sp):
+    ids, labels = chat_format("index", index_tok).render(conv("你是谁？", "臣妾甄嬛。"))
+    prompt = [0] + sp.encode(SYSTEM) + [3] + sp.encode("你是谁？") + [4]
+    reply = sp.encode("臣妾甄嬛。") + [2]
+    assert ids == prompt + reply
+    assert labels == [IGNORE] * len(prompt) + reply
+
+
+def test_index_multi_turn_layout_efficient_eos(index_tok, sp):
+    ids, labels = chat_format("index", index_tok).render(conv("问一", "答一", "问二", "答二"))
+    s, q1, a1, q2, a2 = (sp.encode(t) for t in (SYSTEM, "问一", "答一", "问二", "答二"))
+    # The input is what official multi-turn inference feeds: no </s> between turns.
+    assert ids == [0] + s + [3] + q1 + [4] + a1 + [3] + q2 + [4] + a2 + [2]
+    # Every reply is supervised and so is its end: after reply 1, </s> is the label of the next
+    # turn's first position (the model learns to stop there; the input keeps reserved_0).
+    expected = [IGNORE] * (3 + len(s) + len(q1)) + a1 + [2] + [IGNORE] * (len(q2) + 1) + a2 + [2]
+    assert labels == expected
+
+
+def test_index_without_system_emits_no_unk(index_tok, sp):
+    ids, _ = chat_format("index", index_tok).render(conv("问", "答", system=None))
+    assert ids == [3] + sp.encode("问") + [4] + sp.encode("答") + [2]
+
+
+def tutorial_process_func(example, tokenizer, max_length=384):
+    """The seed tutorial's process_func (self-llm 04-Index-1.9B-Chat Lora), re-implemented."""
+    instruction = tokenizer(f"<unk>system{SYSTEM}reserved_0user{example['instruction'] + example['input']}"
+                            f"reserved_1assistant", add_special_tokens=False)
+    response = tokenizer(f"{example['output']}", add_special_tokens=False)
+    input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+    labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+    if len(input_ids) > max_length:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels
+
+
+def test_self_llm_reproduces_tutorial_tokens(index_tok, sp_model_file, huanhuan_rows):
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    tutorial_tok = SentencePieceBackend(vocab_file=str(sp_model_file), legacy=True, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+                                        additional_special_tokens=["reserved_0", "reserved_1"])
+    with pytest.warns(UserWarning, match="not Index's own chat format"):
+        fmt = chat_format("self-llm", index_tok)
+    for row in huanhuan_rows[:100]:
+        ids, labels = fmt.render(conv(row["instruction"] + row["input"], row["output"]))
+        assert (ids[:384], labels[:384]) == tutorial_process_func(row, tutorial_tok)
+
+
+@pytest.mark.parametrize("name", ["index", "self-llm"])
+def test_generation_prompt_is_prefix_of_training_render(index_tok, name):
+    fmt = chat_format(name, index_tok)
+    full = conv("问一", "答一", "问二", "答二")
+    ids, _ = fmt.render(full)
+    for cut in (2, 4):  # the prompt before reply 1 and before reply 2
+        prompt = fmt.prompt(full[:cut])
+        assert ids[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("name", ["index", "self-llm"])
+def test_supervised_tokens_are_replies_and_their_ends(index_tok, name, sp):
+    fmt = chat_format(name, index_tok)
+    replies = ["答一", "第二个回答，长一些。", "third answer"]
+    ids, labels = fmt.render(conv("问一", replies[0], "问二", replies[1], "问三", replies[2]))
+    supervised = [label for label in labels if label != IGNORE]
+    expected = []
+    for r in replies:
+        expected += sp.encode(r) + [fmt.end_id]
+    assert supervised == expected
+
+
+def test_index_template_refuses_other_tokenizers(smollm2_tok):
+    with pytest.raises(UserError, match="needs Index's tokenizer"):
+        chat_format("index", smollm2_tok)
+
+
+def test_auto_is_index_for_index_models(index_tok):
+    assert chat_format("auto", index_tok, family="index").name == "index"
+
+
+# ---------------------------------------------------------------- auto: SmolLM2's ChatML
+
+
+def test_auto_chatml_prompt_equals_tokenizers_own_template(smollm2_tok):
+    fmt = chat_format("auto", smollm2_tok)
+    for messages in (conv("Hi"), conv("Hi", "Hello!", "How are you?"), conv("Hi", system=None)):
+        ref = smollm2_tok.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        assert fmt.prompt(messages) == list(ref)
+
+
+def test_auto_chatml_render_and_mask(smollm2_tok):
+    fmt = chat_format("auto", smollm2_tok)
+    messages = conv("What is 2+2?", "4.", "And 3+3?", "6.")
+    ids, labels = fmt.render(messages)
+    whole = smollm2_tok.hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert ids == list(whole)
+    supervised = smollm2_tok.decode([x for x in labels if x != IGNORE], skip_special=False)
+    assert supervised == "4.<|im_end|>6.<|im_end|>"
+    for cut in (2, 4):
+        prompt = fmt.prompt(messages[:cut])
+        assert ids[: len(prompt)] == prompt
+    assert fmt.stop_ids == [smollm2_tok.hf.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_index_prompt_equals_official_chat_template_rendering(index_tok, index_dir):
+    """The official chat_template (as in tokenizer_config.json), rendered to text and tokenized the
+    way Index's tokenizer does, gives exactly our generation prompt."""
+    import jinja2
+
+    template = jinja2.Environment().from_string(index_tok.chat_template)
+    fmt = chat_format("index", index_tok)
+    for messages in (conv("你好"), conv("问一", "答一", "问二"), conv("hi", system=None)):
+        text = template.render(messages=messages, unk_token="<unk>")
+        assert index_tok.encode(text) == fmt.prompt(messages)

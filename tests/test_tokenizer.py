@@ -1,0 +1,60 @@
+"""Index tokenizer parity: exactly SentencePieceProcessor.encode between special tokens."""
+
+import pytest
+import sentencepiece
+
+TEXTS = [
+    "现在你要扮演皇帝身边的女人--甄嬛",
+    "皇上万福金安。臣妾是大理寺少卿甄远道之女。",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space", "   three leading spaces", "trailing space ", "two  inner  spaces",
+    "line one\nline two\n", "\n\nstarts with newlines", "crlf\r\nline", "tab\there",
+    "digits 1234567890 and 3.14159", "emoji 😀🎉 and 中文 mixed with English", "",
+    " ", "reserved", "<unk", "</s >",
+]
+
+
+@pytest.fixture(scope="module")
+def sp(sp_model_file):
+    return sentencepiece.SentencePieceProcessor(model_file=str(sp_model_file))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_plain_text_matches_sentencepiece(index_tok, sp, text):
+    assert index_tok.encode(text) == sp.encode(text)
+
+
+def test_index_special_ids_and_no_bos(index_tok):
+    assert index_tok.encode("<unk><s></s>reserved_0reserved_1") == [0, 1, 2, 3, 4]
+    assert index_tok.eos_id == 2 and index_tok.pad_id == 0
+    assert index_tok.encode("你好")[0] != 1, "no BOS is added"
+
+
+@pytest.mark.parametrize("text", ["a reserved_0 b", "reserved_1\n回答", "问题reserved_0 你好 reserved_1答",
+                                  " x</s> y<unk>z"])
+def test_special_tokens_split_then_sentencepiece_between(index_tok, sp, text):
+    import re
+
+    expected = []
+    for part in re.split(r"(<unk>|<s>|</s>|reserved_0|reserved_1)", text):
+        specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "reserved_0": 3, "reserved_1": 4}
+        expected += [specials[part]] if part in specials else sp.encode(part) if part else []
+    assert index_tok.encode(text) == expected
+
+
+def test_matches_transformers_sentencepiece_backend_legacy(index_tok, sp_model_file):
+    """A second, independent reference: transformers' own sentencepiece tokenizer with legacy=True,
+    which calls sp_model.encode unchanged (index-model.md, "Trap")."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    ref = SentencePieceBackend(vocab_file=str(sp_model_file), legacy=True, unk_token="<unk>",
+                               bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+                               additional_special_tokens=["reserved_0", "reserved_1"])
+    for text in TEXTS + ["<unk>system甄嬛reserved_0user你好reserved_1assistant"]:
+        assert index_tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_decode_round_trip(index_tok):
+    text = "皇上万福金安。 Hello 😀"
+    assert index_tok.decode(index_tok.encode(text)) == text
+    assert index_tok.decode([3] + index_tok.encode("问") + [4], skip_special=False) == "reserved_0问reserved_1"
