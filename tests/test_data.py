@@ -197,3 +197,10 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert {e.line for e in train}.isdisjoint({e.line for e in held})
     assert split_held_out(examples, 0.1, seed=8)[1] != held
     assert split_held_out(examples[:1], 0.5, seed=1) == (examples[:1], [])
+
+
+def test_cached_report_names_the_file_asked_for(tmp_path, index_tok, index_dir):
+    text = jsonl(ALPACA, {"instruction": "四", "output": "五"})
+    first = build(write(tmp_path, "a.jsonl", text), index_tok, index_dir)
+    second = build(write(tmp_path, "b.jsonl", text), index_tok, index_dir)  # same bytes: a cache hit
+    assert first.report["file"].endswith("a.jsonl") and second.report["file"].endswith("b.jsonl")

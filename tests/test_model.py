@@ -168,3 +168,33 @@ def test_missing_path_and_non_model_dir(tmp_path):
 def test_dtype_defaults():
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_plain_hf_directory_is_used_as_is(tmp_path, smollm2_base):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    base = prepare_base(str(tmp_path / "plain"))
+    assert (base.dir, base.family) == (tmp_path / "plain", "hf")
+    assert load_model(base, device="cpu").config.vocab_size == 128
+    again = prepare_base(str(smollm2_base.dir))  # a converted directory keeps its family
+    assert (again.dir, again.family) == (smollm2_base.dir, "hf")
+
+
+def test_download_goes_to_cache_without_remote_code(monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def fake_snapshot_download(model_id, revision=None, local_dir=None, ignore_patterns=()):
+        calls.update(model_id=model_id, ignore=list(ignore_patterns))
+        (local_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    path = hub.download("IndexTeam/Index-1.9B-Chat")
+    assert path == hub.cache_root() / "models" / "IndexTeam" / "Index-1.9B-Chat"
+    assert calls["model_id"] == "IndexTeam/Index-1.9B-Chat" and "*.py" in calls["ignore"]
+    assert hub.resolve_model_path("IndexTeam/Index-1.9B-Chat") == path  # found offline afterwards

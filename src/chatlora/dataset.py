@@ -83,7 +83,8 @@ def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Pa
         if use_cache and clean:
             _save_cache(cache, examples, report)
     train, held_out = split_held_out(examples, spec.held_out_fraction, spec.seed)
-    report = dict(report, train_examples=len(train), held_out_examples=len(held_out))
+    # The file's path is not part of the cache key (its bytes are), so it is set here, not cached.
+    report = dict(report, file=str(file), train_examples=len(train), held_out_examples=len(held_out))
     return Dataset(train, held_out, report)
 
 
@@ -120,17 +121,17 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
         listed = "\n".join(too_long[:20]) + (f"\n  ... and {len(too_long) - 20} more" if len(too_long) > 20 else "")
         raise UserError(f"{len(too_long)} example(s) exceed max_seq_tokens={spec.max_seq_tokens}:\n{listed}\n"
                         f"Raise data.max_seq_tokens, or use on_overlength truncate or drop.")
-    report = _report(file, spec, fmt.name, result, examples, dropped, truncated,
+    report = _report(spec, fmt.name, result, examples, dropped, truncated,
                      duplicates=sum(n - 1 for n in seen.values()))
     return examples, report, not result.errors
 
 
-def _report(file, spec, template, result, examples, dropped, truncated, duplicates) -> dict:
+def _report(spec, template, result, examples, dropped, truncated, duplicates) -> dict:
     lengths = sorted(len(e.input_ids) for e in examples)
     supervised = sum(sum(1 for x in e.labels if x != IGNORE) for e in examples)
     shapes = Counter(c.shape for c in result.conversations)
     return {
-        "file": str(file), "template": template, "system_prompt": spec.system_prompt,
+        "template": template, "system_prompt": spec.system_prompt,
         "max_seq_tokens": spec.max_seq_tokens, "on_overlength": spec.on_overlength,
         "rows_read": result.rows, "rows_rejected": len(result.errors),
         "rejected": [str(e) for e in result.errors[:20]],

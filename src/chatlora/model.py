@@ -32,6 +32,7 @@ from chatlora import hub
 from chatlora.errors import UserError
 from chatlora.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
+CONVERSION_VERSION = 2  # bump when a conversion's output changes, so old cached copies are redone
 SOURCE_FILE = "chatlora_source.json"  # written into every converted directory: where it came from
 # Files copied unchanged from an Index download into its converted directory.
 INDEX_SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
@@ -96,7 +97,7 @@ def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None):
 
 def _converted(source: Path, inputs: list[Path], convert, family: str) -> Path:
     """The cached conversion of `source`, made once; keyed by path, sizes and mtimes of `inputs`."""
-    h = hashlib.sha256(str(source.resolve()).encode())
+    h = hashlib.sha256(f"{CONVERSION_VERSION}:{source.resolve()}".encode())
     for p in inputs:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -123,6 +124,11 @@ def _convert_gguf(path: Path, out: Path) -> None:
     kwargs = dict(gguf_file=path.name, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    # transformers 5.17 reads SmolLM2's GGUF tokenizer with eos = <|im_start|> (its bos); the GGUF's
+    # own eos id, which the model config carries, is the one the model was trained to end with.
+    eos = model.config.eos_token_id
+    if isinstance(eos, int) and tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
     # The weights are de-quantized fp32 tensors now; transformers refuses save_pretrained on a model
     # loaded from GGUF, so write a plain directory ourselves, without the GGUF quantization_config.
     config = model.config

@@ -128,8 +128,20 @@ class TemplateFormat:
         if not tok.chat_template:
             raise UserError("this model's tokenizer has no chat_template; pick one with --template")
         self.tok = tok
-        self.end_text = tok.hf.eos_token
-        self.stop_ids = sorted({tok.eos_id} | set(_generation_eos_ids(tok)))
+        self.end_text = self._probe_end_text()
+        end_ids = tok.encode(self.end_text) if self.end_text else []
+        self.stop_ids = sorted({tok.eos_id} | set(end_ids[:1]))
+
+    def _probe_end_text(self) -> str:
+        """The special token the template writes right after a reply (ChatML: <|im_end|>), found by
+        rendering one; the tokenizer's eos_token if the template writes none."""
+        sentinel = "\ue000chatlora\ue000"
+        text = self._text([{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], False)
+        after = text[text.index(sentinel) + len(sentinel):]
+        first = self.tok.encode(after)[:1]
+        if first and first[0] in self.tok.special_ids:
+            return self.tok.decode(first, skip_special=False)
+        return self.tok.hf.eos_token
 
     def _text(self, messages: Messages, generation_prompt: bool) -> str:
         return self.tok.hf.apply_chat_template(messages, tokenize=False,
@@ -174,11 +186,6 @@ class TemplateFormat:
         if not full.startswith(done):
             raise UserError("this chat_template rewrites earlier turns; pick another --template")
         return [i for text, _ in spans for i in self.tok.encode(text)] + self.tok.encode(full[len(done):])
-
-
-def _generation_eos_ids(tok) -> list[int]:
-    eos = getattr(tok.hf, "eos_token_id", None)
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def chat_format(name: str, tok, family: str = "hf"):
