@@ -31,13 +31,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=["stop", "skip"], help="stop at bad rows (default) or skip them")
 
 
-def _load(args, data: str | None = None):
+def _load(args, data: str | None = None, base=None):
     from chatlora.config import load_config
 
     flags = {"model.path": args.model, "model.template": args.template, "data.system_prompt": args.system,
              "data.max_seq_tokens": args.max_seq_tokens, "data.on_overlength": args.on_overlength,
              "data.on_error": args.on_error, "data.path": data}
-    return load_config(args.config, args.overrides, flags)
+    for key in ("epochs", "max_steps", "learning_rate", "examples_per_step", "micro_batch_examples",
+                "save_every", "keep_last", "eval_every", "seed"):
+        if hasattr(args, key):
+            flags[f"train.{key}"] = getattr(args, key)
+    return load_config(args.config, args.overrides, flags, base=base)
 
 
 def cmd_data_check(args) -> int:
@@ -57,6 +61,22 @@ def cmd_data_check(args) -> int:
     if args.dump:
         dump_examples(Path(args.dump), ds.train + ds.held_out)
         print(f"dumped          {len(ds.train) + len(ds.held_out)} examples to {args.dump}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from chatlora.rundir import read_config
+    from chatlora.train import Interrupted, train
+
+    saved = read_config(Path(args.output)) if args.resume else None
+    cfg = _load(args, args.data, base=saved)
+    try:
+        final = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"chatlora: {e}", file=sys.stderr)
+        return e.code
+    print(f"adapter: {final}\nloss curve: {Path(args.output) / 'loss_curve.png'}\n"
+          f"chat with it: chatlora chat {args.output}")
     return 0
 
 
@@ -98,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default: DATA-NAME.rejected.jsonl here)")
     check.set_defaults(func=cmd_data_check)
 
+    tr = verbs.add_parser("train", help="train a LoRA adapter into a run directory")
+    _config_args(tr)
+    tr.add_argument("--data", help="training data (default: the bundled huanhuan dataset)")
+    tr.add_argument("--output", required=True, metavar="RUN", help="run directory to create (or resume)")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    tr.add_argument("--epochs", type=float)
+    tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--examples-per-step", type=int, help="examples per optimizer step")
+    tr.add_argument("--micro-batch-examples", type=int, help="examples per forward/backward pass")
+    tr.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps")
+    tr.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    tr.add_argument("--eval-every", type=int, help="held-out loss every N optimizer steps")
+    tr.add_argument("--seed", type=int)
+    tr.set_defaults(func=cmd_train)
+
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
     dl.add_argument("--source", choices=["huggingface", "modelscope"], default="huggingface")
@@ -117,6 +154,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    # peft calls a transformers property that 5.x deprecates; nothing for the user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         return args.func(args)
     except UserError as e:

@@ -13,6 +13,7 @@ Every problem in a file and in the overrides is reported together in one `UserEr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -86,6 +87,8 @@ class TrainConfig:
     warmup_ratio: float = doc("share of steps spent warming up linearly from 0", 0.0)
     weight_decay: float = doc("AdamW weight decay", 0.0)
     max_grad_norm: float | None = doc("clip the gradient norm to this; unset = no clipping", None)
+    packing: bool = doc("pack each micro-batch's examples into one row (no padding); same loss as padded",
+                        True)
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
     seed: int = doc("seed of initialization, data order and dropout", 42)
     eval_every: int = doc("held-out loss every N optimizer steps (0 = only at the end)", 100)
@@ -215,10 +218,11 @@ def parse_override(text: str) -> tuple[str, str, object]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
-                flags: dict[str, object] | None = None) -> Config:
-    """Defaults, then the YAML file, then `group.field=value` overrides, then typed command-line
-    flags (`{"data.max_seq_tokens": 512}`, None = not given); all problems reported at once."""
-    cfg = Config()
+                flags: dict[str, object] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`, e.g. a run's saved config), then the YAML file, then `group.field=value`
+    overrides, then typed command-line flags (`{"data.max_seq_tokens": 512}`, None = not given);
+    all problems reported at once."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     problems: list[str] = []
     if path is not None:
         path = Path(path)

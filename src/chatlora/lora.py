@@ -1,0 +1,61 @@
+"""LoRA adapters in the ecosystem's format (peft): attach, save, load, merge.
+
+An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` and loads with plain
+`peft.PeftModel.from_pretrained(base, path)` (and in vLLM). chatlora adds nothing to it.
+
+    model = attach(base_model, cfg.lora)
+    save_adapter(model, run / "final")
+    model = load_adapter(base_model, run / "final")
+    merged = merge(model)            # a plain transformers model with the update folded in
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chatlora.errors import UserError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def attach(model, lora_cfg):
+    """Wrap `model` with trainable LoRA adapters on `lora_cfg.targets`; everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora_cfg.targets if t not in names]
+    if missing:
+        raise UserError(f"lora.targets {missing} are not modules of this model "
+                        f"(linear layers here include: {', '.join(sorted(_linear_names(model)))})")
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.targets), use_rslora=lora_cfg.rslora,
+                        use_dora=lora_cfg.dora, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _linear_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_adapter(model, directory: Path) -> None:
+    """PEFT format, safetensors; the base model's own weights are not written."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load_adapter(base_model, directory: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    if not all((Path(directory) / f).is_file() for f in ADAPTER_FILES):
+        raise UserError(f"{directory} is not a LoRA adapter directory (needs {', '.join(ADAPTER_FILES)})")
+    return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+
+
+def merge(peft_model):
+    """The base model with every adapter update added into its weights (peft merge_and_unload)."""
+    return peft_model.merge_and_unload()

@@ -1,0 +1,242 @@
+"""The training loop: loss semantics, exact resume, interruption, NaN, checkpoints, config drift."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatlora.batches import pack, pad
+from chatlora.checkpoint import latest_checkpoint
+from chatlora.config import load_config
+from chatlora.errors import UserError
+from chatlora.lora import attach, trainable_parameters
+from chatlora.model import load_model, prepare_base
+from chatlora.templates import IGNORE, chat_format
+from chatlora.train import accumulate_gradients, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, huanhuan_rows):
+    """30 huanhuan rows plus a two-turn conversation (JSONL)."""
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    rows = huanhuan_rows[:30] + [{"instruction": "再说一遍？", "output": "好。", "history": [["你是谁？", "臣妾甄嬛。"]]}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config_for(index_dir, data, **train):
+    overrides = [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(overrides=overrides, flags={"model.path": str(index_dir), "data.path": str(data),
+                                                   "data.system_prompt": "现在你要扮演皇帝身边的女人--甄嬛"})
+
+
+def examples_for(index_tok, rows):
+    from chatlora.dataset import Example
+
+    fmt = chat_format("index", index_tok)
+    out = []
+    for r in rows:
+        ids, labels = fmt.render([{"role": "user", "content": r["instruction"]},
+                                  {"role": "assistant", "content": r["output"]}])
+        out.append(Example(ids, labels, 0))
+    return out
+
+
+def fresh_lora_model(index_dir, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    cfg = load_config(overrides=[f"lora.dropout={dropout}"])
+    model = attach(load_model(prepare_base(str(index_dir)), "float32", "cpu"), cfg.lora)
+    for name, p in trainable_parameters(model):  # B starts at zero: give it values so grads flow everywhere
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in trainable_parameters(model)}
+
+
+def run_step(model, examples, micro, collate):
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, examples, micro, collate)
+    return loss.item(), grads(model)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(index_dir, index_tok, huanhuan_rows):
+    model = fresh_lora_model(index_dir)
+    examples = examples_for(index_tok, huanhuan_rows[:8])
+    big_loss, big_grads = run_step(model, examples, 8, pack)
+    for micro in (1, 2, 3):
+        loss, g = run_step(model, examples, micro, pack)
+        assert abs(loss - big_loss) < 1e-6
+        for name in big_grads:
+            torch.testing.assert_close(g[name], big_grads[name], atol=1e-7, rtol=1e-5)
+
+
+def test_packed_equals_padded_and_hf_reference_loss(index_dir, index_tok, huanhuan_rows):
+    model = fresh_lora_model(index_dir)
+    examples = examples_for(index_tok, huanhuan_rows[10:16])
+    packed_loss, packed_grads = run_step(model, examples, 6, pack)
+    padded_loss, padded_grads = run_step(model, examples, 6, lambda ex: pad(ex, 0))
+    assert abs(packed_loss - padded_loss) < 1e-5
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-6, rtol=1e-4)
+    # HF's own loss (labels shifted inside the model, mean over supervised tokens) on the padded batch.
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in examples])
+    labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in examples])
+    mask = (torch.arange(width)[None] < torch.tensor([len(e.input_ids) for e in examples])[:, None]).long()
+    with torch.no_grad():
+        hf_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert abs(hf_loss - packed_loss) < 1e-5
+
+
+def test_train_writes_a_complete_run(index_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    final = train(config_for(index_dir, tiny_data, max_steps=4, save_every=2, eval_every=2, keep_last=1), run)
+    assert final == run / "final" and (final / "COMPLETE").is_file()
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-4"]
+    for name in ("config.yaml", "run.json", "data_report.json", "loss_curve.png", "tokenizer/tokenizer.model"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "held_out_loss" in r] == [0, 2, 4]
+    info = json.loads((run / "run.json").read_text())
+    assert info["template"] == "index" and info["stop_ids"][0] == 2
+
+
+def test_output_directory_is_never_clobbered(index_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        train(config_for(index_dir, tiny_data, max_steps=1), run)
+    assert (run / "precious.txt").read_text() == "mine"
+
+
+def test_saved_adapter_loads_in_plain_peft_with_same_logits(index_dir, tiny_data, tmp_path):
+    from peft import PeftModel
+
+    from chatlora.rundir import load_run, load_tuned_model
+
+    run = tmp_path / "run"
+    train(config_for(index_dir, tiny_data, max_steps=2, learning_rate=0.01), run)
+    ours = load_tuned_model(load_run(run), device="cpu")
+    base = load_model(prepare_base(str(index_dir)), "float32", "cpu")
+    plain = PeftModel.from_pretrained(base, str(run / "final")).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 3, 8, 9, 4]])
+    with torch.no_grad():
+        a, b = ours(ids).logits, plain(ids).logits
+        untuned = load_model(prepare_base(str(index_dir)), "float32", "cpu")(ids).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - untuned).abs().max() > 1e-4, "the adapter changes the model"
+
+
+def test_nan_stops_run_and_no_non_finite_tensor_is_written(index_dir, tiny_data, tmp_path, monkeypatch):
+    from chatlora import train as train_module
+
+    calls = {"n": 0}
+    real = train_module.loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += model.training  # count training micro-batches only, not held-out evaluation
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 4 else loss  # from step 3 on (2 micro-batches a step)
+
+    monkeypatch.setattr(train_module, "loss_sum", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="step 3: loss nan"):
+        train(config_for(index_dir, tiny_data, max_steps=6, save_every=1, examples_per_step=8,
+                         micro_batch_examples=4), run)
+    assert latest_checkpoint(run).name == "checkpoint-2" and not (run / "final").exists()
+    for f in run.rglob("*.safetensors"):
+        for name, t in load_file(str(f)).items():
+            assert not t.is_floating_point() or torch.isfinite(t).all(), f"{f}:{name}"
+
+
+def test_torn_checkpoint_is_skipped(index_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(config_for(index_dir, tiny_data, max_steps=2, save_every=2), run)
+    torn = run / "checkpoint-9"
+    torn.mkdir()
+    (torn / "adapter_config.json").write_text("{")
+    assert latest_checkpoint(run).name == "checkpoint-2"
+
+
+def test_resume_with_different_config_is_refused(index_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = config_for(index_dir, tiny_data, max_steps=2, save_every=1)
+    train(cfg, run)
+    changed = load_config(overrides=["lora.r=16", "model.template=self-llm"], base=cfg)
+    with pytest.raises(UserError) as e:
+        train(changed, run, resume=True)
+    assert "model.template: 'auto' -> 'self-llm'" in str(e.value) and "lora.r: 8 -> 16" in str(e.value)
+
+
+# ---------------------------------------------------------------- real processes: kill, SIGTERM, resume
+
+
+def cli_train(run, index_dir, data, *extra, env=None, wait=True):
+    args = [sys.executable, "-m", "chatlora", "train", "--model", str(index_dir), "--data", str(data),
+            "--system", "现在你要扮演皇帝身边的女人--甄嬛", "--output", str(run), "--examples-per-step", "4",
+            "--micro-batch-examples", "2", "--save-every", "2", "--eval-every", "0", "--max-steps", "12",
+            "--set", "train.learning_rate=0.002", *extra]
+    env = dict(os.environ, **(env or {}))
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def step_losses(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def max_adapter_diff(a, b):
+    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys()
+    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+def test_resume_after_sigkill_mid_accumulation_is_exact(index_dir, tiny_data, tmp_path):
+    reference = tmp_path / "reference"
+    assert cli_train(reference, index_dir, tiny_data).returncode == 0
+    # Killed before micro-batch 1 of step 9 (0-based 8): mid-epoch (8 steps an epoch, dropout on),
+    # mid-accumulation, after checkpoint-8 and before checkpoint-10.
+    run = tmp_path / "killed"
+    killed = cli_train(run, index_dir, tiny_data, env={"CHATLORA_FAULT": "kill:8:1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(run).name == "checkpoint-8" and not (run / "final").exists()
+    resumed = cli_train(run, index_dir, tiny_data, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = step_losses(reference), step_losses(run)
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    assert max_adapter_diff(reference / "final", run / "final") <= 1e-6
+
+
+def test_sigterm_writes_a_resumable_checkpoint(index_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = cli_train(run, index_dir, tiny_data, "--max-steps", "100000", "--save-every", "0", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(step_losses(run)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) == len(step_losses(run))
+    done = len(step_losses(run))
+    resumed = cli_train(run, index_dir, tiny_data, "--resume", "--max-steps", str(done + 1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(step_losses(run)) == done + 1 and (run / "final" / "COMPLETE").is_file()
