@@ -156,3 +156,19 @@ def smollm2_tok(smollm2_base):
 @pytest.fixture(scope="session")
 def huanhuan_rows() -> list[dict]:
     return json.loads(HUANHUAN.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, index_dir, huanhuan_rows):
+    """A run directory trained for 3 steps on the tiny Index model (high lr: the adapter matters)."""
+    from chatlora.config import load_config
+    from chatlora.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:40]), encoding="utf-8")
+    cfg = load_config(overrides=["train.max_steps=3", "train.learning_rate=0.01"],
+                      flags={"model.path": str(index_dir), "data.path": str(data),
+                             "data.system_prompt": "现在你要扮演皇帝身边的女人--甄嬛"})
+    train(cfg, root / "run")
+    return root / "run"

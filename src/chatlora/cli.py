@@ -1,6 +1,9 @@
 """The `chatlora` command: each verb calls one library function. No logic lives here.
 
     chatlora data check [DATA] [--model M] [--template T] [--system S] [--max-seq-tokens N] [--dump PATH]
+    chatlora train [--config C] [--model M] [--data D] --output RUN [--resume | --overwrite] [...]
+    chatlora chat RUN [--prompt TEXT] [--temperature T]
+    chatlora merge RUN --output DIR
     chatlora download MODEL_ID [--source huggingface|modelscope]
     chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
 
@@ -80,6 +83,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from chatlora.chat import chat
+
+    return chat(args.run, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def cmd_merge(args) -> int:
+    from chatlora.export import merge_run
+
+    print(f"merged model written to {merge_run(args.run, args.output)}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from chatlora.hub import download
 
@@ -134,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=int, help="held-out loss every N optimizer steps")
     tr.add_argument("--seed", type=int)
     tr.set_defaults(func=cmd_train)
+
+    ch = verbs.add_parser("chat", help="chat with a run's model in the terminal (streaming, multi-turn)")
+    ch.add_argument("run", help="run directory (or a checkpoint inside one)")
+    ch.add_argument("--prompt", help="answer this once, print only the reply, and exit")
+    ch.add_argument("--temperature", type=float, help="0 = greedy (default: the run's generate.temperature)")
+    ch.add_argument("--top-k", type=int)
+    ch.add_argument("--top-p", type=float)
+    ch.add_argument("--repetition-penalty", type=float)
+    ch.add_argument("--max-new-tokens", type=int)
+    ch.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    ch.set_defaults(func=cmd_chat)
+
+    mg = verbs.add_parser("merge", help="merge a run's adapter into its base: a standard HF model directory")
+    mg.add_argument("run", help="run directory (or a checkpoint inside one)")
+    mg.add_argument("--output", required=True, help="directory to create (never overwritten)")
+    mg.set_defaults(func=cmd_merge)
 
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
