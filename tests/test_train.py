@@ -240,3 +240,50 @@ def test_sigterm_writes_a_resumable_checkpoint(index_dir, tiny_data, tmp_path):
     resumed = cli_train(run, index_dir, tiny_data, "--resume", "--max-steps", str(done + 1))
     assert resumed.returncode == 0, resumed.stderr
     assert len(step_losses(run)) == done + 1 and (run / "final" / "COMPLETE").is_file()
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_schedules_match_transformers(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from chatlora.train import lr_at
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    for schedule, ref_fn in (("linear", get_linear_schedule_with_warmup), ("cosine", get_cosine_schedule_with_warmup)):
+        cfg = load_config(overrides=[f"train.schedule={schedule}", "train.warmup_ratio=0.1"]).train
+        opt = torch.optim.SGD([param], lr=cfg.learning_rate)
+        total = 50
+        ref = ref_fn(opt, num_warmup_steps=5, num_training_steps=total)
+        for step in range(total):
+            assert abs(lr_at(step, total, cfg) - opt.param_groups[0]["lr"]) < 1e-12, (schedule, step)
+            opt.step()
+            ref.step()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(index_dir, index_tok, huanhuan_rows):
+    examples = examples_for(index_tok, huanhuan_rows[:4])
+    model = fresh_lora_model(index_dir)
+    loss, g = run_step(model, examples, 2, pack)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, g_ckpt = run_step(model, examples, 2, pack)
+    assert abs(loss - loss_ckpt) < 1e-6
+    for name in g:
+        torch.testing.assert_close(g[name], g_ckpt[name], atol=1e-7, rtol=1e-5)
+
+
+def test_rslora_and_dora_reach_the_adapter_config(index_dir, tiny_data, tmp_path):
+    cfg = config_for(index_dir, tiny_data, max_steps=1)
+    cfg.lora.rslora, cfg.lora.dora, cfg.lora.targets = True, True, ["q_proj", "v_proj"]
+    train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] and saved["use_dora"] and sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (8, 32.0, 0.1)
+
+
+def test_unknown_lora_target_is_a_clear_error(index_dir, tiny_data, tmp_path):
+    cfg = config_for(index_dir, tiny_data, max_steps=1)
+    cfg.lora.targets = ["query_key_value"]
+    with pytest.raises(UserError, match=r"lora.targets \['query_key_value'\] are not modules"):
+        train(cfg, tmp_path / "run")

@@ -1,5 +1,6 @@
 """The `chatlora` command: each verb calls one library function. No logic lives here.
 
+    chatlora demo [--output DIR]                                    the whole pipeline offline
     chatlora data check [DATA] [--model M] [--template T] [--system S] [--max-seq-tokens N] [--dump PATH]
     chatlora train [--config C] [--model M] [--data D] --output RUN [--resume | --overwrite] [...]
     chatlora chat RUN [--prompt TEXT] [--temperature T]
@@ -98,6 +99,13 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from chatlora.demo import run_demo
+
+    run_demo(args.output, steps=args.steps, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_download(args) -> int:
     from chatlora.hub import download
 
@@ -168,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("run", help="run directory (or a checkpoint inside one)")
     mg.add_argument("--output", required=True, help="directory to create (never overwritten)")
     mg.set_defaults(func=cmd_merge)
+
+    dm = verbs.add_parser("demo", help="the whole pipeline offline on CPU with a small real model (minutes)")
+    dm.add_argument("--output", default="chatlora-demo", help="where everything goes (default ./chatlora-demo)")
+    dm.add_argument("--steps", type=int, default=24, help="optimizer steps (8 examples each)")
+    dm.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    dm.set_defaults(func=cmd_demo)
 
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
