@@ -1,0 +1,57 @@
+"""GPU checks (run on the accelerator machine: pytest -m gpu). Skipped without CUDA."""
+
+import json
+
+import pytest
+import torch
+
+from chatlora.batches import pack, pad
+from chatlora.config import load_config
+from chatlora.lora import attach, trainable_parameters
+from chatlora.model import load_model, prepare_base
+from chatlora.train import accumulate_gradients, train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def lora_model(index_dir, dtype):
+    torch.manual_seed(0)
+    model = attach(load_model(prepare_base(str(index_dir)), dtype, "cuda"),
+                   load_config(overrides=["lora.dropout=0"]).lora)
+    for name, p in trainable_parameters(model):
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_packed_equals_padded_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
+    from test_train import examples_for
+
+    model = lora_model(index_dir, dtype)
+    examples = examples_for(index_tok, huanhuan_rows[:8])
+    results = []
+    for collate in (lambda ex: pack(ex, "cuda"), lambda ex: pad(ex, 0, "cuda")):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, examples, 4, collate).item()
+        grads = torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])
+        results.append((loss, grads))
+    (a, ga), (b, gb) = results
+    assert abs(a - b) / abs(b) < tol
+    assert ((ga - gb).norm() / gb.norm()).item() < tol * 10
+
+
+def test_train_and_chat_on_cuda_in_bf16(index_dir, huanhuan_rows, tmp_path):
+    from chatlora.chat import open_session
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:64]))
+    cfg = load_config(overrides=["train.max_steps=4", "train.save_every=2"],
+                      flags={"model.path": str(index_dir), "data.path": str(data), "data.system_prompt": "S"})
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss", 1.0) == r.get("loss", 1.0) for r in rows) and len([r for r in rows if "loss" in r]) == 4
+    session = open_session(str(tmp_path / "run"), temperature=0, max_new_tokens=5)
+    assert next(session.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(session.reply("你好"), str)
