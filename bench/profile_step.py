@@ -42,9 +42,9 @@ def main():
     opt = torch.optim.AdamW(params, lr=1e-4)
     plan = StepPlan(len(ds.train), 16, 42)
 
-    def step(i, collate, micro=4):
+    def step(i, collate, micro=4, net=None):
         ex = [ds.train[j] for j in plan.indices(i)]
-        accumulate_gradients(model, ex, micro, collate)
+        accumulate_gradients(net or model, ex, micro, collate)
         torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -58,6 +58,16 @@ def main():
                                                [[ds.train[j] for j in plan.indices(i)][k:k + 4] for k in range(0, 16, 4)]],
     }
     rows = [(name, timed(fn)) for name, fn in variants.items()]
+    try:  # torch.compile over the whole model, dynamic shapes (packed rows vary in length)
+        compiled = torch.compile(model, dynamic=True)
+        t0 = time.perf_counter()
+        step(0, lambda ex: pack(ex, "cuda"), 16, compiled)
+        torch.cuda.synchronize()
+        print(f"torch.compile first step (compile included): {time.perf_counter() - t0:.1f} s")
+        rows.append(("packed, 1 x 16, torch.compile", timed(lambda i: step(i, lambda ex: pack(ex, "cuda"), 16,
+                                                                            compiled))))
+    except Exception as e:  # report, do not hide: the table says it failed
+        print(f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -12,7 +12,8 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32.0, 0.1)
     assert cfg.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (cfg.data.max_seq_tokens, cfg.data.on_overlength) == (384, "truncate")
-    assert (cfg.train.examples_per_step, cfg.train.micro_batch_examples) == (16, 4)
+    assert cfg.train.examples_per_step == 16  # the seed's 4 x 4; how many passes is a speed choice
+    assert (cfg.train.micro_batch_examples, cfg.train.micro_batch_tokens) == (16, 2048)
     assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.schedule) == (3.0, 1e-4, "linear")
     assert (cfg.train.warmup_ratio, cfg.train.weight_decay) == (0.0, 0.0)
     assert system_prompt_for(cfg) == HUANHUAN_SYSTEM_PROMPT == "现在你要扮演皇帝身边的女人--甄嬛"
@@ -36,13 +37,13 @@ def test_yaml_then_overrides_then_flags(tmp_path):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lora:\n  r: zero\n  colour: red\ntrian:\n  epochs: 1\ntrain:\n  micro_batch_examples: 3\n")
+    path.write_text("lora:\n  r: zero\n  colour: red\ntrian:\n  epochs: 1\ntrain:\n  micro_batch_tokens: 100\n")
     with pytest.raises(UserError) as e:
         load_config(path, ["data.on_overlength=cut", "lora.dropout=1.5"])
     msg = str(e.value)
     for part in ("lora.r must be an integer, got 'zero'", "unknown field 'lora.colour'", "unknown group 'trian'",
                  "data.on_overlength must be one of truncate, drop, error", "lora.dropout must be in [0, 1)",
-                 "train.examples_per_step must be a multiple of train.micro_batch_examples"):
+                 "train.micro_batch_tokens must be >= data.max_seq_tokens"):
         assert part in msg
 
 

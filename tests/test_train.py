@@ -287,3 +287,14 @@ def test_unknown_lora_target_is_a_clear_error(index_dir, tiny_data, tmp_path):
     cfg.lora.targets = ["query_key_value"]
     with pytest.raises(UserError, match=r"lora.targets \['query_key_value'\] are not modules"):
         train(cfg, tmp_path / "run")
+
+
+def test_micro_batches_respect_example_and_token_caps():
+    from chatlora.batches import micro_batches
+    from chatlora.dataset import Example
+
+    examples = [Example([0] * n, [0] * n, i) for i, n in enumerate([100, 300, 50, 400, 10, 10])]
+    groups = micro_batches(examples, size=16, max_tokens=450)
+    assert [[e.line for e in g] for g in groups] == [[0, 1, 2], [3, 4, 5]]
+    assert [[e.line for e in g] for g in micro_batches(examples, size=2)] == [[0, 1], [2, 3], [4, 5]]
+    assert [[e.line for e in g] for g in micro_batches(examples, 16, max_tokens=200)] == [[0], [1], [2], [3], [4, 5]]

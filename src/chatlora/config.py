@@ -79,7 +79,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     examples_per_step: int = doc("examples per optimizer step (micro-batch x accumulation)", 16)
-    micro_batch_examples: int = doc("examples per forward/backward pass", 4)
+    micro_batch_examples: int = doc("most examples in one forward/backward pass", 16)
+    micro_batch_tokens: int = doc("most tokens in one forward/backward pass: a step's examples are "
+                                  "packed into as few passes as fit (lower it if memory runs out)", 2048)
     epochs: float = doc("passes over the training examples", 3.0)
     max_steps: int | None = doc("stop after this many optimizer steps (overrides epochs)", None)
     learning_rate: float = doc("peak learning rate (AdamW)", 1e-4)
@@ -189,8 +191,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         (0 <= cfg.data.held_out_fraction < 1, "data.held_out_fraction must be in [0, 1)"),
         (cfg.train.examples_per_step >= 1, "train.examples_per_step must be >= 1"),
         (cfg.train.micro_batch_examples >= 1, "train.micro_batch_examples must be >= 1"),
-        (cfg.train.examples_per_step % max(cfg.train.micro_batch_examples, 1) == 0,
-         "train.examples_per_step must be a multiple of train.micro_batch_examples"),
+        (cfg.train.micro_batch_tokens >= cfg.data.max_seq_tokens,
+         "train.micro_batch_tokens must be >= data.max_seq_tokens (one example must fit a pass)"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),

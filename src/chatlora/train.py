@@ -97,26 +97,27 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, group), name)
 
 
-def held_out_loss(model, examples, batch_examples: int, device) -> float | None:
+def held_out_loss(model, examples, batch_examples: int, device, max_tokens: int | None = None) -> float | None:
     if not examples:
         return None
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk in micro_batches(examples, batch_examples):
+        for chunk in micro_batches(examples, batch_examples, max_tokens):
             total += loss_sum(model, pack(chunk, device)).item()
             count += supervised_count(chunk)
     model.train()
     return total / count
 
 
-def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1) -> torch.Tensor:
+def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,
+                         micro_batch_tokens: int | None = None) -> torch.Tensor:
     """Backward over one optimizer step's examples, micro-batch by micro-batch, each micro-batch's
     token-loss sum divided by the supervised tokens of the WHOLE step: the gradients equal those of
     one batch holding every example. Returns the step's loss (a 0-d tensor; no host sync here)."""
     supervised = supervised_count(examples)
     total = None
-    for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples)):
+    for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples, micro_batch_tokens)):
         _fault(step, micro)
         part = loss_sum(model, collate(chunk)) / supervised
         part.backward()
@@ -174,9 +175,13 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     if resume and checkpoint is None:
         print(f"chatlora: no complete checkpoint in {run}; starting from step 0")
     metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start)
+
+    def evaluate(step: int) -> None:
+        loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
+        metrics.log({"step": step, "held_out_loss": loss})
+
     if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
-        metrics.log({"step": 0, "held_out_loss": held_out_loss(model, ds.held_out, t.micro_batch_examples,
-                                                               device)})
+        evaluate(0)
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
 
     stop_signal = []
@@ -190,7 +195,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
             lr = lr_at(step, total, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate_gradients(model, examples, t.micro_batch_examples, collate, step).item()
+            loss = accumulate_gradients(model, examples, t.micro_batch_examples, collate, step,
+                                        t.micro_batch_tokens if t.packing else None).item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
@@ -205,8 +211,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done < total:
-                metrics.log({"step": done, "held_out_loss": held_out_loss(model, ds.held_out,
-                                                                          t.micro_batch_examples, device)})
+                evaluate(done)
             if (t.save_every and done % t.save_every == 0) or stop_signal:
                 save_checkpoint(run, done, model, optimizer, {"epoch": done / plan.steps_per_epoch},
                                 t.keep_last)
@@ -223,8 +228,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
             signal.signal(s, h)
 
     final = _save_final(run, model)
-    metrics.log({"step": total, "held_out_loss": held_out_loss(model, ds.held_out, t.micro_batch_examples,
-                                                               device)})
+    evaluate(total)
     _plot(run, metrics.rows)
     return final
 
