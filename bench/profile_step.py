@@ -1,6 +1,6 @@
 """Where one optimizer step of `chatlora train` spends its time (torch.profiler), and variants.
 
-    python bench/profile_step.py MODEL_DIR
+    python bench/profile_step.py MODEL_DIR [--compile-only]
 
 Times the seed job's optimizer step (16 examples, 4 micro-batches) in variants that isolate one
 cost each, then prints the profiler's top operators for the default path.
@@ -44,7 +44,7 @@ def main():
 
     def step(i, collate, micro=4, net=None):
         ex = [ds.train[j] for j in plan.indices(i)]
-        accumulate_gradients(net or model, ex, micro, collate)
+        accumulate_gradients(model if net is None else net, ex, micro, collate)
         torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -57,7 +57,8 @@ def main():
                                                      use_cache=False) for c in
                                                [[ds.train[j] for j in plan.indices(i)][k:k + 4] for k in range(0, 16, 4)]],
     }
-    rows = [(name, timed(fn)) for name, fn in variants.items()]
+    only_compile = "--compile-only" in sys.argv
+    rows = [] if only_compile else [(name, timed(fn)) for name, fn in variants.items()]
     try:  # torch.compile over the whole model, dynamic shapes (packed rows vary in length)
         compiled = torch.compile(model, dynamic=True)
         t0 = time.perf_counter()
@@ -70,6 +71,8 @@ def main():
         print(f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
     from torch.profiler import ProfilerActivity, profile
 
+    if only_compile:
+        variants = {}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(2):
             step(i, lambda ex: pack(ex, "cuda"))
