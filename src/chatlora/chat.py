@@ -15,26 +15,9 @@ from typing import TextIO
 
 from chatlora.generate import Generation, Sampling
 from chatlora.rundir import Run, load_run, load_tuned_model
+from chatlora.tokenizer import TextStream
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt), /exit"
-
-
-class TextStream:
-    """Turns a growing list of ids into text increments, holding back an incomplete UTF-8 character."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-    def text(self) -> str:
-        return self.tok.decode(self.ids).rstrip("\ufffd")  # a reply cut mid-character by the length limit
 
 
 class Session:

@@ -5,6 +5,7 @@
     chatlora train [--config C] [--model M] [--data D] --output RUN [--resume | --overwrite] [...]
     chatlora chat RUN [--prompt TEXT] [--temperature T]
     chatlora merge RUN --output DIR
+    chatlora serve RUN [--host H] [--port P] [--api-key-file F]
     chatlora download MODEL_ID [--source huggingface|modelscope]
     chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
 
@@ -106,6 +107,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from chatlora.serve import Limits, resolve_api_key, serve
+
+    key = resolve_api_key(args.api_key, args.api_key_file)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+                    queue_size=args.queue_size, deadline_s=args.deadline)
+    return serve(args.run, args.host, args.port, key, limits)
+
+
 def cmd_download(args) -> int:
     from chatlora.hub import download
 
@@ -182,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=24, help="optimizer steps (8 examples each)")
     dm.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     dm.set_defaults(func=cmd_demo)
+
+    sv = verbs.add_parser("serve", help="OpenAI-compatible API, the tutorial's endpoint and a web chat page")
+    sv.add_argument("run", help="run directory (or a checkpoint inside one)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs an API key)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require this key (visible in the process list: prefer the file or "
+                                      "CHATLORA_API_KEY)")
+    sv.add_argument("--api-key-file", help="read the required key from this file")
+    sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
+    sv.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all")
+    sv.set_defaults(func=cmd_serve)
 
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")

@@ -96,6 +96,25 @@ class HFTokenizer:
         return None if tid is None or tid == self.hf.unk_token_id and text != self.hf.unk_token else tid
 
 
+class TextStream:
+    """Turns a growing list of ids into text increments, holding back an incomplete UTF-8 character
+    (a multi-byte character can span several byte-fallback tokens)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids).rstrip("\ufffd")  # a reply cut mid-character by the length limit
+
+
 def load_index_tokenizer(model_dir: Path) -> SentencePieceTokenizer:
     model_file = model_dir / "tokenizer.model"
     if not model_file.is_file():

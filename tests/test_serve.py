@@ -1,0 +1,255 @@
+"""`chatlora serve`: the OpenAI API (with the official client), the tutorial endpoint, keys and limits."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from chatlora.errors import UserError
+from chatlora.generate import Sampling, generate_ids
+from chatlora.rundir import load_run, load_tuned_model
+from chatlora.serve import Limits, Server, build_app, check_bind, resolve_api_key
+from chatlora.worker import split_at_stop
+
+KEY = "test-key-123456"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    run = load_run(tiny_run)
+    return run, load_tuned_model(run, device="cpu")
+
+
+def make_client(loaded, key=None, **limits):
+    run, model = loaded
+    return TestClient(build_app(Server(run, model, Limits(**limits)), key))
+
+
+def chat_body(**extra):
+    return {"messages": [{"role": "user", "content": "你是谁？"}], "temperature": 0, "max_tokens": 8, **extra}
+
+
+def test_chat_completion_equals_plain_greedy_generate(loaded):
+    run, model = loaded
+    with make_client(loaded) as client:
+        res = client.post("/v1/chat/completions", json=chat_body())
+    assert res.status_code == 200
+    body = res.json()
+    prompt = run.fmt.prompt([{"role": "system", "content": run.system_prompt}, {"role": "user", "content": "你是谁？"}])
+    ids, finish = generate_ids(model, prompt, run.fmt.stop_ids, Sampling(max_new_tokens=8, temperature=0))
+    assert body["choices"][0]["message"]["content"] == run.tok.decode(ids).rstrip("\ufffd")
+    assert body["choices"][0]["finish_reason"] == finish
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
+                             "total_tokens": len(prompt) + len(ids)}
+
+
+def test_streaming_sse_matches_non_streaming(loaded):
+    with make_client(loaded) as client:
+        whole = client.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["message"]["content"]
+        with client.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as res:
+            lines = [line for line in res.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+
+
+def test_tutorial_endpoint_contract(loaded):
+    with make_client(loaded) as client:
+        res = client.post("/", json={"prompt": "你好", "history": [["你是谁？", "臣妾甄嬛。"]], "max_length": 200,
+                                     "top_p": 0.8, "top_k": 5, "temperature": 0, "repetition_penalty": 1.1})
+    body = res.json()
+    assert res.status_code == 200 and body["status"] == 200 and isinstance(body["response"], str)
+    assert body["history"] == [["你是谁？", "臣妾甄嬛。"], ["你好", body["response"]]]
+    assert len(body["time"]) == 19
+
+
+def test_models_health_and_page(loaded):
+    with make_client(loaded) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        assert client.get("/v1/models").json()["data"][0]["id"] == "run"
+        page = client.get("/")
+    assert page.status_code == 200 and "现在你要扮演皇帝身边的女人--甄嬛" in page.text
+    assert "http://" not in page.text and "https://" not in page.text, "the page loads no external asset"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    (chat_body(temperature=-1), "temperature"),
+    (chat_body(top_p=0), "top_p"),
+    (chat_body(max_tokens=0), "max_tokens"),
+    (chat_body(max_tokens=5000), "max_tokens"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": "hi"}, "messages"),
+])
+def test_bad_parameters_are_400_naming_the_field(loaded, body, param):
+    with make_client(loaded) as client:
+        res = client.post("/v1/chat/completions", json=body)
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["param"] == param
+
+
+def test_context_length_is_checked_with_numbers(loaded):
+    with make_client(loaded, max_tokens_cap=10_000) as client:
+        res = client.post("/v1/chat/completions", json=chat_body(max_tokens=9000))
+    assert res.status_code == 400 and "more than the model's context of 256" in res.json()["error"]["message"]
+
+
+def test_body_limit_is_413(loaded):
+    with make_client(loaded, max_body_bytes=2000) as client:
+        res = client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "x" * 5000}]))
+    assert res.status_code == 413
+
+
+def test_every_route_but_health_needs_the_key(loaded):
+    app_routes = None
+    with make_client(loaded, key=KEY) as client:
+        app_routes = [(m, r.path) for r in client.app.routes for m in getattr(r, "methods", ()) if m != "HEAD"]
+        assert {p for _, p in app_routes} >= {"/", "/health", "/v1/models", "/v1/chat/completions"}
+        for method, path in app_routes:
+            res = client.request(method, path, json=chat_body())
+            if path == "/health":
+                assert res.status_code == 200
+            else:
+                assert res.status_code == 401, (method, path)
+                assert res.headers["www-authenticate"].startswith("Basic")
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer wrong-key-000"})
+        assert wrong.status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert client.get("/", auth=("any", KEY)).status_code == 200  # the browser's login prompt
+
+
+def test_bind_and_key_rules(tmp_path, monkeypatch):
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    with pytest.raises(UserError, match="refusing to listen on 0.0.0.0 without an API key"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", KEY)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    assert resolve_api_key(None, str(key_file)) == KEY
+    monkeypatch.setenv("CHATLORA_API_KEY", "from-env-000")
+    assert resolve_api_key(None, None) == "from-env-000"
+    with pytest.raises(UserError, match="at least 8"):
+        resolve_api_key("short", None)
+
+
+def test_stop_strings_split_and_hold_back():
+    assert split_at_stop("hello wor", ["world"]) == ("hello ", False, 3)
+    assert split_at_stop("hello world!", ["world"]) == ("hello ", True, 0)
+    assert split_at_stop("abc", []) == ("abc", False, 0)
+
+
+def test_full_queue_answers_429_with_retry_after(loaded):
+    run, model = loaded
+    server = Server(run, model, Limits(queue_size=1))
+    gate = threading.Event()
+    original = server.worker._run
+    server.worker._run = lambda job: (gate.wait(10), original(job))[1]  # hold the worker busy
+    with TestClient(build_app(server)) as client:
+        results = []
+
+        def post():
+            results.append(client.post("/v1/chat/completions", json=chat_body()).status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        busy = client.post("/v1/chat/completions", json=chat_body())
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert set(results) <= {200, 429} and 200 in results and 429 in results
+
+
+# ---------------------------------------------------------------- a real server and the official client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(loaded):
+    import uvicorn
+
+    run, model = loaded
+    port = free_port()
+    config = uvicorn.Config(build_app(Server(run, model, Limits()), KEY), host="127.0.0.1", port=port,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_official_openai_client_works_unchanged(live_server):
+    from openai import AuthenticationError, OpenAI
+
+    client = OpenAI(base_url=f"{live_server}/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["run"]
+    reply = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "你好"}],
+                                           max_tokens=6, temperature=0, seed=1)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 6
+    stream = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "你好"}],
+                                            max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{live_server}/v1", api_key="wrong-key-0000").models.list()
+
+
+def test_client_disconnect_stops_generation(loaded):
+    """A client that goes away mid-stream stops its generation within a few tokens."""
+    import httpx
+    import uvicorn
+
+    run, model = loaded
+
+    class Slow(torch.nn.Module):  # ~20 ms a token, so the disconnect lands mid-reply
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, *a, **k):
+            time.sleep(0.02)
+            return self.inner(*a, **k)
+
+    server = Server(run, Slow(model), Limits())
+    finished = []
+    original = server.worker._run
+    server.worker._run = lambda job: (finished.append(job), original(job))[1]
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    body = chat_body(max_tokens=200, temperature=1.0, seed=0)
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=dict(body, stream=True),
+                          timeout=30) as res:
+            for i, _ in enumerate(res.iter_lines()):
+                if i >= 3:
+                    break
+        time.sleep(1.0)  # 50 tokens' worth of time: a generation that ignored the disconnect runs on
+        assert finished and finished[0].cancel.is_set()
+        assert finished[0].generated < 15, finished[0].generated
+    finally:
+        uv.should_exit = True
+        thread.join(10)

@@ -1,0 +1,83 @@
+"""The web chat page in a real headless Chromium (Debian's, driven by Playwright): send, stream,
+system prompt, regenerate, clear. CI installs chromium; elsewhere the test skips without it."""
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from chatlora.rundir import load_run, load_tuned_model
+from chatlora.serve import Limits, Server, build_app
+from test_serve import free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
+                                reason="needs Debian's chromium (CI installs it)")
+# Flags for a sandboxed, offline machine (no background network, no GPU, root).
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def site(tiny_run):
+    import uvicorn
+
+    run = load_run(tiny_run)
+    server = Server(run, load_tuned_model(run, device="cpu"), Limits())
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", server
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is not installed (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(site[0])
+        yield page
+        browser.close()
+
+
+def api_reply(site, system: str, user: str) -> str:
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(Server(site[1].run, site[1].worker.model, Limits()))) as client:
+        body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                "temperature": 0, "max_tokens": 12}
+        return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def send(page, text: str) -> str:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length > 0 && "
+                           "!document.getElementById('send').disabled", timeout=30000)
+    return page.locator(".msg.assistant").last.inner_text()
+
+
+def test_page_chats_with_edited_system_prompt_and_controls(page, site):
+    assert page.input_value("#system") == "现在你要扮演皇帝身边的女人--甄嬛"
+    page.fill("#system", "你是华妃。")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "12")
+    reply = send(page, "你好")
+    assert reply == api_reply(site, "你是华妃。", "你好")
+    assert page.locator(".msg.user").inner_text() == "你好"
+    page.click("#regenerate")
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=30000)
+    assert page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg.assistant").inner_text() == reply  # greedy: the same reply again
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0
