@@ -75,3 +75,32 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     prompt = [0, 17, 230, 3, 999, 42, 4]
     s = Sampling(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=3)
     assert generate_ids(tiny_model, prompt, [2], s) == generate_ids(tiny_model, prompt, [2], s)
+
+
+def test_batched_greedy_equals_one_at_a_time(smollm2_base, smollm2_tok):
+    from chatlora.generate import BatchGeneration
+    from chatlora.templates import chat_format
+
+    model = load_model(smollm2_base, device="cpu")
+    fmt = chat_format("auto", smollm2_tok)
+    questions = ["Name three colours.", "What is 2+2? Answer briefly.", "Say hello in French, then explain why."]
+    prompts = [fmt.prompt([{"role": "user", "content": q}]) for q in questions]
+    samplings = [Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.1) for n in (12, 5, 12)]
+    singles = [generate_ids(model, p, fmt.stop_ids, s) for p, s in zip(prompts, samplings)]
+    batch = BatchGeneration(model, prompts, fmt.stop_ids, samplings)
+    got = [[] for _ in prompts]
+    for row, token in batch:
+        got[row].append(token)
+    assert len(set(map(len, prompts))) > 1, "the prompts differ in length: left padding is exercised"
+    assert got == [ids for ids, _ in singles]
+    assert batch.finish_reasons == [reason for _, reason in singles]
+
+
+def test_batched_row_can_be_dropped(tiny_model):
+    from chatlora.generate import BatchGeneration
+
+    prompts = [[0, 17, 230, 3, 999, 42, 4], [0, 5, 3, 6, 4]]
+    s = Sampling(max_new_tokens=10, temperature=0)
+    batch = BatchGeneration(tiny_model, prompts, [], [s, s], should_stop=lambda row: row == 1)
+    rows = [row for row, _ in batch]
+    assert rows == [0] * 10 and batch.finish_reasons == ["length", "length"]

@@ -148,10 +148,10 @@ def test_stop_strings_split_and_hold_back():
 
 def test_full_queue_answers_429_with_retry_after(loaded):
     run, model = loaded
-    server = Server(run, model, Limits(queue_size=1))
+    server = Server(run, model, Limits(queue_size=1, max_batch=1))
     gate = threading.Event()
-    original = server.worker._run
-    server.worker._run = lambda job: (gate.wait(10), original(job))[1]  # hold the worker busy
+    original = server.worker._run_batch
+    server.worker._run_batch = lambda batch: (gate.wait(10), original(batch))[1]  # hold the worker busy
     with TestClient(build_app(server)) as client:
         results = []
 
@@ -232,8 +232,8 @@ def test_client_disconnect_stops_generation(loaded):
 
     server = Server(run, Slow(model), Limits())
     finished = []
-    original = server.worker._run
-    server.worker._run = lambda job: (finished.append(job), original(job))[1]
+    original = server.worker._run_batch
+    server.worker._run_batch = lambda batch: (finished.extend(batch), original(batch))[1]
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -253,3 +253,32 @@ def test_client_disconnect_stops_generation(loaded):
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
+    run, model = loaded
+    server = Server(run, model, Limits())
+    questions = ["你是谁？", "皇上驾到！", "今日天气很好，我们去御花园走走吧。"]
+    with TestClient(build_app(server)) as client:
+        alone = [client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": q}],
+                                                                    max_tokens=10)).json() for q in questions]
+        gate, sizes = threading.Event(), []
+        original = server.worker._run_batch
+        server.worker._run_batch = lambda batch: (gate.wait(10), sizes.append(len(batch)), original(batch))[2]
+        together = [None] * len(questions)
+
+        def post(i):
+            body = chat_body(messages=[{"role": "user", "content": questions[i]}], max_tokens=10)
+            together[i] = client.post("/v1/chat/completions", json=body).json()
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert max(sizes) >= 2, sizes  # some of them ran as one batch
+    for a, b in zip(alone, together):
+        assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+        assert a["usage"] == b["usage"]

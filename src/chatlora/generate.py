@@ -99,6 +99,72 @@ class Generation:
         self.finish_reason = "length"
 
 
+class BatchGeneration:
+    """Several prompts decoded together (left-padded, one forward per token for all rows); each row
+    has its own sampling, stops on its own, and can be dropped by `should_stop(row)`. Yields
+    `(row, token)`; `finish_reasons[row]` is set when a row ends. Greedy rows give the same tokens
+    as `Generation` alone (tested)."""
+
+    def __init__(self, model, prompts: list[list[int]], stop_ids, samplings: list[Sampling], pad_id: int = 0,
+                 should_stop=lambda row: False):
+        self.model, self.prompts, self.stop_ids, self.samplings = model, prompts, set(stop_ids), samplings
+        self.pad_id, self.should_stop = pad_id, should_stop
+        self.device = next(model.parameters()).device
+        self.generators = []
+        for s in samplings:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(s.seed) if s.seed is not None else g.seed()
+            self.generators.append(g)
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+
+    @torch.inference_mode()
+    def __iter__(self):
+        from transformers import DynamicCache
+
+        rows, width = len(self.prompts), max(len(p) for p in self.prompts)
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+        for r, p in enumerate(self.prompts):
+            ids[r, width - len(p):] = torch.tensor(p, device=self.device)
+            mask[r, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seen = [torch.tensor(sorted(set(p)), dtype=torch.long, device=self.device) for p in self.prompts]
+        counts = [0] * rows
+        cache = {_cache_argument(self.model): DynamicCache()}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+        while True:
+            tokens = []
+            for r in range(rows):
+                token = self.pad_id
+                if self.finish_reasons[r] is None:
+                    token = self._step(r, out.logits[r, -1], seen, counts)
+                tokens.append(token)
+            if all(f is not None for f in self.finish_reasons):
+                return
+            for r, token in enumerate(tokens):
+                if self.finish_reasons[r] is None:
+                    yield r, token
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                             position_ids=positions, use_cache=True, **cache)
+
+    def _step(self, r: int, logits, seen, counts) -> int:
+        """Pick row r's next token, or finish the row (its token is then only padding)."""
+        s = self.samplings[r]
+        if self.should_stop(r) or counts[r] >= s.max_new_tokens:
+            self.finish_reasons[r] = "length"
+            return self.pad_id
+        token = next_token(logits, seen[r], s, self.generators[r])
+        if token in self.stop_ids:
+            self.finish_reasons[r] = "stop"
+            return self.pad_id
+        counts[r] += 1
+        if token not in seen[r]:
+            seen[r] = torch.cat([seen[r], torch.tensor([token], device=self.device)])
+        return token
+
+
 def generate_ids(model, prompt_ids: list[int], stop_ids, sampling: Sampling) -> tuple[list[int], str]:
     """All generated ids at once (no stop id included) and the finish reason."""
     gen = Generation(model, prompt_ids, stop_ids, sampling)

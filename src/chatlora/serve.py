@@ -5,7 +5,8 @@
 
 Routes: POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health, POST /
 (the tutorial's FastAPI contract), GET / (the chat page). The model is held once; one worker thread
-generates (worker.py); requests beyond the queue get 429 with Retry-After. Prompts are built by
+generates the requests waiting together as one batch (worker.py); requests beyond the queue get 429
+with Retry-After. Prompts are built by
 templates.py, the same path training used. Nothing of a prompt or a key is logged.
 """
 
@@ -43,6 +44,7 @@ class Limits:
     max_tokens_cap: int = 2048
     queue_size: int = 16
     deadline_s: float = 300.0
+    max_batch: int = 16
 
 
 class ApiError(Exception):
@@ -93,7 +95,7 @@ class Server:
 
     def __init__(self, run, model, limits: Limits):
         self.run, self.limits = run, limits
-        self.worker = Worker(model, run.tok, run.fmt.stop_ids, limits.queue_size)
+        self.worker = Worker(model, run.tok, run.fmt.stop_ids, limits.queue_size, limits.max_batch)
         self.context = int(getattr(model.config, "max_position_embeddings", 4096))
         self.model_id = run.dir.name
 

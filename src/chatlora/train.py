@@ -157,6 +157,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     torch.manual_seed(t.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    (run / "rejected.jsonl").unlink(missing_ok=True)  # the run's own; rewritten by this data check
     base, tok, fmt, ds = dataset_for_config(cfg, rejects_path=run / "rejected.jsonl")
     if not ds.train:
         raise UserError("no training examples are left after the data check")
