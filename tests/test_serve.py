@@ -282,3 +282,41 @@ def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
     for a, b in zip(alone, together):
         assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
         assert a["usage"] == b["usage"]
+
+
+def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "chatlora", "serve", str(tiny_run), "--port", str(port),
+                             "--api-key-file", str(key_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        secret_prompt = "秘密的问题-7f3a"
+        res = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                         headers={"Authorization": f"Bearer {KEY}"},
+                         json={"messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 3})
+        assert res.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    # uvicorn shuts down in order, then re-raises the signal: exit status -SIGTERM is the norm.
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out and "Finished server process" in out
+    assert "POST /v1/chat/completions" in out  # the access log is there...
+    assert secret_prompt not in out and KEY not in out  # ...without prompts or keys
