@@ -104,3 +104,18 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(**inputs, use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                                              ignore_index=IGNORE, reduction="sum")
+
+
+def held_out_loss(model, examples, batch_examples: int, device, max_tokens: int | None = None) -> float | None:
+    """Mean cross-entropy over every supervised token of `examples` (eval mode, no gradients)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in micro_batches(examples, batch_examples, max_tokens):
+            total += loss_sum(model, pack(chunk, device)).item()
+            count += supervised_count(chunk)
+    model.train(was_training)
+    return total / count

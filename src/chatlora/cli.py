@@ -6,6 +6,8 @@
     chatlora chat RUN [--prompt TEXT] [--temperature T]
     chatlora merge RUN --output DIR
     chatlora serve RUN [--host H] [--port P] [--api-key-file F]
+    chatlora generate RUN --data D [--output preds.jsonl]
+    chatlora eval RUN [--data D]
     chatlora download MODEL_ID [--source huggingface|modelscope]
     chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
 
@@ -116,6 +118,24 @@ def cmd_serve(args) -> int:
     return serve(args.run, args.host, args.port, key, limits)
 
 
+def cmd_generate(args) -> int:
+    from chatlora.evaluate import generate_predictions
+
+    out = generate_predictions(args.run, args.data, args.output, args.limit, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"predictions written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from chatlora.evaluate import evaluate_run, report_markdown
+
+    report = evaluate_run(args.run, args.data, args.limit)
+    print(report_markdown(dict(report, samples=report["samples"][:3])))
+    print(f"report: {Path(report['run']) / 'eval' / 'report.html'}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from chatlora.hub import download
 
@@ -205,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all")
     sv.set_defaults(func=cmd_serve)
+
+    gn = verbs.add_parser("generate", help="batched predictions of a run's model for every prompt of a dataset")
+    gn.add_argument("run", help="run directory (or a checkpoint inside one)")
+    gn.add_argument("--data", required=True, help="JSON/JSONL dataset; each row's last reply is the reference")
+    gn.add_argument("--output", default="predictions.jsonl", help="JSONL to create (never overwritten)")
+    gn.add_argument("--limit", type=int, help="only the first N rows")
+    gn.add_argument("--temperature", type=float, help="0 = greedy (default: the run's)")
+    gn.add_argument("--max-new-tokens", type=int)
+    gn.add_argument("--seed", type=int)
+    gn.set_defaults(func=cmd_generate)
+
+    ev = verbs.add_parser("eval", help="base vs tuned: loss, perplexity, BLEU, ROUGE, stop share; a report")
+    ev.add_argument("run", help="run directory (or a checkpoint inside one)")
+    ev.add_argument("--data", help="evaluate on this dataset instead of the run's held-out split")
+    ev.add_argument("--limit", type=int, help="only the first N examples")
+    ev.set_defaults(func=cmd_eval)
 
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")

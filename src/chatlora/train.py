@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chatlora.batches import StepPlan, loss_sum, micro_batches, pack, pad, supervised_count
+from chatlora.batches import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
 from chatlora.checkpoint import MARKER, NonFiniteError, latest_checkpoint, load_checkpoint, save_checkpoint
 from chatlora.config import Config
 from chatlora.dataset import dataset_for_config
@@ -95,19 +95,6 @@ def prepare_output(run: Path, resume: bool, overwrite: bool, cfg: Config) -> Pat
 def _get(cfg: Config, key: str):
     group, name = key.split(".")
     return getattr(getattr(cfg, group), name)
-
-
-def held_out_loss(model, examples, batch_examples: int, device, max_tokens: int | None = None) -> float | None:
-    if not examples:
-        return None
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for chunk in micro_batches(examples, batch_examples, max_tokens):
-            total += loss_sum(model, pack(chunk, device)).item()
-            count += supervised_count(chunk)
-    model.train()
-    return total / count
 
 
 def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,

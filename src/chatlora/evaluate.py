@@ -1,0 +1,185 @@
+"""Did the persona take? Predictions for a dataset, and a base-vs-tuned evaluation report.
+
+    chatlora generate runs/huanhuan --data test.jsonl --output preds.jsonl
+    chatlora eval runs/huanhuan                       # the run's held-out split -> runs/huanhuan/eval/
+
+`eval` reports, for the base model and the tuned one: held-out loss and perplexity (the training
+loss definition), BLEU-4 (sacrebleu) and ROUGE-1/2/L F1 (rouge-score), both on characters for
+Chinese and on words otherwise, and the share of replies that ended with a stop token rather than
+at the length limit. Replies are greedy, so the numbers repeat. The report is written as
+`eval/report.json`, `report.md` and `report.html` with side-by-side samples.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from chatlora.atomic import refuse_existing, write_lines, write_text
+from chatlora.batches import held_out_loss
+from chatlora.data import read_conversations
+from chatlora.dataset import DataSpec, build_dataset, data_file
+from chatlora.errors import UserError
+from chatlora.generate import BatchGeneration, Sampling
+from chatlora.model import load_model
+from chatlora.rundir import Run, load_run, load_tuned_model
+from chatlora.tokenizer import tokenizer_fingerprint
+
+CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+BATCH = 16
+
+
+@dataclass
+class Sample:
+    messages: list[dict]  # the conversation up to the last user turn
+    reference: str
+    line: int
+
+
+def samples_from(run: Run, data: str | None, lines: set[int] | None = None) -> list[Sample]:
+    """The final user turn of each conversation as a prompt, its reply as the reference."""
+    result = read_conversations(data_file(data or run.cfg.data.path), run.system_prompt)
+    if result.errors:
+        raise UserError(f"{data}: {len(result.errors)} bad row(s), e.g. {result.errors[0]}")
+    return [Sample(c.messages[:-1], c.messages[-1]["content"], c.line) for c in result.conversations
+            if lines is None or c.line in lines]
+
+
+def predict(model, run: Run, samples: list[Sample], sampling: Sampling, desc: str) -> list[tuple[str, str]]:
+    """(reply, finish_reason) for each sample, BATCH prompts decoded together."""
+    out = []
+    bar = tqdm(total=len(samples), desc=desc, unit="prompt", leave=False)
+    for i in range(0, len(samples), BATCH):
+        chunk = samples[i:i + BATCH]
+        prompts = [run.fmt.prompt(s.messages) for s in chunk]
+        gen = BatchGeneration(model, prompts, run.fmt.stop_ids, [sampling] * len(chunk), pad_id=run.tok.pad_id)
+        tokens: list[list[int]] = [[] for _ in chunk]
+        for row, token in gen:
+            tokens[row].append(token)
+        out += [(run.tok.decode(t).rstrip("\ufffd"), reason) for t, reason in zip(tokens, gen.finish_reasons)]
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def metric_tokens(text: str) -> list[str]:
+    """Characters for Chinese (each CJK character a token), words for everything else."""
+    tokens = []
+    for word in text.split():
+        tokens += [t for t in re.split(f"({CJK.pattern})", word) if t]
+    return tokens
+
+
+class _Tokenizer:  # rouge-score's tokenizer protocol
+    def tokenize(self, text: str) -> list[str]:
+        return metric_tokens(text)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Corpus BLEU-4 (sacrebleu) and mean ROUGE-1/2/L F1 (rouge-score), 0-100, on metric_tokens."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    join = lambda texts: [" ".join(metric_tokens(t)) for t in texts]  # noqa: E731
+    bleu = sacrebleu.corpus_bleu(join(predictions), [join(references)], tokenize="none").score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Tokenizer())
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    mean = lambda key: 100 * sum(s[key].fmeasure for s in scores) / max(1, len(scores))  # noqa: E731
+    return {"bleu4": bleu, "rouge1": mean("rouge1"), "rouge2": mean("rouge2"), "rougeL": mean("rougeL")}
+
+
+def generate_predictions(run_path: str, data: str, output: str, limit: int | None = None, **sampling) -> Path:
+    run = load_run(run_path)
+    samples = samples_from(run, data)[:limit]
+    out = Path(output)
+    refuse_existing(out)  # before the work, not after
+    preds = predict(load_tuned_model(run), run, samples, Sampling.from_config(run.cfg.generate, **sampling),
+                    "generating")
+    write_lines(out, (json.dumps({"line": s.line, "messages": s.messages, "reference": s.reference,
+                                  "prediction": p, "finish_reason": f}, ensure_ascii=False)
+                      for s, (p, f) in zip(samples, preds)))
+    return out
+
+
+def evaluate_run(run_path: str, data: str | None = None, limit: int | None = None) -> dict:
+    """Base vs tuned on the run's held-out split (or `data`); writes RUN/eval/report.{json,md,html}."""
+    run = load_run(run_path)
+    cfg = run.cfg
+    # The run's own data rules, so that its held-out split is exactly the one training left out.
+    spec = DataSpec(data or cfg.data.path, run.system_prompt, cfg.data.max_seq_tokens, cfg.data.on_overlength, cfg.data.on_error,
+                    0.0 if data else cfg.data.held_out_fraction, cfg.data.seed)
+    ds = build_dataset(spec, run.tok, run.fmt, tokenizer_fingerprint(run.dir / "tokenizer"))
+    examples = (ds.train if data else ds.held_out)[:limit]
+    if not examples:
+        raise UserError("nothing to evaluate: the run has no held-out split; pass --data")
+    samples = samples_from(run, data, {e.line for e in examples})
+    sampling = Sampling.from_config(cfg.generate, temperature=0)
+    models = {"base": load_model(run.base, cfg.model.dtype), "tuned": load_tuned_model(run)}
+    report = {"run": str(run.dir), "adapter": str(run.adapter), "examples": len(examples),
+              "data": str(data_file(spec.path)), "max_new_tokens": sampling.max_new_tokens, "models": {},
+              "samples": [{"prompt": s.messages[-1]["content"], "reference": s.reference} for s in samples]}
+    for name, model in models.items():
+        loss = held_out_loss(model, examples, cfg.train.micro_batch_examples, model.device,
+                             cfg.train.micro_batch_tokens)
+        preds = predict(model, run, samples, sampling, f"{name} replies")
+        report["models"][name] = {"loss": loss, "perplexity": math.exp(loss),
+                                  **text_metrics([p for p, _ in preds], [s.reference for s in samples]),
+                                  "stop_share": sum(f == "stop" for _, f in preds) / len(preds)}
+        for row, (p, _) in zip(report["samples"], preds):
+            row[name] = p
+    write_report(run.dir / "eval", report)
+    return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False), overwrite=True)
+    write_text(out / "report.md", report_markdown(report), overwrite=True)
+    write_text(out / "report.html", report_html(report), overwrite=True)
+
+
+METRICS = [("loss", "held-out loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu4", "BLEU-4", "{:.2f}"),
+           ("rouge1", "ROUGE-1", "{:.2f}"), ("rouge2", "ROUGE-2", "{:.2f}"), ("rougeL", "ROUGE-L", "{:.2f}"),
+           ("stop_share", "replies ended by a stop token", "{:.0%}")]
+
+
+def _rows(report: dict) -> list[tuple[str, str, str]]:
+    m = report["models"]
+    return [(label, fmt.format(m["base"][key]), fmt.format(m["tuned"][key])) for key, label, fmt in METRICS]
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# Evaluation of {report['run']}", "",
+             f"{report['examples']} held-out examples from `{report['data']}`; greedy replies of at most "
+             f"{report['max_new_tokens']} tokens. BLEU-4 (sacrebleu) and ROUGE F1 (rouge-score) on characters "
+             f"for Chinese, words otherwise.", "", "![loss curve](../loss_curve.png)", "",
+             "| metric | base | tuned |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(report)]
+    lines += ["", "## Samples", ""]
+    for s in report["samples"][:20]:
+        lines += [f"- **prompt** {s['prompt']}", f"  - reference: {s['reference']}", f"  - base: {s['base']}",
+                  f"  - tuned: {s['tuned']}"]
+    return "\n".join(lines) + "\n"
+
+
+def report_html(report: dict) -> str:
+    e = html.escape
+    table = "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in _rows(report))
+    samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['base'])}</td>"
+                      f"<td>{e(s['tuned'])}</td></tr>" for s in report["samples"][:50])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>chatlora eval</title>
+<style>body{{font:15px/1.5 system-ui,"Noto Sans CJK SC",sans-serif;margin:24px;max-width:1100px}}
+table{{border-collapse:collapse;margin:12px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
+img{{max-width:700px}}</style></head><body><h1>Evaluation of {e(report['run'])}</h1>
+<p>{report['examples']} examples from {e(report['data'])}; greedy replies of at most {report['max_new_tokens']} tokens.
+BLEU-4 (sacrebleu) and ROUGE F1 (rouge-score) on characters for Chinese, words otherwise.</p>
+<img src="../loss_curve.png" alt="loss curve"><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{table}</table>
+<h2>Samples</h2><table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>{samples}</table>
+</body></html>
+"""
