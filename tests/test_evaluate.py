@@ -56,3 +56,22 @@ def test_eval_report_base_vs_tuned(tiny_run):
     page = (tiny_run / "eval" / "report.html").read_text()
     assert "ROUGE-L" in page and "../loss_curve.png" in page
     assert len(report["samples"]) == report["examples"] and "tuned" in report["samples"][0]
+
+
+def test_stop_share_exposes_the_tutorials_end_of_reply_defect(index_dir, huanhuan_rows, tmp_path):
+    """Trained with `index`, the model learns to end replies with </s>; trained with the tutorial's
+    `self-llm` tokens (<unk> after each reply, inference stopping on </s> only), it never stops."""
+    from chatlora.config import load_config
+    from chatlora.train import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:48]))
+    shares = {}
+    for template in ("index", "self-llm"):
+        cfg = load_config(overrides=["train.max_steps=40", "train.learning_rate=0.01", "train.eval_every=0",
+                                     "data.held_out_fraction=0.25", "generate.max_new_tokens=40",
+                                     f"model.template={template}"],
+                          flags={"model.path": str(index_dir), "data.path": str(data), "data.system_prompt": "S"})
+        train(cfg, tmp_path / template)
+        shares[template] = evaluate_run(str(tmp_path / template))["models"]["tuned"]["stop_share"]
+    assert shares["index"] >= 0.75 and shares["self-llm"] == 0.0, shares

@@ -64,7 +64,7 @@ def test_self_llm_reproduces_tutorial_tokens(index_tok, sp_model_file, huanhuan_
     tutorial_tok = SentencePieceBackend(vocab_file=str(sp_model_file), legacy=True, unk_token="<unk>",
                                         bos_token="<s>", eos_token="</s>", pad_token="<unk>",
                                         additional_special_tokens=["reserved_0", "reserved_1"])
-    with pytest.warns(UserWarning, match="not Index's own chat format"):
+    with pytest.warns(UserWarning, match="does not learn to stop"):
         fmt = chat_format("self-llm", index_tok)
     for row in huanhuan_rows[:100]:
         ids, labels = fmt.render(conv(row["instruction"] + row["input"], row["output"]))

@@ -6,6 +6,7 @@
     chatlora chat RUN [--prompt TEXT] [--temperature T]
     chatlora merge RUN --output DIR
     chatlora serve RUN [--host H] [--port P] [--api-key-file F]
+    chatlora export RUN --format gguf|ollama [--quant q8_0] [--output PATH]
     chatlora generate RUN --data D [--output preds.jsonl]
     chatlora eval RUN [--data D]
     chatlora download MODEL_ID [--source huggingface|modelscope]
@@ -118,6 +119,18 @@ def cmd_serve(args) -> int:
     return serve(args.run, args.host, args.port, key, limits)
 
 
+def cmd_export(args) -> int:
+    from chatlora.export import export_gguf, export_ollama
+
+    if args.format == "gguf":
+        out = export_gguf(args.run, args.output or f"{Path(args.run).name}-{args.quant}.gguf", args.quant)
+        print(f"GGUF written to {out}")
+    else:
+        out = export_ollama(args.run, args.output or f"{Path(args.run).name}-ollama", args.quant)
+        print(f"Ollama model in {out}; create it with:\n    cd {out} && ollama create {Path(args.run).name} -f Modelfile")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from chatlora.evaluate import generate_predictions
 
@@ -225,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all")
     sv.set_defaults(func=cmd_serve)
+
+    ex = verbs.add_parser("export", help="the merged model as GGUF (llama.cpp) or an Ollama model directory")
+    ex.add_argument("run", help="run directory (or a checkpoint inside one)")
+    ex.add_argument("--format", choices=["gguf", "ollama"], default="gguf")
+    ex.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0", help="weight type in the GGUF")
+    ex.add_argument("--output", help="file (gguf) or directory (ollama) to create; never overwritten")
+    ex.set_defaults(func=cmd_export)
 
     gn = verbs.add_parser("generate", help="batched predictions of a run's model for every prompt of a dataset")
     gn.add_argument("run", help="run directory (or a checkpoint inside one)")

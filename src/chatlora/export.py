@@ -1,12 +1,17 @@
-"""Leaving chatlora: a merged, standard Hugging Face model directory.
+"""Leaving chatlora: a merged Hugging Face directory, a GGUF file (llama.cpp), an Ollama model.
 
-    chatlora merge runs/huanhuan --output merged/        # base + adapter, safetensors
+    chatlora merge runs/huanhuan --output merged/                     # base + adapter, safetensors
+    chatlora export runs/huanhuan --format gguf --quant q8_0 --output huanhuan.gguf
+    chatlora export runs/huanhuan --format ollama --output huanhuan-ollama/
 
 For an Index base the result is a plain Llama checkpoint with the NormHead already folded, so any
 engine that runs Llama (transformers without remote code, vLLM, llama.cpp after conversion) runs
 it. The weights are merged in float32 and stored in the base model's dtype. The tokenizer files of
 the run are copied; for Index, `tokenizer_config.json` loses its remote-code `auto_map` and gains
-the chat template that renders exactly chatlora's `index` format.
+the chat template that renders exactly chatlora's `index` format. The GGUF is written with the
+`gguf` package in llama.cpp's layout (q/k rows permuted to its RoPE convention, norms in f32),
+with the tokenizer (Index's sentencepiece model, or the model's BPE vocabulary and merges) and
+the chat template inside; reading it back must give the merged model's logits (tests).
 """
 
 from __future__ import annotations
@@ -72,3 +77,170 @@ def _index_tokenizer_config(path: Path) -> None:
     config.pop("auto_map", None)  # never point anyone at remote code
     config["chat_template"] = INDEX_CHAT_TEMPLATE
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp) and Ollama
+
+GGUF_TYPES = ("f16", "bf16", "q8_0")
+
+
+def _permute_qk(weights, n_head: int):
+    """HF's rotate-half q/k rows -> GGUF llama's interleaved layout (llama.cpp convert_hf_to_gguf)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _gguf_name(hf: str) -> str:
+    parts = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in parts:
+        return parts[hf]
+    layer, rest = hf.removeprefix("model.layers.").split(".", 1)
+    names = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
+             "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+             "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+    if rest not in names:
+        raise UserError(f"GGUF export covers Llama-architecture models; {hf} has no GGUF name")
+    return f"blk.{layer}.{names[rest]}.weight"
+
+
+def _add_tensor(writer, name: str, data, quant: str) -> None:
+    import gguf
+    import numpy as np
+
+    data = data.astype(np.float32)
+    if data.ndim == 1 or quant == "f32":  # norms stay f32, as llama.cpp writes them
+        writer.add_tensor(name, data)
+    elif quant == "f16" or (quant == "q8_0" and data.shape[-1] % 32):
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        qtype = gguf.GGMLQuantizationType.BF16 if quant == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape read from bytes
+
+
+def _add_tokenizer(writer, run) -> None:
+    """Index: its sentencepiece model ('llama' tokenizer); others: their BPE vocabulary and merges."""
+    tok = run.tok
+    if run.base.family == "index":
+        sp = tok.sp
+        types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                 else 5 if sp.is_unused(i) else 1 for i in range(sp.get_piece_size())]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_pad_token_id(0)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(INDEX_CHAT_TEMPLATE)
+        return
+    spec = json.loads(tok.hf.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise UserError(f"GGUF export handles sentencepiece (Index) and BPE tokenizers, not {spec['model']['type']}")
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"]: t["special"] for t in spec.get("added_tokens", [])}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([(3 if special[i] else 4) if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(tok.eos_id)
+    if tok.hf.bos_token_id is not None:
+        writer.add_bos_token_id(tok.hf.bos_token_id)
+    writer.add_pad_token_id(tok.pad_id)
+    writer.add_add_bos_token(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def export_gguf(run_path: str | Path, output: str | Path, quant: str = "f16") -> Path:
+    """The merged model as one GGUF file (Llama architecture, tokenizer and chat template inside)."""
+    import gguf
+
+    if quant not in GGUF_TYPES:
+        raise UserError(f"--quant must be one of {', '.join(GGUF_TYPES)}")
+    output = Path(output)
+    refuse_existing(output)
+    run = load_run(run_path)
+    model = load_tuned_model(run, device="cpu", dtype="float32")
+    merged = merge(model) if run.adapter is not None else model
+    c = merged.config
+    if c.model_type != "llama":
+        raise UserError(f"GGUF export covers Llama-architecture models; this one is {c.model_type}")
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    tmp = output.with_name(f".{output.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer.add_name(run.dir.name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    _add_tokenizer(writer, run)
+    state = merged.state_dict()
+    if "lm_head.weight" not in state or c.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for name, tensor in state.items():
+        data = tensor.detach().float().numpy()
+        if name.endswith("q_proj.weight"):
+            data = _permute_qk(data, heads)
+        elif name.endswith("k_proj.weight"):
+            data = _permute_qk(data, kv_heads)
+        _add_tensor(writer, _gguf_name(name), data, quant)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+# Ollama's Go-template versions of the two chat formats it can be told about.
+OLLAMA_TEMPLATES = {
+    "index": ('{{ if .System }}<unk>{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
+              'reserved_0{{ .Content }}reserved_1{{ else if eq .Role "assistant" }}{{ .Content }}{{ end }}{{ end }}'),
+    "chatml": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
+               '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'),
+}
+
+
+def export_ollama(run_path: str | Path, output: str | Path, quant: str = "q8_0") -> Path:
+    """A directory with the GGUF and a Modelfile (template, stop tokens, system prompt, sampling)."""
+    output = Path(output)
+    refuse_existing(output)
+    run = load_run(run_path)
+    if run.fmt.name == "index":
+        template, stops = OLLAMA_TEMPLATES["index"], ["</s>", "reserved_0", "reserved_1", "<unk>"]
+    elif "<|im_start|>" in (run.tok.chat_template or ""):
+        template, stops = OLLAMA_TEMPLATES["chatml"], ["<|im_end|>", "<|im_start|>"]
+    else:
+        raise UserError("Ollama export knows Index's format and ChatML; this model's chat template is neither")
+    output.mkdir(parents=True)
+    export_gguf(run_path, output / "model.gguf", quant)
+    g = run.cfg.generate
+    lines = ["FROM ./model.gguf", f'TEMPLATE """{template}"""']
+    if run.system_prompt:
+        lines.append(f'SYSTEM """{run.system_prompt}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += [f"PARAMETER temperature {g.temperature}", f"PARAMETER top_k {g.top_k}", f"PARAMETER top_p {g.top_p}",
+              f"PARAMETER repeat_penalty {g.repetition_penalty}", f"PARAMETER num_predict {g.max_new_tokens}"]
+    (output / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return output

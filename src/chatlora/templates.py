@@ -62,13 +62,16 @@ class IdFormat:
         self.tok = tok
         if name == "index":
             self.end_id, self.end_in_input = EOS, False
+            # The official Ollama Modelfile stops on all four; each is safe to stop on.
+            self.stop_ids = [EOS, USER_START, REPLY_START, UNK]
         else:
             warnings.warn("template 'self-llm' reproduces the seed tutorial's tokens (role words in the "
-                          "text, <unk> ends each reply); it is not Index's own chat format, so the tuned "
-                          "model will not match official inference. Use 'index' unless you are comparing.")
+                          "text, <unk> ends each reply) and its inference, which stops only on </s>: a model "
+                          "trained this way does not learn to stop. Use 'index' unless you are comparing.")
             self.end_id, self.end_in_input = UNK, True
-        # Official Ollama Modelfile stops on all four; each is safe to stop on.
-        self.stop_ids = [EOS, USER_START, REPLY_START, UNK]
+            # The tutorial generates until </s>, which this format never teaches; kept, so that the
+            # defect shows (eval's stop share) instead of being papered over.
+            self.stop_ids = [EOS]
 
     def _system(self, system: str | None) -> list[int]:
         if not system:

@@ -1,0 +1,65 @@
+"""GGUF and Ollama export: read back with transformers' GGUF loader, logits match the merged model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from chatlora.errors import UserError
+from chatlora.export import export_gguf, export_ollama
+from chatlora.generate import Sampling, generate_ids
+from chatlora.rundir import load_run, load_tuned_model
+
+# Relative logit error allowed for each weight type (f16/bf16 rounding; q8_0's 8-bit blocks).
+TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
+
+
+def round_trip(run_dir, path, quant, ids):
+    export_gguf(run_dir, path, quant)
+    back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    run = load_run(run_dir)
+    tuned = load_tuned_model(run, device="cpu", dtype="float32")
+    with torch.no_grad():
+        a, b = tuned(torch.tensor([ids])).logits, back(torch.tensor([ids])).logits
+    rel = ((a - b).norm() / a.norm()).item()
+    s = Sampling(max_new_tokens=8, temperature=0)
+    return rel, generate_ids(tuned, ids, run.fmt.stop_ids, s), generate_ids(back, ids, run.fmt.stop_ids, s)
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_index_gguf_round_trip(tiny_run, tmp_path, quant):
+    run = load_run(tiny_run)
+    ids = run.fmt.prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "你是谁？"}])
+    rel, ours, back = round_trip(tiny_run, tmp_path / f"m-{quant}.gguf", quant, ids)
+    assert rel < TOLERANCE[quant]
+    if quant == "f16":
+        assert ours == back  # the same greedy reply
+
+
+def test_smollm2_gguf_round_trip(tmp_path, smollm2_base, huanhuan_rows):
+    import json
+
+    from chatlora.config import load_config
+    from chatlora.train import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:16]))
+    cfg = load_config(overrides=["train.max_steps=1", "train.learning_rate=0.001", "data.held_out_fraction=0",
+                                 "data.max_seq_tokens=128"],
+                      flags={"model.path": "smollm2-demo", "data.path": str(data), "data.system_prompt": "S"})
+    train(cfg, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    ids = run.fmt.prompt([{"role": "user", "content": "What is the capital of France?"}])
+    rel, ours, back = round_trip(tmp_path / "run", tmp_path / "smol.gguf", "f16", ids)
+    assert rel < TOLERANCE["f16"] and ours == back
+
+
+def test_ollama_modelfile(tiny_run, tmp_path):
+    out = export_ollama(tiny_run, tmp_path / "ollama", "f16")
+    text = (out / "Modelfile").read_text()
+    assert (out / "model.gguf").stat().st_size > 0 and text.startswith("FROM ./model.gguf")
+    for stop in ("</s>", "reserved_0", "reserved_1", "<unk>"):
+        assert f'PARAMETER stop "{stop}"' in text
+    assert 'SYSTEM """现在你要扮演皇帝身边的女人--甄嬛"""' in text and "PARAMETER top_k 5" in text
+    assert "reserved_0{{ .Content }}reserved_1" in text
+    with pytest.raises(UserError, match="already exists"):
+        export_ollama(tiny_run, out)
