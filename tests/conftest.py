@@ -61,7 +61,9 @@ def pytest_configure(config):
 
 
 def train_sentencepiece(out: Path) -> Path:
-    """A BPE sentencepiece model with Index's special layout: <unk>,<s>,</s>,reserved_0,reserved_1 = 0..4."""
+    """A BPE sentencepiece model with Index's special layout: <unk>,<s>,</s>,reserved_0,reserved_1 = 0..4,
+    and Llama's normalizer settings (Index's tokenizer is "modified from the llama tokenizer"):
+    identity normalization, whitespace kept, a dummy prefix, byte fallback."""
     import sentencepiece as spm
 
     rows = json.loads(HUANHUAN.read_text(encoding="utf-8"))
@@ -72,7 +74,8 @@ def train_sentencepiece(out: Path) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=4000, model_type="bpe",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=["reserved_0", "reserved_1"],
-        byte_fallback=True, character_coverage=0.98, minloglevel=2)
+        byte_fallback=True, character_coverage=0.98, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2)
     return prefix.with_suffix(".model")
 
 

@@ -35,21 +35,28 @@ def test_index_gguf_round_trip(tiny_run, tmp_path, quant):
         assert ours == back  # the same greedy reply
 
 
-def test_smollm2_gguf_round_trip(tmp_path, smollm2_base, huanhuan_rows):
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory, smollm2_base, huanhuan_rows):
+    """A SmolLM2 run trained for one step (BPE tokenizer, ChatML, tied embeddings)."""
     import json
 
     from chatlora.config import load_config
     from chatlora.train import train
 
-    data = tmp_path / "d.jsonl"
+    root = tmp_path_factory.mktemp("smol")
+    data = root / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:16]))
     cfg = load_config(overrides=["train.max_steps=1", "train.learning_rate=0.001", "data.held_out_fraction=0",
                                  "data.max_seq_tokens=128"],
                       flags={"model.path": "smollm2-demo", "data.path": str(data), "data.system_prompt": "S"})
-    train(cfg, tmp_path / "run")
-    run = load_run(tmp_path / "run")
+    train(cfg, root / "run")
+    return root / "run"
+
+
+def test_smollm2_gguf_round_trip(tmp_path, smol_run):
+    run = load_run(smol_run)
     ids = run.fmt.prompt([{"role": "user", "content": "What is the capital of France?"}])
-    rel, ours, back = round_trip(tmp_path / "run", tmp_path / "smol.gguf", "f16", ids)
+    rel, ours, back = round_trip(smol_run, tmp_path / "smol.gguf", "f16", ids)
     assert rel < TOLERANCE["f16"] and ours == back
 
 
@@ -63,3 +70,25 @@ def test_ollama_modelfile(tiny_run, tmp_path):
     assert "reserved_0{{ .Content }}reserved_1" in text
     with pytest.raises(UserError, match="already exists"):
         export_ollama(tiny_run, out)
+
+
+@pytest.mark.parametrize("which", ["tiny_run", "smol_run"])
+def test_gguf_runs_in_llama_cpp(which, request, tmp_path):
+    """llama.cpp itself (llama-cpp-python; CI installs it) reads our GGUF: the same tokens for a text
+    as chatlora's tokenizer (sentencepiece for Index, BPE for SmolLM2), logits close to the merged model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    run_dir = request.getfixturevalue(which)
+    path = export_gguf(run_dir, tmp_path / "m.gguf", "f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+    run = load_run(run_dir)
+    text = "皇上万福金安。你是谁？ Hello  world"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == run.tok.encode(text)
+    ids = run.fmt.prompt([{"role": "user", "content": text}])
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    tuned = load_tuned_model(run, device="cpu", dtype="float32")
+    with torch.no_grad():
+        want = tuned(torch.tensor([ids])).logits[0].numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2

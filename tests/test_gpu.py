@@ -55,3 +55,16 @@ def test_train_and_chat_on_cuda_in_bf16(index_dir, huanhuan_rows, tmp_path):
     session = open_session(str(tmp_path / "run"), temperature=0, max_new_tokens=5)
     assert next(session.model.parameters()).dtype == torch.bfloat16
     assert isinstance(session.reply("你好"), str)
+
+
+def test_batched_generation_on_cuda_equals_single(index_dir):
+    from chatlora.generate import BatchGeneration, Sampling, generate_ids
+
+    model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
+    prompts = [[0, 17, 230, 3, 999, 42, 4], [0, 5, 3, 6, 4], [3, 77, 78, 79, 80, 81, 82, 83, 4]]
+    s = Sampling(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
+    singles = [generate_ids(model, p, [2], s)[0] for p in prompts]
+    got = [[] for _ in prompts]
+    for row, token in BatchGeneration(model, prompts, [2], [s] * 3):
+        got[row].append(token)
+    assert got == singles

@@ -135,6 +135,8 @@ def _add_tokenizer(writer, run) -> None:
         writer.add_unk_token_id(0)
         writer.add_pad_token_id(0)
         writer.add_add_bos_token(False)
+        # Whether sentencepiece prepends "▁" (its add_dummy_prefix), read off the model's behaviour.
+        writer.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("\u2581"))
         writer.add_chat_template(INDEX_CHAT_TEMPLATE)
         return
     spec = json.loads(tok.hf.backend_tokenizer.to_str())
