@@ -1,15 +1,13 @@
 """Load on CPU: more concurrent clients than the queue holds. Only 200s and 429s, no 5xx, flat memory."""
 
-import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve import Limits, Server, build_app
-from test_serve import free_port
+from chatlora.serve import Limits, Server
+from test_serve import running
 
 CLIENTS, REQUESTS, QUEUE = 16, 300, 4
 
@@ -22,35 +20,21 @@ def rss_mib() -> float:
 
 
 def test_overload_gives_only_200_and_429_and_memory_stays_flat(tiny_run):
-    import uvicorn
-
     run = load_run(tiny_run)
     server = Server(run, load_tuned_model(run, device="cpu"), Limits(queue_size=QUEUE))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning",
-                                       access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0.7}
     statuses: Counter = Counter()
     memory = []
 
     def one(i):
         with httpx.Client(timeout=60) as client:
-            status = client.post(url, json=body).status_code
+            status = client.post(f"{base}/v1/chat/completions", json=body).status_code
         statuses[status] += 1
         if i % 50 == 0:
             memory.append(rss_mib())
 
-    try:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            list(pool.map(one, range(REQUESTS)))
-    finally:
-        uv.should_exit = True
-        thread.join(10)
+    with running(server) as base, ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(one, range(REQUESTS)))
     assert sum(statuses.values()) == REQUESTS
     assert set(statuses) <= {200, 429}, statuses
     assert statuses[200] > 0 and statuses[429] > 0, statuses  # the queue really overflowed

@@ -1,5 +1,6 @@
 """`chatlora serve`: the OpenAI API (with the official client), the tutorial endpoint, keys and limits."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -179,23 +180,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(loaded):
+@contextlib.contextmanager
+def running(server: Server, key: str | None = None):
+    """A real uvicorn server for `server` on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
-    run, model = loaded
     port = free_port()
-    config = uvicorn.Config(build_app(Server(run, model, Limits()), KEY), host="127.0.0.1", port=port,
-                            log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    uv = uvicorn.Server(uvicorn.Config(build_app(server, key), host="127.0.0.1", port=port, log_level="warning",
+                                       access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
+    while not uv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(loaded):
+    run, model = loaded
+    with running(Server(run, model, Limits()), KEY) as url:
+        yield url
 
 
 def test_official_openai_client_works_unchanged(live_server):
@@ -217,7 +226,6 @@ def test_official_openai_client_works_unchanged(live_server):
 def test_client_disconnect_stops_generation(loaded):
     """A client that goes away mid-stream stops its generation within a few tokens."""
     import httpx
-    import uvicorn
 
     run, model = loaded
 
@@ -234,25 +242,15 @@ def test_client_disconnect_stops_generation(loaded):
     finished = []
     original = server.worker._run_batch
     server.worker._run_batch = lambda batch: (finished.extend(batch), original(batch))[1]
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
     body = chat_body(max_tokens=200, temperature=1.0, seed=0)
-    try:
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=dict(body, stream=True),
-                          timeout=30) as res:
+    with running(server) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=dict(body, stream=True), timeout=30) as res:
             for i, _ in enumerate(res.iter_lines()):
                 if i >= 3:
                     break
         time.sleep(1.0)  # 50 tokens' worth of time: a generation that ignored the disconnect runs on
-        assert finished and finished[0].cancel.is_set()
-        assert finished[0].generated < 15, finished[0].generated
-    finally:
-        uv.should_exit = True
-        thread.join(10)
+    assert finished and finished[0].cancel.is_set()
+    assert finished[0].generated < 15, finished[0].generated
 
 
 def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):

@@ -3,14 +3,12 @@ system prompt, regenerate, clear. CI installs chromium; elsewhere the test skips
 
 import os
 import shutil
-import threading
-import time
 
 import pytest
 
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.serve import Limits, Server, build_app
-from test_serve import free_port
+from test_serve import running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
@@ -22,19 +20,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def site(tiny_run):
-    import uvicorn
-
     run = load_run(tiny_run)
     server = Server(run, load_tuned_model(run, device="cpu"), Limits())
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", server
-    uv.should_exit = True
-    thread.join(10)
+    with running(server) as url:
+        yield url, server
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,21 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=["stop", "skip"], help="stop at bad rows (default) or skip them")
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; each defaults to the run's own generate settings."""
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the run's generate.temperature)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+
+
+def _sampling(args) -> dict:
+    return {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                          "max_new_tokens", "seed")}
+
+
 def _load(args, data: str | None = None, base=None):
     from chatlora.config import load_config
 
@@ -91,9 +106,7 @@ def cmd_train(args) -> int:
 def cmd_chat(args) -> int:
     from chatlora.chat import chat
 
-    return chat(args.run, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return chat(args.run, prompt=args.prompt, **_sampling(args))
 
 
 def cmd_merge(args) -> int:
@@ -134,8 +147,7 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from chatlora.evaluate import generate_predictions
 
-    out = generate_predictions(args.run, args.data, args.output, args.limit, temperature=args.temperature,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed)
+    out = generate_predictions(args.run, args.data, args.output, args.limit, **_sampling(args))
     print(f"predictions written to {out}")
     return 0
 
@@ -207,12 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = verbs.add_parser("chat", help="chat with a run's model in the terminal (streaming, multi-turn)")
     ch.add_argument("run", help="run directory (or a checkpoint inside one)")
     ch.add_argument("--prompt", help="answer this once, print only the reply, and exit")
-    ch.add_argument("--temperature", type=float, help="0 = greedy (default: the run's generate.temperature)")
-    ch.add_argument("--top-k", type=int)
-    ch.add_argument("--top-p", type=float)
-    ch.add_argument("--repetition-penalty", type=float)
-    ch.add_argument("--max-new-tokens", type=int)
-    ch.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    _sampling_args(ch)
     ch.set_defaults(func=cmd_chat)
 
     mg = verbs.add_parser("merge", help="merge a run's adapter into its base: a standard HF model directory")
@@ -251,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--data", required=True, help="JSON/JSONL dataset; each row's last reply is the reference")
     gn.add_argument("--output", default="predictions.jsonl", help="JSONL to create (never overwritten)")
     gn.add_argument("--limit", type=int, help="only the first N rows")
-    gn.add_argument("--temperature", type=float, help="0 = greedy (default: the run's)")
-    gn.add_argument("--max-new-tokens", type=int)
-    gn.add_argument("--seed", type=int)
+    _sampling_args(gn)
     gn.set_defaults(func=cmd_generate)
 
     ev = verbs.add_parser("eval", help="base vs tuned: loss, perplexity, BLEU, ROUGE, stop share; a report")
