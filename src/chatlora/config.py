@@ -108,19 +108,12 @@ class GenerateConfig:
 
 
 @dataclass
-class ServeConfig:
-    host: str = doc("address to bind; non-loopback needs an API key", "127.0.0.1")
-    port: int = doc("TCP port", 8000)
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,7 +194,6 @@ def _check_ranges(cfg: Config) -> list[str]:
         (cfg.generate.temperature >= 0, "generate.temperature must be >= 0"),
         (0 < cfg.generate.top_p <= 1, "generate.top_p must be in (0, 1]"),
         (cfg.generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
-        (1 <= cfg.serve.port <= 65535, "serve.port must be in 1..65535"),
     ]
     return [message for ok, message in rules if not ok]
 
