@@ -104,3 +104,20 @@ def test_batched_row_can_be_dropped(tiny_model):
     batch = BatchGeneration(tiny_model, prompts, [], [s, s], should_stop=lambda row: row == 1)
     rows = [row for row, _ in batch]
     assert rows == [0] * 10 and batch.finish_reasons == ["length", "length"]
+
+
+def test_batched_sampling_follows_each_rows_own_settings(smollm2_base, smollm2_tok):
+    """Rows with their own temperature, top-k/p, penalty and seed sample as they would alone."""
+    from chatlora.generate import BatchGeneration
+    from chatlora.templates import chat_format
+
+    model = load_model(smollm2_base, device="cpu")
+    fmt = chat_format("auto", smollm2_tok)
+    prompts = [fmt.prompt([{"role": "user", "content": q}]) for q in ("Tell me a story.", "List some fruits.")]
+    samplings = [Sampling(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5),
+                 Sampling(max_new_tokens=10, temperature=0, repetition_penalty=1.3)]
+    singles = [generate_ids(model, p, fmt.stop_ids, s)[0] for p, s in zip(prompts, samplings)]
+    got = [[], []]
+    for row, token in BatchGeneration(model, prompts, fmt.stop_ids, samplings):
+        got[row].append(token)
+    assert got == singles

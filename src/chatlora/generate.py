@@ -12,7 +12,7 @@ negative), then temperature, top-k, top-p; temperature 0 is greedy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import inspect
 
@@ -128,41 +128,51 @@ class BatchGeneration:
             ids[r, width - len(p):] = torch.tensor(p, device=self.device)
             mask[r, width - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        seen = [torch.tensor(sorted(set(p)), dtype=torch.long, device=self.device) for p in self.prompts]
         counts = [0] * rows
         cache = {_cache_argument(self.model): DynamicCache()}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+        # Which ids each row has seen, and its repetition penalty: applied to all rows at once.
+        seen = torch.zeros((rows, out.logits.shape[-1]), dtype=torch.bool, device=self.device)
+        for r, p in enumerate(self.prompts):
+            seen[r, torch.tensor(p, device=self.device)] = True
+        penalty = torch.tensor([[s.repetition_penalty] for s in self.samplings], device=self.device)
+        every_row = torch.arange(rows, device=self.device)
         while True:
-            tokens = []
-            for r in range(rows):
-                token = self.pad_id
-                if self.finish_reasons[r] is None:
-                    token = self._step(r, out.logits[r, -1], seen, counts)
-                tokens.append(token)
+            logits = out.logits[:, -1].float()
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+            greedy = logits.argmax(-1).tolist()  # one host sync a step for every row
+            tokens = [self._step(r, logits[r], greedy[r], counts) if self.finish_reasons[r] is None
+                      else self.pad_id for r in range(rows)]
             if all(f is not None for f in self.finish_reasons):
                 return
             for r, token in enumerate(tokens):
                 if self.finish_reasons[r] is None:
                     yield r, token
+            step = torch.tensor(tokens, device=self.device)
+            seen[every_row, step] = True
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                             position_ids=positions, use_cache=True, **cache)
+            out = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                             **cache)
 
-    def _step(self, r: int, logits, seen, counts) -> int:
-        """Pick row r's next token, or finish the row (its token is then only padding)."""
+    def _step(self, r: int, logits, greedy: int, counts) -> int:
+        """Row r's next token from its penalized logits, or finish the row (then its token is padding)."""
         s = self.samplings[r]
         if self.should_stop(r) or counts[r] >= s.max_new_tokens:
             self.finish_reasons[r] = "length"
             return self.pad_id
-        token = next_token(logits, seen[r], s, self.generators[r])
+        if s.temperature == 0:
+            token = greedy
+        else:  # the penalty is already applied; the rest of next_token's filters follow
+            token = next_token(logits, _NONE_SEEN, replace(s, repetition_penalty=1.0), self.generators[r])
         if token in self.stop_ids:
             self.finish_reasons[r] = "stop"
             return self.pad_id
         counts[r] += 1
-        if token not in seen[r]:
-            seen[r] = torch.cat([seen[r], torch.tensor([token], device=self.device)])
         return token
+
+
+_NONE_SEEN = torch.zeros(0, dtype=torch.long)
 
 
 def generate_ids(model, prompt_ids: list[int], stop_ids, sampling: Sampling) -> tuple[list[int], str]:
