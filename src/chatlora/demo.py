@@ -40,7 +40,7 @@ def demo_rows() -> list[dict]:
 def demo_config(data: Path, steps: int):
     return load_config(
         overrides=[f"train.max_steps={steps}", "train.learning_rate=0.001", "train.examples_per_step=8",
-                   "train.micro_batch_examples=8", "train.eval_every=0", "train.save_every=0",
+                   "train.micro_batch_examples=8", "train.eval_every=8", "train.save_every=0",
                    "data.max_seq_tokens=128", f"data.held_out_fraction={HELD_OUT_ROWS / DEMO_ROWS}",
                    "generate.max_new_tokens=40", "generate.temperature=0"],
         flags={"model.path": DEMO_MODEL, "data.path": str(data), "data.system_prompt": HUANHUAN_SYSTEM_PROMPT})

@@ -58,10 +58,16 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _cache_argument(model) -> str:
-    """The forward() keyword for the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+def _decode_kwargs(model, cache) -> dict:
+    """forward() keywords for decoding: the KV cache (`cache` from transformers 5.2x, `past_key_values`
+    before) and, where supported, logits for the last position only (as `generate` does: the prefill
+    then skips the vocabulary projection of every prompt position)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    params = inspect.signature(base.forward).parameters
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 class Generation:
@@ -84,8 +90,8 @@ class Generation:
 
         ids = torch.tensor([self.prompt], device=self.device)
         seen = torch.tensor(sorted(set(self.prompt)), dtype=torch.long, device=self.device)
-        cache = {_cache_argument(self.model): DynamicCache()}  # filled in place by every forward
-        out = self.model(input_ids=ids, use_cache=True, **cache)
+        decode = _decode_kwargs(self.model, DynamicCache())  # the cache is filled in place by every forward
+        out = self.model(input_ids=ids, **decode)
         for _ in range(self.s.max_new_tokens):
             token = next_token(out.logits[0, -1], seen, self.s, self.generator)
             if token in self.stop_ids:
@@ -95,7 +101,7 @@ class Generation:
             yield token
             if token not in seen:
                 seen = torch.cat([seen, torch.tensor([token], device=self.device)])
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device), use_cache=True, **cache)
+            out = self.model(input_ids=torch.tensor([[token]], device=self.device), **decode)
         self.finish_reason = "length"
 
 
@@ -129,8 +135,8 @@ class BatchGeneration:
             mask[r, width - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         counts = [0] * rows
-        cache = {_cache_argument(self.model): DynamicCache()}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+        decode = _decode_kwargs(self.model, DynamicCache())
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **decode)
         # Which ids each row has seen, and its repetition penalty: applied to all rows at once.
         seen = torch.zeros((rows, out.logits.shape[-1]), dtype=torch.bool, device=self.device)
         for r, p in enumerate(self.prompts):
@@ -152,8 +158,7 @@ class BatchGeneration:
             seen[every_row, step] = True
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                             **cache)
+            out = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, **decode)
 
     def _step(self, r: int, logits, greedy: int, counts) -> int:
         """Row r's next token from its penalized logits, or finish the row (then its token is padding)."""
