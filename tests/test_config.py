@@ -60,3 +60,13 @@ def test_round_trip_and_docs():
     docs = field_docs()
     assert set(docs) == {f"{g}.{f}" for g, fields in Config().to_dict().items() for f in fields}
     assert all(doc for doc, _ in docs.values())
+
+
+def test_presets_apply_before_the_users_file(tmp_path):
+    cfg = load_config(preset="lowmem")
+    assert cfg.train.gradient_checkpointing and cfg.train.micro_batch_tokens == 1024
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  micro_batch_tokens: 512\n")
+    assert load_config(path, preset="lowmem").train.micro_batch_tokens == 512
+    with pytest.raises(UserError, match="unknown preset 'tiny' \\(presets: lowmem\\)"):
+        load_config(preset="tiny")

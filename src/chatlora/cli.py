@@ -29,6 +29,7 @@ from chatlora.errors import UserError
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="a config file (groups model, lora, data, train, ...)")
+    p.add_argument("--preset", help="a named preset applied before --config (lowmem: for 8 GB GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.FIELD=VALUE",
                    help="override any config field, e.g. --set data.max_seq_tokens=512 (repeatable)")
     p.add_argument("--model", help="base model: local dir, .gguf file, cached hub id, or smollm2-demo")
@@ -64,7 +65,7 @@ def _load(args, data: str | None = None, base=None):
                 "save_every", "keep_last", "eval_every", "seed"):
         if hasattr(args, key):
             flags[f"train.{key}"] = getattr(args, key)
-    return load_config(args.config, args.overrides, flags, base=base)
+    return load_config(args.config, args.overrides, flags, base=base, preset=args.preset)
 
 
 def cmd_data_check(args) -> int:

@@ -29,6 +29,7 @@ DEFAULT_MODEL = "IndexTeam/Index-1.9B-Chat"
 BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside the package
 # The system prompt the seed tutorial trains the bundled dataset with.
 HUANHUAN_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+PRESETS = Path(__file__).parent / "presets"  # named YAML configs: `--preset lowmem`
 
 
 def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -211,31 +212,41 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return group, name, value
 
 
+def _apply_yaml(cfg: Config, path: Path, problems: list[str]) -> None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of groups (model:, lora:, data:, ...)")
+    for group, fields in data.items():
+        if not isinstance(fields, dict):
+            problems.append(f"{path}: group '{group}' must be a mapping of fields")
+            continue
+        for name, value in fields.items():
+            _apply(cfg, str(group), str(name), value, str(path), problems)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
-                flags: dict[str, object] | None = None, base: Config | None = None) -> Config:
-    """Defaults (or `base`, e.g. a run's saved config), then the YAML file, then `group.field=value`
-    overrides, then typed command-line flags (`{"data.max_seq_tokens": 512}`, None = not given);
-    all problems reported at once."""
+                flags: dict[str, object] | None = None, base: Config | None = None,
+                preset: str | None = None) -> Config:
+    """Defaults (or `base`, e.g. a run's saved config), then a preset (presets/NAME.yaml), then the
+    YAML file, then `group.field=value` overrides, then typed command-line flags
+    (`{"data.max_seq_tokens": 512}`, None = not given); all problems reported at once."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     problems: list[str] = []
+    if preset is not None:
+        preset_file = PRESETS / f"{preset}.yaml"
+        if not preset_file.is_file():
+            names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise UserError(f"unknown preset '{preset}' (presets: {names})")
+        _apply_yaml(cfg, preset_file, problems)
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: the top level must be a mapping of groups (model:, lora:, data:, ...)")
-        for group, fields in data.items():
-            if not isinstance(fields, dict):
-                problems.append(f"{path}: group '{group}' must be a mapping of fields")
-                continue
-            for name, value in fields.items():
-                _apply(cfg, str(group), str(name), value, str(path), problems)
+        _apply_yaml(cfg, Path(path), problems)
     for text in overrides:
         group, name, value = parse_override(text)
         _apply(cfg, group, name, value, f"override '{text}'", problems)
