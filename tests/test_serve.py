@@ -318,3 +318,34 @@ def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_
     assert "Application shutdown complete" in out and "Finished server process" in out
     assert "POST /v1/chat/completions" in out  # the access log is there...
     assert secret_prompt not in out and KEY not in out  # ...without prompts or keys
+
+
+def test_deadline_ends_a_long_generation(loaded):
+    run, model = loaded
+
+    class Slow(torch.nn.Module):  # ~20 ms a token
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, *a, **k):
+            time.sleep(0.02)
+            return self.inner(*a, **k)
+
+    with TestClient(build_app(Server(run, Slow(model), Limits(deadline_s=0.3)))) as client:
+        started = time.time()
+        body = client.post("/v1/chat/completions", json=chat_body(max_tokens=200, temperature=1.0, seed=0)).json()
+    assert time.time() - started < 3
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] < 40
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[]", b'{"messages": [{"role": "user", "content": 5}]}',
+                                 b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}',
+                                 b'{"messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}',
+                                 b'{"messages": [{"role": "user"}]}', b"null"])
+def test_malformed_bodies_are_400_never_500(loaded, raw):
+    with make_client(loaded) as client:
+        res = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        tutorial = client.post("/", content=raw, headers={"Content-Type": "application/json"})
+    assert res.status_code == 400 and res.json()["error"]["message"]
+    assert tutorial.status_code == 400
