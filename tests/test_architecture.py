@@ -42,3 +42,16 @@ def test_module_size_budget():
     for path in PACKAGE.glob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 450, f"{path.name} has {lines} lines; split it (design.md: ~400 per module)"
+
+
+def test_pyflakes_finds_nothing():
+    """Undefined names, unused imports and the like: a NameError on an error path is a real bug."""
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+    import io
+
+    out = io.StringIO()
+    root = PACKAGE.parents[1]
+    count = sum(checkPath(str(p), Reporter(out, out)) for folder in ("src", "tests", "bench")
+                for p in (root / folder).rglob("*.py"))
+    assert count == 0, out.getvalue()

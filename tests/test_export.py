@@ -92,3 +92,8 @@ def test_gguf_runs_in_llama_cpp(which, request, tmp_path):
     with torch.no_grad():
         want = tuned(torch.tensor([ids])).logits[0].numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_export_mistakes_are_user_errors(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="--quant must be one of"):
+        export_gguf(tiny_run, tmp_path / "x.gguf", "q4_k")

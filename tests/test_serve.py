@@ -25,6 +25,18 @@ def loaded(tiny_run):
     return run, load_tuned_model(run, device="cpu")
 
 
+class Slow(torch.nn.Module):
+    """A model that takes ~20 ms a token, so that a disconnect or a deadline lands mid-reply."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, *a, **k):
+        time.sleep(0.02)
+        return self.inner(*a, **k)
+
+
 def make_client(loaded, key=None, **limits):
     run, model = loaded
     return TestClient(build_app(Server(run, model, Limits(**limits)), key))
@@ -229,15 +241,6 @@ def test_client_disconnect_stops_generation(loaded):
 
     run, model = loaded
 
-    class Slow(torch.nn.Module):  # ~20 ms a token, so the disconnect lands mid-reply
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, *a, **k):
-            time.sleep(0.02)
-            return self.inner(*a, **k)
-
     server = Server(run, Slow(model), Limits())
     finished = []
     original = server.worker._run_batch
@@ -322,15 +325,6 @@ def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_
 
 def test_deadline_ends_a_long_generation(loaded):
     run, model = loaded
-
-    class Slow(torch.nn.Module):  # ~20 ms a token
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, *a, **k):
-            time.sleep(0.02)
-            return self.inner(*a, **k)
 
     with TestClient(build_app(Server(run, Slow(model), Limits(deadline_s=0.3)))) as client:
         started = time.time()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from chatlora.atomic import refuse_existing
+from chatlora.errors import UserError
 from chatlora.lora import merge
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.tokenizer import TOKENIZER_FILES
