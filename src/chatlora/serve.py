@@ -226,14 +226,16 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
         return {"response": text, "history": req.history + [[req.prompt, text]], "status": 200,
                 "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 
+    settings = {"system": server.run.system_prompt or "", "model": server.model_id,
+                **{k: getattr(server.run.cfg.generate, k) for k in
+                   ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}}
+    # "</" escaped: a system prompt holding "</script>" must not end the page's script.
+    embedded = json.dumps(settings, ensure_ascii=False).replace("</", "<\\/")
+    page_html = PAGE.read_text(encoding="utf-8").replace("__CHATLORA_SETTINGS__", embedded)  # built once
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        settings = {"system": server.run.system_prompt or "", "model": server.model_id,
-                    **{k: getattr(server.run.cfg.generate, k) for k in
-                       ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}}
-        # "</" escaped: a system prompt holding "</script>" must not end the page's script.
-        embedded = json.dumps(settings, ensure_ascii=False).replace("</", "<\\/")
-        return PAGE.read_text(encoding="utf-8").replace("__CHATLORA_SETTINGS__", embedded)
+        return page_html
 
     return app
 
