@@ -3,13 +3,17 @@
     python bench/make_index_model.py /tmp/index-1.9b            # random Index-1.9B-shaped weights
     python bench/train_speed.py /tmp/index-1.9b --steps 30 --warmup 10 --json results.json
 
-Both paths see the same tokenized huanhuan examples (chatlora's `index` template), the seed's LoRA
+Every path sees the same tokenized huanhuan examples (chatlora's `index` template), the seed's LoRA
 (r 8, alpha 32, dropout 0.1, q,k,v,o,gate,up,down), 16 examples per optimizer step, lr 1e-4, bf16
 weights. The reference is the tutorial's: `transformers.Trainer`, batch 4 x accumulation 4,
-gradient checkpointing, `DataCollatorForSeq2Seq` padding to the longest. Reported: real (unpadded)
-tokens/s and seconds per optimizer step (medians over the timed steps, after warm-up, device
-synchronized), peak GPU memory, and the loss of both paths on the same first optimizer step with the
-same initial adapter. The table comes last.
+gradient checkpointing, `DataCollatorForSeq2Seq` padding to the longest. chatlora's variants
+(`VARIANTS`: plain peft model, fused pass eager, the default fused pass + CUDA graphs, the lowmem
+preset, 64 examples per step) each run `chatlora train` in a fresh process. Reported: real
+(unpadded) tokens/s and seconds per optimizer step (medians over the timed steps, after warm-up,
+device synchronized), peak GPU memory, time to the end of the first step (model load, data, capture);
+the loss of the reference, the plain path and the fast path on the same first optimizer step with the
+same initial adapter (dropout off); per-step losses of the plain and fast paths trained side by side;
+with --full-job, the whole 3-epoch command. The table comes last.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from chatlora.model import load_model  # noqa: E402
 from chatlora.train import accumulate_gradients, train  # noqa: E402
 
 
-def seed_config(model_dir: str, **train):
+def seed_config(model_dir: str, preset: str | None = None, **train):
     overrides = ["data.held_out_fraction=0", "train.eval_every=0", "train.save_every=0"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
-    return load_config(overrides=overrides, flags={"model.path": model_dir})
+    return load_config(overrides=overrides, flags={"model.path": model_dir}, preset=preset)
 
 
 def reference_trainer(cfg, examples, steps: int, warmup: int) -> dict:
@@ -87,7 +91,20 @@ def _seq2seq_collator(pad_id: int):
     return collate
 
 
-def chatlora_path(cfg, steps: int, warmup: int) -> dict:
+VARIANTS = {  # name: (label, preset, train overrides)
+    "plain": ("chatlora, plain peft model (fast_path=plain)", None, {"fast_path": "plain"}),
+    "eager": ("chatlora, fused pass, no graphs (fast_path=eager)", None, {"fast_path": "eager"}),
+    "graphs": ("chatlora train (default: fused pass + CUDA graphs)", None, {}),
+    "lowmem": ("chatlora train --preset lowmem", "lowmem", {}),
+    "batch64": ("chatlora, 64 examples per step", None,
+                {"examples_per_step": 64, "micro_batch_examples": 64, "micro_batch_tokens": 4096}),
+}
+
+
+def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
+    label, preset, overrides = VARIANTS[name]
+    cfg = seed_config(model_dir, preset=preset, **overrides)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     run = Path(tempfile.mkdtemp()) / "run"
     cfg.train.max_steps = warmup + steps
@@ -96,20 +113,38 @@ def chatlora_path(cfg, steps: int, warmup: int) -> dict:
     timed = rows[warmup:]
     step_seconds = [r["tokens"] / r["tokens_per_s"] for r in timed]
     tokens_per_step = statistics.mean(r["tokens"] for r in timed)
-    return _summary(step_seconds, tokens_per_step, torch.cuda.max_memory_allocated())
+    out = _summary(step_seconds, tokens_per_step, torch.cuda.max_memory_allocated())
+    out["time_to_first_step_s"] = rows[0]["elapsed_s"]
+    out["label"] = label
+    out["losses"] = [r["loss"] for r in rows]
+    return out
+
+
+def in_subprocess(args, name: str) -> dict:
+    """`chatlora_path` in a fresh process: its peak memory and time to first step are its own."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp()) / f"{name}.json"
+    subprocess.run([sys.executable, __file__, args.model_dir, "--worker", name, "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), "--json", str(out)], check=True)
+    return json.loads(out.read_text())
 
 
 def first_step_losses(cfg, examples) -> dict:
-    """Both loss definitions on the same first optimizer step, same initial adapter (B != 0)."""
+    """The reference's loss, the plain peft path's and the fast path's (graphs) on the same first
+    optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
+    from chatlora.fastpath import FastStep
+
     base, tok, _, _ = dataset_for_config(cfg)
+    cfg.lora.dropout = 0.0
     torch.manual_seed(0)
     model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.01)
-    model.eval()  # no dropout: the two paths must see the same function
+    model.eval()
     step = [examples[i] for i in StepPlan(len(examples), 16, cfg.train.seed).indices(0)]
-    ours = accumulate_gradients(model, step, 4, lambda ex: pack(ex, "cuda")).item()
+    plain = accumulate_gradients(model, step, 16, lambda ex: pack(ex, "cuda"), -1, 2048).item()
     collate = _seq2seq_collator(tok.pad_id)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -119,7 +154,49 @@ def first_step_losses(cfg, examples) -> dict:
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = model(**{k: v.cuda() for k, v in batch.items()}).loss.float().item()
             total, count = total + loss * n, count + n
-    return {"chatlora": ours, "reference": total / count}
+    fast = FastStep(model, "cuda", graphs=True)
+    fast.zero_grad()
+    graphs = [fast.accumulate(step, 16, 2048).item() for _ in range(2)]  # capture, then a replay
+    return {"reference": total / count, "plain": plain, "graphs_captured": graphs[0], "graphs_replayed": graphs[1]}
+
+
+def loss_agreement(model_dir: str, steps: int) -> dict:
+    """The plain peft path and the default fast path trained side by side from the same seed,
+    dropout off (so both compute the same function): per-step losses and the final held-out loss."""
+    out = {}
+    for mode in ("plain", "graphs"):
+        cfg = seed_config(model_dir, fast_path=mode, max_steps=steps)
+        cfg.data.held_out_fraction, cfg.lora.dropout = 0.02, 0.0
+        run = Path(tempfile.mkdtemp()) / "run"
+        train(cfg, run)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        out[mode] = {"losses": [r["loss"] for r in rows if "loss" in r],
+                     "held_out_loss": [r["held_out_loss"] for r in rows if "held_out_loss" in r][-1]}
+    pairs = zip(out["plain"]["losses"], out["graphs"]["losses"])
+    out["max_relative_step_loss_difference"] = max(abs(a - b) / abs(a) for a, b in pairs)
+    return out
+
+
+def full_job(model_dir: str, workdir: Path) -> dict:
+    """The whole seed job as a user runs it: `chatlora train` with every default (3 epochs, held-out
+    loss, checkpoints), model from the safetensors copy in the cache, data from the tokenized cache."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "chatlora", "data", "check", "--model", model_dir], check=True,
+                   stdout=subprocess.DEVNULL)  # warms the tokenized-data cache, as a previous run would
+    run = workdir / "full-run"
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "chatlora", "train", "--model", model_dir, "--output", str(run)],
+                   check=True)
+    command = time.perf_counter() - began
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    first = steps[0]["tokens"] / steps[0]["tokens_per_s"]
+    loop = steps[-1]["elapsed_s"] - (steps[0]["elapsed_s"] - first)
+    tokens = sum(r["tokens"] for r in steps)
+    return {"command_s": command, "training_loop_s": loop, "steps": len(steps), "tokens": tokens,
+            "tokens_per_s": tokens / loop, "final_loss": steps[-1]["loss"],
+            "held_out_loss": [r["held_out_loss"] for r in rows if "held_out_loss" in r]}
 
 
 def _summary(step_seconds, tokens_per_step, peak) -> dict:
@@ -133,29 +210,58 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--reference-steps", type=int, default=10)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="chatlora variants to time")
+    parser.add_argument("--agreement-steps", type=int, default=30, help="0 = skip the loss comparison")
+    parser.add_argument("--full-job", action="store_true", help="also time the whole 3-epoch command")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one variant in this process (clean memory)
     args = parser.parse_args()
+    if args.worker:
+        Path(args.json).write_text(json.dumps(chatlora_path(args.model_dir, args.worker, args.steps, args.warmup)))
+        return
     cfg = seed_config(args.model_dir)
     _, _, _, ds = dataset_for_config(cfg)
     results = {"date": str(date.today()), "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "peft": __import__("peft").__version__, "examples": len(ds.train),
                "mean_tokens_per_example": sum(len(e.input_ids) for e in ds.train) / len(ds.train)}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     results["first_step_loss"] = first_step_losses(cfg, ds.train)
-    results["reference"] = reference_trainer(cfg, ds.train, args.steps, args.warmup)
     torch.cuda.empty_cache()
-    results["chatlora"] = chatlora_path(seed_config(args.model_dir), args.steps, args.warmup)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    results["reference"] = reference_trainer(cfg, ds.train, args.reference_steps, 3)
+    results["reference"]["label"] = "seed recipe (HF Trainer, 4x4, ckpt, pad)"
+    save()
+    for name in args.variants.split(","):
+        results[name] = in_subprocess(args, name)
+        save()
+    if args.agreement_steps:
+        results["loss_agreement"] = loss_agreement(args.model_dir, args.agreement_steps)
+        save()
+    if args.full_job:
+        results["full_job"] = full_job(args.model_dir, Path(tempfile.mkdtemp()))
+        save()
     ref = results["reference"]["tokens_per_s"]
-    print(json.dumps(results, indent=2))
-    print(f"\n{'path':<40}{'tokens/s':>10}{'s/step':>9}{'peak GiB':>10}{'x ref':>7}")
-    for name, label in (("reference", "seed recipe (HF Trainer, 4x4, ckpt, pad)"), ("chatlora", "chatlora train")):
+    print(json.dumps(results, indent=1)[:3000])
+    print(f"\n{'path':<52}{'tokens/s':>9}{'s/step':>8}{'GiB':>6}{'1st step s':>11}{'x ref':>7}")
+    for name in ["reference"] + args.variants.split(","):
         r = results[name]
-        print(f"{label:<40}{r['tokens_per_s']:>10.0f}{r['seconds_per_step']:>9.3f}{r['peak_gib']:>10.1f}"
-              f"{r['tokens_per_s'] / ref:>7.2f}")
-    print(f"first-step loss: chatlora {results['first_step_loss']['chatlora']:.5f}, "
-          f"reference {results['first_step_loss']['reference']:.5f}")
+        print(f"{r['label']:<52}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>6.1f}"
+              f"{r.get('time_to_first_step_s', float('nan')):>11.1f}{r['tokens_per_s'] / ref:>7.1f}")
+    print("first-step loss:", {k: round(v, 5) for k, v in results["first_step_loss"].items()})
+    if "loss_agreement" in results:
+        a = results["loss_agreement"]
+        print(f"{args.agreement_steps} steps, dropout off: max relative step-loss difference plain vs graphs "
+              f"{a['max_relative_step_loss_difference']:.2e}; held-out loss plain {a['plain']['held_out_loss']:.5f}"
+              f" graphs {a['graphs']['held_out_loss']:.5f}")
+    if "full_job" in results:
+        f = results["full_job"]
+        print(f"full 3-epoch job: command {f['command_s']:.1f} s, training loop {f['training_loop_s']:.1f} s, "
+              f"{f['tokens_per_s']:.0f} tokens/s, held-out loss {f['held_out_loss']}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def sp_model_file(tmp_path_factory) -> Path:
 def tiny_index_weights(config: dict, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h, f = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
 
     def rand(*shape, scale=0.05):
         return torch.randn(*shape, generator=g) * scale
@@ -98,8 +99,8 @@ def tiny_index_weights(config: dict, vocab: int, seed: int = 0) -> dict[str, tor
         p = f"model.layers.{i}."
         state.update({
             p + "input_layernorm.weight": 1 + rand(h), p + "post_attention_layernorm.weight": 1 + rand(h),
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
-            p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
             p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
             p + "mlp.down_proj.weight": rand(h, f),
             # Old checkpoints carry RoPE buffers; the loader must ignore them.

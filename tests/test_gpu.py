@@ -68,3 +68,46 @@ def test_batched_generation_on_cuda_equals_single(index_dir):
     for row, token in BatchGeneration(model, prompts, [2], [s] * 3):
         got[row].append(token)
     assert got == singles
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
+    """Captured CUDA-graph passes (several bucket shapes, several replays with new data) give the
+    eager fused pass's loss and gradients, which give the plain peft model's."""
+    from chatlora.fastpath import FastStep
+    from test_train import examples_for
+
+    steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 32, 0)]
+    results = {}
+    for mode in ("peft", "eager", "graphs", "graphs+checkpoint"):
+        model = lora_model(index_dir, dtype)
+        fast = None if mode == "peft" else FastStep(model, "cuda", graphs=mode != "eager",
+                                                    checkpoint=mode == "graphs+checkpoint")
+        out = []
+        for examples in steps:
+            if fast:
+                fast.zero_grad()
+                loss = fast.accumulate(examples, 16, 300).item()   # 300 tokens: 3-4 passes per step
+            else:
+                model.zero_grad(set_to_none=True)
+                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), -1, 300).item()
+            grads = torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])
+            out.append((loss, grads))
+        results[mode] = out
+    for mode, ref_mode, limit in (("graphs", "eager", 1e-5), ("graphs+checkpoint", "eager", 1e-5),
+                                  ("eager", "peft", tol)):
+        for (a, ga), (b, gb) in zip(results[mode], results[ref_mode]):
+            assert abs(a - b) / abs(b) < limit, (mode, a, b)
+            assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
+
+
+def test_training_uses_graphs_by_default_on_cuda(index_dir, huanhuan_rows, tmp_path):
+    from chatlora.train import fast_step
+
+    cfg = load_config(flags={"model.path": str(index_dir)})
+    model = lora_model(index_dir, "bfloat16")
+    step = fast_step(model, cfg, "cuda")
+    assert step is not None and step.graphs
+    cfg = load_config(preset="lowmem", flags={"model.path": str(index_dir)})
+    step = fast_step(lora_model(index_dir, "bfloat16"), cfg, "cuda")
+    assert step is not None and step.graphs and step.checkpoint

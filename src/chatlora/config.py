@@ -93,6 +93,10 @@ class TrainConfig:
     packing: bool = doc("pack each micro-batch's examples into one row (no padding); same loss as padded",
                         True)
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    fast_path: Literal["auto", "graphs", "eager", "plain"] = doc(
+        "the fused training pass (same loss and gradients as the plain peft model): auto = fused pass "
+        "captured as CUDA graphs on a GPU when the model is supported; eager = fused pass without graphs; "
+        "plain = the plain peft model", "auto")
     seed: int = doc("seed of initialization, data order and dropout", 42)
     eval_every: int = doc("held-out loss every N optimizer steps (0 = only at the end)", 100)
     save_every: int = doc("write a checkpoint every N optimizer steps (0 = only at the end)", 100)

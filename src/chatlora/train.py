@@ -31,6 +31,7 @@ from chatlora.checkpoint import MARKER, NonFiniteError, latest_checkpoint, load_
 from chatlora.config import Config
 from chatlora.dataset import dataset_for_config
 from chatlora.errors import UserError
+from chatlora.fastpath import FastStep, unsupported_reason
 from chatlora.lora import attach, save_adapter, trainable_parameters
 from chatlora.model import load_model
 from chatlora.rundir import read_config, write_run_files
@@ -139,6 +140,7 @@ class _Metrics:
 def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path."""
     run = Path(output)
+    started = time.perf_counter()
     checkpoint = prepare_output(run, resume, overwrite, cfg)
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -155,7 +157,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of tensors)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device == "cuda")
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
     total = plan.total_steps(t.epochs, t.max_steps)
@@ -163,6 +166,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     if resume and checkpoint is None:
         print(f"chatlora: no complete checkpoint in {run}; starting from step 0")
     metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start)
+    fast = fast_step(model, cfg, device)
 
     def evaluate(step: int) -> None:
         loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
@@ -183,19 +187,29 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
             lr = lr_at(step, total, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate_gradients(model, examples, t.micro_batch_examples, collate, step,
-                                        t.micro_batch_tokens if t.packing else None).item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
+            if fast:
+                loss = fast.accumulate(examples, t.micro_batch_examples, t.micro_batch_tokens).item()
+            else:
+                loss = accumulate_gradients(model, examples, t.micro_batch_examples, collate, step,
+                                            t.micro_batch_tokens if t.packing else None).item()
+            if fast:
+                grad_norm = fast.clip_grad_norm_(t.max_grad_norm).item()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if fast:  # its gradient buffer stays allocated: the captured passes write into it
+                fast.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             done = step + 1
             tokens = sum(len(e.input_ids) for e in examples)
             seconds = time.perf_counter() - began
             metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
                          "grad_norm": grad_norm, "tokens": tokens,
-                         "tokens_per_s": round(tokens / seconds, 1)})
+                         "tokens_per_s": round(tokens / seconds, 1),
+                         "elapsed_s": round(time.perf_counter() - started, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done < total:
@@ -219,6 +233,27 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     evaluate(total)
     _plot(run, metrics.rows)
     return final
+
+
+def fast_step(model, cfg: Config, device: str) -> FastStep | None:
+    """The fused training pass when `train.fast_path` asks for it and the model allows it, else None."""
+    t = cfg.train
+    mode = t.fast_path
+    if mode == "auto":
+        mode = "graphs" if device == "cuda" else "plain"
+    if mode == "plain":
+        return None
+    reason = unsupported_reason(model, cfg.lora) or (None if t.packing else "train.packing is off")
+    if reason is None and mode == "graphs" and device != "cuda":
+        reason = "CUDA graphs need a GPU"
+    if reason:
+        if t.fast_path != "auto":
+            raise UserError(f"train.fast_path={t.fast_path} is not available: {reason}")
+        print(f"chatlora: the fast training path does not cover this run ({reason}); using the plain peft model")
+        return None
+    step = FastStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
+    step.zero_grad()
+    return step
 
 
 def _save_final(run: Path, model) -> Path:

@@ -1,0 +1,117 @@
+"""Where the fast path's optimizer step spends its time.
+
+    python bench/profile_fast.py MODEL_DIR
+
+Times, for the seed job's steps (16 examples, one packed row, CUDA graphs): the captured pass alone
+(device events around `replay`), the host work before it (row building, copy), clipping + AdamW, and
+the whole step as `chatlora train` runs it; then lists the CUDA kernels of one eager fused pass by
+device time (the same kernels the graph replays), with their count.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+from chatlora.batches import StepPlan  # noqa: E402
+from chatlora.config import load_config  # noqa: E402
+from chatlora.dataset import dataset_for_config  # noqa: E402
+from chatlora.fastpath import BUCKET_SUPERVISED, BUCKET_TOKENS, FastStep, bucket, host_row  # noqa: E402
+from chatlora.batches import supervised_count  # noqa: E402
+from chatlora.lora import attach, trainable_parameters  # noqa: E402
+from chatlora.model import load_model  # noqa: E402
+
+
+def median_ms(fn, n=20):
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    cfg = load_config(overrides=["data.held_out_fraction=0"], flags={"model.path": sys.argv[1]})
+    base, tok, _, ds = dataset_for_config(cfg)
+    model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora).train()
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    plan = StepPlan(len(ds.train), 16, 42)
+    fast = FastStep(model, "cuda", graphs=True)
+    steps = [[ds.train[j] for j in plan.indices(i)] for i in range(40)]
+    for ex in steps:  # capture every bucket these steps need
+        fast.zero_grad()
+        fast.accumulate(ex, 16, 2048)
+    torch.cuda.synchronize()
+    tokens = statistics.mean(sum(len(e.input_ids) for e in ex) for ex in steps)
+
+    ex = steps[0]
+    t = bucket(sum(len(e.input_ids) for e in ex), BUCKET_TOKENS)
+    s = bucket(supervised_count(ex), BUCKET_SUPERVISED)
+    static, graph, _ = fast._captured[(t, s)]
+    replay = median_ms(graph.replay)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        row = host_row(ex, t, s)
+        static.copy_(row.pin_memory(), non_blocking=True)
+    host = (time.perf_counter() - t0) / 20 * 1e3
+
+    def optimizer():
+        fast.clip_grad_norm_(1.0)
+        opt.step()
+        fast.zero_grad()
+    opt_ms = median_ms(optimizer)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        optimizer()
+    torch.cuda.synchronize()
+    opt_wall = (time.perf_counter() - t0) / 5 * 1e3
+
+    def whole(i=[0]):
+        fast.accumulate(steps[i[0] % 40], 16, 2048).item()
+        fast.clip_grad_norm_(None).item()
+        opt.step()
+        fast.zero_grad()
+        i[0] += 1
+    for _ in range(5):
+        whole()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(40):
+        whole()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / 40 * 1e3
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fast.graphs = False
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast.accumulate(ex, 16, 2048)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = sum(e.count for e in events)
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=110))
+    print(f"\nbucket {t} tokens / {s} supervised; {sum(len(e.input_ids) for e in ex)} real tokens; "
+          f"mean {tokens:.0f} tokens per step")
+    print(f"{'part':<52}{'ms':>8}")
+    for name, ms in (("captured pass, replay (device events)", replay),
+                     ("host: build row + pinned copy", host),
+                     ("clip + AdamW + zero grad (device events)", opt_ms),
+                     ("clip + AdamW + zero grad (wall)", opt_wall),
+                     ("whole step as train runs it (wall)", step_ms),
+                     (f"eager pass: sum of kernel times ({kernels} kernels)", device_ms)):
+        print(f"{name:<52}{ms:>8.2f}")
+    print(f"whole step: {tokens / step_ms * 1e3:.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

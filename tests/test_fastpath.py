@@ -1,0 +1,243 @@
+"""The fast training pass computes the peft model's loss and LoRA gradients (CPU, float32).
+
+The CUDA-graph replay of the same pass is compared with its eager run in tests/test_gpu.py."""
+
+import pytest
+import torch
+
+from chatlora.batches import pack
+from chatlora.config import load_config
+from chatlora.fastpath import FastStep, host_row, unsupported_reason
+from chatlora.lora import attach, trainable_parameters
+from chatlora.model import load_model, prepare_base
+from chatlora.templates import IGNORE
+from chatlora.train import accumulate_gradients
+from conftest import make_index_dir
+from test_train import examples_for
+
+
+def lora_model(index_dir, targets=None, dropout=0.0, rslora=False):
+    torch.manual_seed(0)
+    overrides = [f"lora.dropout={dropout}", f"lora.rslora={str(rslora).lower()}"]
+    if targets:
+        overrides.append("lora.targets=[" + ",".join(targets) + "]")
+    cfg = load_config(overrides=overrides)
+    model = attach(load_model(prepare_base(str(index_dir)), "float32", "cpu"), cfg.lora)
+    for name, p in trainable_parameters(model):  # B starts at zero: give it values so every grad flows
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train(), cfg
+
+
+@pytest.fixture(scope="module")
+def gqa_index_dir(tmp_path_factory, sp_model_file):
+    return make_index_dir(tmp_path_factory.mktemp("Index-gqa"), sp_model_file, num_key_value_heads=2)
+
+
+def reference_and_fast(model, examples, micro_batch_examples=16, max_tokens=None):
+    """(loss, gradients) of the eager peft path, then of the fast path, on the same model."""
+    ref_loss = accumulate_gradients(model, examples, micro_batch_examples, lambda ex: pack(ex)).item()
+    ref = {n: p.grad.clone() for n, p in trainable_parameters(model)}
+    model.zero_grad(set_to_none=True)
+    fast = FastStep(model, "cpu")
+    fast.zero_grad()
+    loss = fast.accumulate(examples, micro_batch_examples, max_tokens).item()
+    return ref_loss, ref, loss, {n: p.grad.clone() for n, p in trainable_parameters(model)}
+
+
+def assert_same(ref_loss, ref, loss, grads, tol=1e-5):
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    assert ref.keys() == grads.keys() and len(ref) > 0
+    for name in ref:
+        err = (grads[name] - ref[name]).norm() / ref[name].norm()
+        assert err < tol * 10, (name, float(err))
+
+
+@pytest.mark.parametrize("case", ["seed targets", "q,v only", "grouped query attention", "rsLoRA"])
+def test_fast_pass_equals_peft(case, index_dir, gqa_index_dir, index_tok, huanhuan_rows):
+    directory = gqa_index_dir if case == "grouped query attention" else index_dir
+    model, cfg = lora_model(directory, targets=["q_proj", "v_proj"] if case == "q,v only" else None,
+                            rslora=case == "rsLoRA")
+    assert unsupported_reason(model, cfg.lora) is None
+    examples = examples_for(index_tok, huanhuan_rows[:12])
+    assert_same(*reference_and_fast(model, examples))
+
+
+def test_passes_split_by_tokens_accumulate_like_one_pass(index_dir, index_tok, huanhuan_rows):
+    """Several passes per step (token cap), each padded to its bucket: the step's loss normalization
+    (sum / supervised tokens of the whole step) is kept."""
+    model, _ = lora_model(index_dir)
+    examples = examples_for(index_tok, huanhuan_rows[20:36])
+    assert_same(*reference_and_fast(model, examples, micro_batch_examples=5, max_tokens=300))
+
+
+def test_peft_parameters_stay_live_views(index_dir, index_tok, huanhuan_rows):
+    """After the fast path takes over, an optimizer step on the peft parameters changes what the fast
+    pass computes, and the eager model (evaluation, saving) sees the same weights."""
+    model, _ = lora_model(index_dir)
+    examples = examples_for(index_tok, huanhuan_rows[:8])
+    fast = FastStep(model, "cpu")
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    fast.zero_grad()
+    before = fast.accumulate(examples, 16, None).item()
+    opt.step()
+    fast.zero_grad()
+    after = fast.accumulate(examples, 16, None).item()
+    assert after < before
+    model.zero_grad(set_to_none=True)
+    eager = accumulate_gradients(model, examples, 16, lambda ex: pack(ex)).item()
+    assert eager == pytest.approx(after, rel=1e-5)
+
+
+def test_dropout_is_active_and_per_module(index_dir, index_tok, huanhuan_rows):
+    """With dropout the loss changes from draw to draw, stays finite, and each module of a stacked
+    group (q, k, v) draws its own mask: feeding identical adapters gives different updates."""
+    model, cfg = lora_model(index_dir, dropout=0.5)
+    examples = examples_for(index_tok, huanhuan_rows[:8])
+    fast = FastStep(model, "cpu")
+    losses = []
+    for _ in range(2):
+        fast.zero_grad()
+        losses.append(fast.accumulate(examples, 16, None).item())
+    assert losses[0] != losses[1] and all(torch.isfinite(torch.tensor(losses)))
+    net = fast.net
+    group = net.layers[0][2][0]
+    assert group.stacked and len(group.adapters) == 3
+    w = net.adapter_weights(torch.ones(net.flat.numel()))  # all adapter entries equal: updates differ only by mask
+    x = torch.randn(7, net.hidden)
+    y = net._linear(group, x, w) - x @ group.weight.t()
+    q, k, v = y.chunk(3, dim=1)
+    assert not torch.allclose(q, k) and not torch.allclose(k, v)
+
+
+def test_host_row_layout_and_padding(index_tok, huanhuan_rows):
+    examples = examples_for(index_tok, huanhuan_rows[:2])
+    n = sum(len(e.input_ids) for e in examples)
+    row = host_row(examples, 256, 128)
+    ids, pos, seg = row[:256], row[256:512], row[512:768]
+    sup, tgt = row[768:896], row[896:]
+    assert ids[:n].tolist() == examples[0].input_ids + examples[1].input_ids
+    assert pos[:len(examples[0].input_ids) + 1].tolist() == list(range(len(examples[0].input_ids))) + [0]
+    assert set(seg[n:].tolist()) == {-1} and set(seg[:n].tolist()) == {0, 1}
+    real = int((tgt != IGNORE).sum())
+    assert real == sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+    assert (sup[real:] == 0).all() and (tgt[real:] == IGNORE).all()
+
+
+def test_unsupported_models_are_named(smollm2_base, index_dir):
+    model, cfg = lora_model(index_dir)
+    cfg.lora.dora = True
+    assert "DoRA" in unsupported_reason(model, cfg.lora)
+
+
+def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhuan_rows):
+    """`chatlora train` with the fused pass (eager, CPU) logs the same per-step losses and writes the
+    same adapter as the plain peft model (dropout off: both compute the same function)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from chatlora.train import train
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:40]), encoding="utf-8")
+    losses, adapters = [], []
+    for mode in ("plain", "eager"):
+        cfg = load_config(overrides=["train.max_steps=3", "train.learning_rate=0.01", "lora.dropout=0",
+                                     f"train.fast_path={mode}", "train.max_grad_norm=1.0"],
+                          flags={"model.path": str(index_dir), "data.path": str(data)})
+        final = train(cfg, tmp_path / mode)
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if "loss" in r])
+        adapters.append(load_file(str(final / "adapter_model.safetensors")))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 3
+    for name, ref in adapters[0].items():
+        assert torch.allclose(adapters[1][name], ref, atol=1e-5), name
+
+
+def test_fast_path_on_request_without_support_is_an_error(tmp_path, smollm2_base):
+    from chatlora.errors import UserError
+    from chatlora.train import fast_step
+
+    cfg = load_config(overrides=["train.fast_path=graphs"])
+    model, _ = lora_model_for(smollm2_base)
+    with pytest.raises(UserError, match="fast_path=graphs"):
+        fast_step(model, cfg, "cpu")
+
+
+def lora_model_for(base):
+    cfg = load_config()
+    return attach(load_model(base, "float32", "cpu"), cfg.lora), cfg
+
+
+def test_checkpointed_pass_replays_dropout(index_dir, index_tok, huanhuan_rows):
+    """The low-memory pass (recompute each layer and the head in backward) with dropout 0.1 gives the
+    same loss and gradients as the stored-activation pass from the same RNG state: the recompute applies
+    the same (stored, bit-packed) masks."""
+    model, _ = lora_model(index_dir, dropout=0.1)
+    examples = examples_for(index_tok, huanhuan_rows[:10])
+    fast = FastStep(model, "cpu")
+    fast.net.packed_dropout = True  # both runs draw stored masks; only the checkpointed one recomputes
+    results = []
+    for checkpoint in (False, True):
+        fast.checkpoint = checkpoint
+        torch.manual_seed(123)
+        fast.zero_grad()
+        loss = fast.accumulate(examples, 16, None).item()
+        results.append((loss, fast.net.flat.grad.clone()))
+    (a, ga), (b, gb) = results
+    assert a == pytest.approx(b, rel=1e-6)
+    assert ((ga - gb).norm() / ga.norm()) < 1e-5
+
+
+def test_flat_clipping_equals_torch(index_dir, index_tok, huanhuan_rows):
+    model, _ = lora_model(index_dir)
+    fast = FastStep(model, "cpu")
+    fast.zero_grad()
+    fast.accumulate(examples_for(index_tok, huanhuan_rows[:8]), 16, None)
+    params = [p for _, p in trainable_parameters(model)]
+    before = [p.grad.clone() for p in params]
+    norm = fast.clip_grad_norm_(0.01)
+    clipped = [p.grad.clone() for p in params]
+    for p, g in zip(params, before):
+        p.grad.copy_(g)
+    ref_norm = torch.nn.utils.clip_grad_norm_(params, 0.01)
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6) and float(norm) > 0.01
+    assert all(torch.allclose(a, p.grad, rtol=1e-6, atol=0) for a, p in zip(clipped, params))
+
+
+def test_stored_masks_are_dropout(index_dir):
+    """Bit-packed masks keep each element with probability 1 - p, independently, and scale by 1/(1-p)."""
+    from chatlora.fastpath import _apply_mask
+
+    model, _ = lora_model(index_dir, dropout=0.25)
+    net = FastStep(model, "cpu").net
+    drops = net._draw_masks(net.layers[0], 128, torch.device("cpu"))
+    x = torch.ones(3, 128, net.hidden)
+    y = _apply_mask(x, drops[0][0], 0.25)   # the stacked q/k/v group
+    kept = (y != 0).float()
+    assert kept.mean().item() == pytest.approx(0.75, abs=0.01)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert (kept[0] != kept[1]).float().mean().item() == pytest.approx(2 * 0.75 * 0.25, abs=0.01)
+    assert len(drops) == 4 and all(d is not None for d in drops)
+
+
+def test_checkpointed_pass_equals_peft_without_dropout(index_dir, index_tok, huanhuan_rows):
+    model, _ = lora_model(index_dir)
+    examples = examples_for(index_tok, huanhuan_rows[:12])
+    ref_loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex)).item()
+    ref = {n: p.grad.clone() for n, p in trainable_parameters(model)}
+    fast = FastStep(model, "cpu", checkpoint=True)
+    fast.zero_grad()
+    loss = fast.accumulate(examples, 16, None).item()
+    assert_same(ref_loss, ref, loss, {n: p.grad.clone() for n, p in trainable_parameters(model)})
+
+
+def test_buckets_bound_padding_and_shapes():
+    from chatlora.fastpath import bucket
+
+    sizes = range(1, 8193)
+    assert all(bucket(n, 128) >= n and bucket(n, 128) % 128 == 0 for n in sizes)
+    assert all(bucket(n, 128) - n < max(128, n / 8) for n in sizes)
+    assert len({bucket(n, 128) for n in sizes}) <= 40
