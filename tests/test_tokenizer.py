@@ -58,3 +58,10 @@ def test_decode_round_trip(index_tok):
     text = "皇上万福金安。 Hello 😀"
     assert index_tok.decode(index_tok.encode(text)) == text
     assert index_tok.decode([3] + index_tok.encode("问") + [4], skip_special=False) == "reserved_0问reserved_1"
+
+
+def test_ids_beyond_the_tokenizer_decode_to_nothing(index_tok):
+    """Index's embedding is larger than its sentencepiece vocabulary; such ids must not crash a reply."""
+    good = index_tok.encode("你好") + index_tok.encode("皇上")
+    ids = good[:2] + [index_tok.vocab_size + 5] + good[2:]
+    assert index_tok.decode(ids) == index_tok.decode(good) and "皇上" in index_tok.decode(ids)

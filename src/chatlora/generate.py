@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from chatlora.fastdecode import static_decoder
+
 
 @dataclass
 class Sampling:
@@ -88,6 +90,14 @@ class Generation:
     def __iter__(self):
         from transformers import DynamicCache
 
+        if static_decoder(self.model) is not None:  # GPU: the captured decoder, through the batched loop
+            batch = BatchGeneration(self.model, [self.prompt], self.stop_ids, [self.s])
+            batch.generators = [self.generator]
+            for _, token in batch:
+                self.tokens.append(token)
+                yield token
+            self.finish_reason = batch.finish_reasons[0]
+            return
         ids = torch.tensor([self.prompt], device=self.device)
         seen = torch.tensor(sorted(set(self.prompt)), dtype=torch.long, device=self.device)
         decode = _decode_kwargs(self.model, DynamicCache())  # the cache is filled in place by every forward
@@ -135,16 +145,20 @@ class BatchGeneration:
             mask[r, width - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         counts = [0] * rows
-        decode = _decode_kwargs(self.model, DynamicCache())
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **decode)
+        decoder = static_decoder(self.model)
+        if decoder is not None:  # static cache + CUDA graphs (fastdecode.py): same operations, fewer launches
+            last = decoder.start(ids, mask, positions, max(s.max_new_tokens for s in self.samplings))
+        else:
+            decode = _decode_kwargs(self.model, DynamicCache())
+            last = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
         # Which ids each row has seen, and its repetition penalty: applied to all rows at once.
-        seen = torch.zeros((rows, out.logits.shape[-1]), dtype=torch.bool, device=self.device)
+        seen = torch.zeros((rows, last.shape[-1]), dtype=torch.bool, device=self.device)
         for r, p in enumerate(self.prompts):
             seen[r, torch.tensor(p, device=self.device)] = True
         penalty = torch.tensor([[s.repetition_penalty] for s in self.samplings], device=self.device)
         every_row = torch.arange(rows, device=self.device)
         while True:
-            logits = out.logits[:, -1].float()
+            logits = last.float()
             logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
             greedy = logits.argmax(-1).tolist()  # one host sync a step for every row
             tokens = [self._step(r, logits[r], greedy[r], counts) if self.finish_reasons[r] is None
@@ -156,9 +170,12 @@ class BatchGeneration:
                     yield r, token
             step = torch.tensor(tokens, device=self.device)
             seen[every_row, step] = True
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, **decode)
+            if decoder is not None:
+                last = decoder.step(step, positions[:, 0])
+                continue
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
+            last = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
 
     def _step(self, r: int, logits, greedy: int, counts) -> int:
         """Row r's next token from its penalized logits, or finish the row (then its token is padding)."""

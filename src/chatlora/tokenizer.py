@@ -65,7 +65,7 @@ class SentencePieceTokenizer:
                 run = []
                 if not skip_special:
                     out.append(self.sp.id_to_piece(i) if i < self.vocab_size else "")
-            else:
+            elif i < self.vocab_size:  # a model's vocabulary can be larger than its tokenizer's: no text
                 run.append(i)
         out.append(self.sp.decode(run))
         return "".join(out)

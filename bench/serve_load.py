@@ -1,0 +1,127 @@
+"""Load test of `chatlora serve` on a GPU: tokens/s, time to first token and per-token latency at
+several numbers of concurrent streaming clients.
+
+    python bench/make_index_model.py /tmp/idx
+    python bench/serve_load.py /tmp/idx --clients 1,4,16,64 --json results.json
+
+Trains a 2-step adapter on the model (a run directory like any other), serves it with a real uvicorn
+server on loopback, and for each client count runs that many threads, each sending
+`--requests` streaming chat requests one after another (greedy, `--max-tokens` tokens). Reported per
+client count: HTTP statuses, aggregate generated tokens/s over the round, time to first token
+(p50/p95) and the gap between streamed tokens (p50/p95/p99). The table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+from chatlora.config import load_config  # noqa: E402
+from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
+from chatlora.serve import Limits, Server, build_app  # noqa: E402
+from chatlora.train import train  # noqa: E402
+
+PROMPTS = ["嬛嬛，朕今日政务繁忙，你陪朕说说话。", "你是谁？", "皇上驾到，你该如何应对？", "说一说你入宫以来的见闻。"]
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    start = time.perf_counter()
+    stamps = []
+    with httpx.Client(timeout=600) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "stamps": []}
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter() - start)
+    return {"status": 200, "stamps": stamps}
+
+
+def round_of(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: [one_request(url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
+                                           for k in range(requests)], range(clients)))
+    wall = time.perf_counter() - began
+    flat = [r for rs in results for r in rs]
+    ttft = [r["stamps"][0] for r in flat if r["stamps"]]
+    gaps = [b - a for r in flat for a, b in zip(r["stamps"], r["stamps"][1:])]
+    tokens = sum(len(r["stamps"]) for r in flat)
+    return {"clients": clients, "requests": len(flat), "statuses": dict(Counter(r["status"] for r in flat)),
+            "streamed_chunks": tokens, "tokens_per_s": tokens / wall, "wall_s": wall,
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
+            "token_gap_p50_ms": 1e3 * percentile(gaps, 0.5), "token_gap_p95_ms": 1e3 * percentile(gaps, 0.95),
+            "token_gap_p99_ms": 1e3 * percentile(gaps, 0.99)}
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--clients", default="1,4,16,64")
+    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    run_dir = Path(tempfile.mkdtemp()) / "run"
+    train(load_config(overrides=["train.max_steps=2", "train.eval_every=0", "train.save_every=0"],
+                      flags={"model.path": args.model_dir}), run_dir)
+    run = load_run(run_dir)
+    model = load_tuned_model(run)
+    # Random weights pick ids beyond the small test tokenizer's vocabulary (they decode to no text):
+    # keep their logits at 0 so the replies stream text, as a trained model's would.
+    vocab = getattr(run.tok, "vocab_size", None)
+    if vocab:
+        head = (model.get_base_model() if hasattr(model, "get_base_model") else model).lm_head.weight
+        with torch.no_grad():
+            head[vocab:] = 0
+    server = Server(run, model, Limits(queue_size=256, max_batch=16))
+    uv = uvicorn.Server(uvicorn.Config(build_app(server, None), host="127.0.0.1", port=8765, log_level="warning",
+                                       access_log=False))
+    threading.Thread(target=uv.run, daemon=True).start()
+    while not uv.started:
+        time.sleep(0.05)
+    url = "http://127.0.0.1:8765"
+    for clients in (1, 16):  # warm-up: captures the decode steps of these batch shapes
+        round_of(url, clients, 1, args.max_tokens)
+    rows = [round_of(url, int(n), args.requests, args.max_tokens) for n in args.clients.split(",")]
+    uv.should_exit = True
+
+    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "max_tokens": args.max_tokens, "max_batch": 16, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"{'clients':>7}{'requests':>9}{'statuses':>16}{'tokens/s':>10}{'TTFT p50':>9}{'p95':>7}"
+          f"{'gap p50 ms':>11}{'p95':>7}{'p99':>7}")
+    for r in rows:
+        print(f"{r['clients']:>7}{r['requests']:>9}{str(r['statuses']):>16}{r['tokens_per_s']:>10.0f}"
+              f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['token_gap_p50_ms']:>11.2f}"
+              f"{r['token_gap_p95_ms']:>7.2f}{r['token_gap_p99_ms']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

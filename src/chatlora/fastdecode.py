@@ -1,0 +1,192 @@
+"""Fast decoding on a GPU: a static KV cache and the one-token step captured as CUDA graphs.
+
+The eager transformers forward spends ~57 ms per token of an Index-1.9B-sized model launching
+kernels from Python (bench/NOTES.md); the weights take ~1 ms to read. `StaticDecoder` runs the same
+operations as transformers' Llama forward, in the same order and dtypes (RMSNorm in fp32 then the
+weight, RoPE as `q*cos + rotate_half(q)*sin`, separate projections, SDPA), so greedy tokens follow the
+model's own; what changes is where the keys and values live (one preallocated cache) and that each
+(batch, cache length, attended length) shape of the step is captured once and replayed.
+
+    decoder = static_decoder(model)          # None off-GPU or for unsupported models
+    logits = decoder.start(ids, mask, positions, max_new_tokens)   # prefill (left-padded rows)
+    logits = decoder.step(tokens, positions)                       # one token for every row
+
+A LoRA adapter is merged into the weights once (`peft merge_adapter`: the peft model then computes
+the merged function too, so every path sees the same model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
+CACHE_BUCKET = 256      # cache length: prompt + new tokens, rounded up
+MAX_BATCH = 64
+
+
+def static_decoder(model) -> "StaticDecoder | None":
+    """The model's decoder (made once and kept on the model), or None where it does not apply."""
+    if os.environ.get("CHATLORA_FAST_DECODE", "1") == "0" or not torch.cuda.is_available():
+        return None
+    decoder = getattr(model, "_chatlora_decoder", None)
+    if decoder is None:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        c = lm.config
+        device = next(lm.parameters()).device
+        if (device.type != "cuda" or c.model_type != "llama" or getattr(c, "attention_bias", False)
+                or getattr(c, "mlp_bias", False) or getattr(c, "hidden_act", "silu") != "silu"
+                or getattr(lm.model.rotary_emb, "rope_type", "default").startswith("dynamic")):
+            return None
+        if hasattr(model, "merge_adapter"):
+            model.merge_adapter()
+        decoder = StaticDecoder(lm)
+        model._chatlora_decoder = decoder
+    return decoder
+
+
+def _rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm, operation for operation."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StaticDecoder:
+    def __init__(self, lm, graphs: bool = True):
+        c = lm.config
+        self.lm, self.graphs = lm, graphs
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.eps = c.rms_norm_eps
+        rotary = lm.model.rotary_emb
+        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+        self.device = next(lm.parameters()).device
+        self.dtype = lm.model.embed_tokens.weight.dtype
+        self.layers = [(l.input_layernorm.weight, l.post_attention_layernorm.weight, l.self_attn.q_proj.weight,
+                        l.self_attn.k_proj.weight, l.self_attn.v_proj.weight, l.self_attn.o_proj.weight,
+                        l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
+                       for l in lm.model.layers]
+        self._states: OrderedDict = OrderedDict()   # (batch, cache length) -> cache + captured steps
+        self.state = None
+        self.rows = 0
+
+    # ---------------------------------------------------------------- public
+
+    @torch.inference_mode()
+    def start(self, ids, mask, positions, max_new_tokens: int) -> torch.Tensor:
+        """Prefill left-padded rows ([B, W] each); returns the last column's logits [B, vocab] (fp32)."""
+        rows, width = ids.shape
+        batch = 1 << max(0, (rows - 1).bit_length())
+        if batch > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} rows decode together")
+        cap = -(-(width + max_new_tokens + 1) // CACHE_BUCKET) * CACHE_BUCKET
+        self.state = self._state(batch, cap)
+        s, self.rows, self.slot = self.state, rows, width
+        s["valid"].zero_()
+        s["valid"][:rows, :width] = mask.bool()
+        pad = batch - rows
+        ids = F.pad(ids, (0, 0, 0, pad))
+        positions = F.pad(positions, (0, 0, 0, pad))
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None] & s["valid"][:, None, :width]
+        allowed |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # padded rows: no empty row
+        logits = self._forward(ids, positions, None, width, self._additive(allowed[:, None]))
+        return logits[:rows]
+
+    @torch.inference_mode()
+    def step(self, tokens, positions) -> torch.Tensor:
+        """One token per row ([B] ids and positions); returns logits [B, vocab] (fp32)."""
+        s = self.state
+        if self.slot >= s["cap"]:
+            raise ValueError("the static cache is full: start() was given a smaller max_new_tokens")
+        attend = min(s["cap"], -(-(self.slot + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
+        s["tokens"].zero_()
+        s["tokens"][:self.rows] = tokens
+        s["positions"].zero_()
+        s["positions"][:self.rows] = positions
+        s["slot"].fill_(self.slot)
+        self.slot += 1
+        if not self.graphs:
+            return self._step(s, attend)[:self.rows].clone()
+        if attend not in s["graphs"]:
+            out = self._step(s, attend)   # the real step, eager; its shape is captured for the next ones
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=s["pool"]):
+                static = self._step(s, attend)
+            s["graphs"][attend] = (graph, static)
+            return out[:self.rows].clone()
+        graph, static = s["graphs"][attend]
+        graph.replay()
+        return static[:self.rows].clone()
+
+    # ---------------------------------------------------------------- internals
+
+    def _state(self, batch: int, cap: int) -> dict:
+        key = (batch, cap)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= 2:   # keep the two most recent caches (and their graphs)
+            self._states.popitem(last=False)
+        shape = (len(self.layers), batch, self.kv_heads, cap, self.head_dim)
+        state = {"batch": batch, "cap": cap, "graphs": {},
+                 "pool": torch.cuda.graph_pool_handle() if self.graphs else None,
+                 "k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 "v": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 "valid": torch.zeros(batch, cap, dtype=torch.bool, device=self.device),
+                 "tokens": torch.zeros(batch, dtype=torch.long, device=self.device),
+                 "positions": torch.zeros(batch, dtype=torch.long, device=self.device),
+                 "slot": torch.zeros(1, dtype=torch.long, device=self.device)}
+        self._states[key] = state
+        return state
+
+    def _step(self, s, attend: int):
+        s["valid"].index_fill_(1, s["slot"], True)
+        mask = self._additive(s["valid"][:, None, None, :attend])
+        return self._forward(s["tokens"][:, None], s["positions"][:, None], s["slot"], attend, mask)
+
+    def _additive(self, allowed):
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+
+    def _forward(self, ids, positions, slot, attend: int, mask):
+        """Rows [B, T] through the model; K/V written at columns 0..T-1 (prefill, slot None) or at
+        `slot` (a step); attention over the first `attend` columns. Logits of the last position."""
+        s, (b, t) = self.state, ids.shape
+        nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
+        freqs = positions.float()[..., None] * self.inv_freq.to(self.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+        h = F.embedding(ids, self.lm.model.embed_tokens.weight)
+        for i, (n1, n2, wq, wk, wv, wo, wg, wu, wd) in enumerate(self.layers):
+            x = _rms_norm(h, n1, self.eps)
+            q = F.linear(x, wq).view(b, t, nq, hd).transpose(1, 2)
+            k = F.linear(x, wk).view(b, t, nkv, hd).transpose(1, 2)
+            v = F.linear(x, wv).view(b, t, nkv, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = s["k"][i], s["v"][i]
+            if slot is None:
+                kc[:, :, :t] = k
+                vc[:, :, :t] = v
+            else:
+                kc.index_copy_(2, slot, k)
+                vc.index_copy_(2, slot, v)
+            keys, values = kc[:, :, :attend], vc[:, :, :attend]
+            if nkv != nq:
+                keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=hd ** -0.5)
+            h = h + F.linear(a.transpose(1, 2).reshape(b, t, nq * hd), wo)
+            x = _rms_norm(h, n2, self.eps)
+            h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+        h = _rms_norm(h[:, -1], self.lm.model.norm.weight, self.eps)
+        return F.linear(h, self.lm.lm_head.weight).float()

@@ -1,0 +1,46 @@
+"""The static-cache decoder computes transformers' forward: greedy tokens equal `generate`'s (CPU,
+float32, graphs off; tests/test_gpu.py checks the captured steps on a GPU)."""
+
+import pytest
+import torch
+
+import chatlora.generate as generate
+from chatlora.fastdecode import StaticDecoder
+from chatlora.generate import BatchGeneration, Sampling
+from chatlora.model import load_model, prepare_base
+
+
+@pytest.fixture(params=["index", "smollm2"])
+def model(request, index_dir, smollm2_base):
+    base = prepare_base(str(index_dir)) if request.param == "index" else smollm2_base
+    return load_model(base, "float32", "cpu")
+
+
+def hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_static_decoder_greedy_equals_generate(model, monkeypatch):
+    """Rows of different lengths (left padding, dummy rows up to the batch bucket of 4), a cache
+    bucket, and steps across several attention buckets (ATTEND_BUCKET lowered to 8)."""
+    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
+    decoder = StaticDecoder(model, graphs=False)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
+    s = Sampling(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    got = [[] for _ in prompts]
+    for row, token in BatchGeneration(model, prompts, [], [s] * 3):
+        got[row].append(token)
+    assert got == [hf_greedy(model, p, 20) for p in prompts]
+
+
+def test_generation_delegates_to_the_decoder(model, monkeypatch):
+    decoder = StaticDecoder(model, graphs=False)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    s = Sampling(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+    fast = generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: None)
+    assert fast == generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
