@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -92,6 +93,8 @@ def cmd_train(args) -> int:
     from chatlora.rundir import read_config
     from chatlora.train import Interrupted, train
 
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(args.nproc)
     saved = read_config(Path(args.output)) if args.resume else None
     cfg = _load(args, args.data, base=saved)
     try:
@@ -99,9 +102,28 @@ def cmd_train(args) -> int:
     except Interrupted as e:
         print(f"chatlora: {e}", file=sys.stderr)
         return e.code
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"adapter: {final}\nloss curve: {Path(args.output) / 'loss_curve.png'}\n"
           f"chat with it: chatlora chat {args.output}")
     return 0
+
+
+def _launch(nproc: int) -> int:
+    """`chatlora train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m chatlora train ...`."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "chatlora", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_chat(args) -> int:
@@ -215,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
     tr.add_argument("--eval-every", type=int, help="held-out loss every N optimizer steps")
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--nproc", type=int, help="train with N processes on this machine (one per GPU; CPU: gloo), "
+                    "launched through torchrun; for several machines run torchrun yourself (README)")
     tr.set_defaults(func=cmd_train)
 
     ch = verbs.add_parser("chat", help="chat with a run's model in the terminal (streaming, multi-turn)")

@@ -93,6 +93,9 @@ class TrainConfig:
     packing: bool = doc("pack each micro-batch's examples into one row (no padding); same loss as padded",
                         True)
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    distributed: Literal["replicate", "shard"] = doc(
+        "with several processes (torchrun / --nproc): replicate the model on every rank (data parallel), "
+        "or shard its weights across the ranks (FSDP2) when they do not fit one GPU", "replicate")
     fast_path: Literal["auto", "graphs", "eager", "plain"] = doc(
         "the fused training pass (same loss and gradients as the plain peft model): auto = fused pass "
         "captured as CUDA graphs on a GPU when the model is supported; eager = fused pass without graphs; "

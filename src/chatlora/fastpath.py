@@ -324,10 +324,12 @@ class FastStep:
             grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
-    def accumulate(self, examples, micro_batch_examples: int, max_tokens: int | None) -> torch.Tensor:
-        """Backward over the step's examples; returns the step's loss (0-d tensor, no host sync)."""
-        self.divisor.fill_(supervised_count(examples))
-        total = None
+    def accumulate(self, examples, micro_batch_examples: int, max_tokens: int | None,
+                   supervised: int | None = None) -> torch.Tensor:
+        """Backward over the step's examples (loss divided by `supervised`, default: theirs); returns
+        the step's loss (0-d tensor, no host sync)."""
+        self.divisor.fill_(supervised or supervised_count(examples))
+        total = torch.zeros((), device=self.device)
         for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
             tokens = bucket(sum(len(e.input_ids) for e in chunk), BUCKET_TOKENS)
             sup = bucket(supervised_count(chunk), BUCKET_SUPERVISED)
@@ -339,7 +341,7 @@ class FastStep:
                 part = loss.clone()
             else:
                 part = self._forward_backward(row.to(self.device), tokens, sup)
-            total = part if total is None else total + part
+            total = total + part
         return total
 
     def _forward_backward(self, row, tokens: int, sup: int) -> torch.Tensor:

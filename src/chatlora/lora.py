@@ -43,9 +43,11 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_adapter(model, directory: Path) -> None:
-    """PEFT format, safetensors; the base model's own weights are not written."""
-    model.save_pretrained(str(directory), safe_serialization=True)
+def save_adapter(model, directory: Path, state_dict: dict | None = None) -> None:
+    """PEFT format, safetensors; the base model's own weights are not written. `state_dict`: the
+    adapter weights to write instead of the model's own (full copies of sharded parameters)."""
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(str(directory), safe_serialization=True, **extra)
 
 
 def load_adapter(base_model, directory: Path, trainable: bool = False):

@@ -111,6 +111,11 @@ def _converted(source: Path, inputs: list[Path], convert, family: str) -> Path:
         (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()),
                                                    "family": family}, indent=2))
         os.replace(tmp, target)  # atomic: a directory at `target` is always complete
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+        # another process (a second training rank, a parallel command) finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

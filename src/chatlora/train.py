@@ -15,6 +15,7 @@ and exit non-zero; a non-finite loss or gradient stops the run naming the step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from chatlora import distributed
 from chatlora.batches import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
 from chatlora.checkpoint import MARKER, NonFiniteError, latest_checkpoint, load_checkpoint, save_checkpoint
 from chatlora.config import Config
+from chatlora.distributed import Ranks
 from chatlora.dataset import dataset_for_config
 from chatlora.errors import UserError
 from chatlora.fastpath import FastStep, unsupported_reason
@@ -99,17 +102,23 @@ def _get(cfg: Config, key: str):
 
 
 def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,
-                         micro_batch_tokens: int | None = None) -> torch.Tensor:
+                         micro_batch_tokens: int | None = None, supervised: int | None = None,
+                         min_passes: int = 0, filler=(), grad_scale: float = 1.0) -> torch.Tensor:
     """Backward over one optimizer step's examples, micro-batch by micro-batch, each micro-batch's
-    token-loss sum divided by the supervised tokens of the WHOLE step: the gradients equal those of
-    one batch holding every example. Returns the step's loss (a 0-d tensor; no host sync here)."""
-    supervised = supervised_count(examples)
-    total = None
+    token-loss sum divided by the supervised tokens of the WHOLE step (`supervised`: of all ranks'
+    examples when several processes share the step): the gradients equal those of one batch holding
+    every example. `min_passes` > passes needed: zero-weighted passes over `filler` make up the count
+    (in sharded mode every rank must run the same passes); `grad_scale` multiplies the gradients only
+    (sharded mode: FSDP averages over ranks). Returns the step's loss (0-d, no host sync)."""
+    supervised = supervised or supervised_count(examples)
+    total = torch.zeros((), device=next(model.parameters()).device)
     for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples, micro_batch_tokens)):
         _fault(step, micro)
         part = loss_sum(model, collate(chunk)) / supervised
-        part.backward()
-        total = part.detach() if total is None else total + part.detach()
+        (part * grad_scale if grad_scale != 1.0 else part).backward()
+        total = total + part.detach()
+    for _ in range(min_passes - len(micro_batches(examples, micro_batch_examples, micro_batch_tokens))):
+        (loss_sum(model, collate(filler)) * 0.0).backward()   # keeps sharded ranks' passes in step
     return total
 
 
@@ -138,39 +147,95 @@ class _Metrics:
 
 
 def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path."""
-    run = Path(output)
+    """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path.
+    Launched by torchrun (WORLD_SIZE > 1), every process runs this with its share of each step."""
+    ranks, device = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return _train(cfg, Path(output), resume, overwrite, ranks, device)
+    finally:
+        distributed.shutdown(ranks)
+
+
+def _together(ranks, fn):
+    """Run fn on every rank; if it fails with a user error on any rank, every rank stops."""
+    error = None
+    try:
+        result = fn()
+    except UserError as e:
+        error, result = e, None
+    if not distributed.all_ok(error is None, ranks):
+        raise error or UserError("another training process stopped at start (see its message)")
+    return result
+
+
+def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str) -> Path:
     started = time.perf_counter()
-    checkpoint = prepare_output(run, resume, overwrite, cfg)
+    main = ranks.main
+    checkpoint = _together(ranks, lambda: prepare_output(run, resume, overwrite, cfg) if main else None)
+    if not main and resume:
+        checkpoint = latest_checkpoint(run)
     t = cfg.train
     torch.manual_seed(t.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    (run / "rejected.jsonl").unlink(missing_ok=True)  # the run's own; rewritten by this data check
-    base, tok, fmt, ds = dataset_for_config(cfg, rejects_path=run / "rejected.jsonl")
-    if not ds.train:
-        raise UserError("no training examples are left after the data check")
-    write_run_files(run, cfg, base, fmt, ds.report)
+    def load_data():
+        if main:
+            (run / "rejected.jsonl").unlink(missing_ok=True)  # the run's own; rewritten by this data check
+        loaded = dataset_for_config(cfg, rejects_path=run / "rejected.jsonl" if main else None)
+        if not loaded[3].train:
+            raise UserError("no training examples are left after the data check")
+        return loaded
+    base, tok, fmt, ds = _together(ranks, load_data)
+    distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+                                 "data": _digest(ds.train)}, ranks)
+    if main:
+        write_run_files(run, cfg, base, fmt, ds.report)
 
     model = attach(load_model(base, cfg.model.dtype, device), cfg.lora)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if ranks.active:  # same initial adapter on every rank (same seed), own dropout masks per rank
+        torch.manual_seed(t.seed + 7919 * ranks.rank)
+    sharded = ranks.active and t.distributed == "shard"
+    if sharded:
+        distributed.shard_model(model, ranks)
     params = [p for _, p in trainable_parameters(model)]
     # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of tensors)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                  fused=device.startswith("cuda"))
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
     total = plan.total_steps(t.epochs, t.max_steps)
-    start = load_checkpoint(checkpoint, model, optimizer)["step"] if checkpoint else 0
-    if resume and checkpoint is None:
+    start = _together(ranks, lambda: load_checkpoint(checkpoint, model, optimizer, ranks, sharded)["step"]
+                      if checkpoint else 0)
+    if resume and checkpoint is None and main:
         print(f"chatlora: no complete checkpoint in {run}; starting from step 0")
-    metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start)
-    fast = fast_step(model, cfg, device)
+    metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
+    fast = None if sharded else fast_step(model, cfg, device)
 
     def evaluate(step: int) -> None:
-        loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
-        metrics.log({"step": step, "held_out_loss": loss})
+        if main or sharded:  # a sharded model runs on every rank together
+            loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
+        if main:
+            metrics.log({"step": step, "held_out_loss": loss})
+        distributed.barrier(ranks)
+
+    def full_copies():  # sharded mode: every rank helps gather the full adapter and optimizer state
+        if not sharded:
+            return None, None
+        adapter = distributed.full_tensors(((n, p) for n, p in model.named_parameters() if p.requires_grad), ranks)
+        sd = optimizer.state_dict()
+        state = {i: distributed.full_tensors(st.items(), ranks) for i, st in sd["state"].items()}
+        return adapter, {"state": state, "param_groups": sd["param_groups"]}
+
+    def save(done: int) -> None:
+        rng = distributed.gather_rng(ranks)
+        adapter, opt = full_copies()
+        if main:
+            save_checkpoint(run, done, model, optimizer, {"epoch": done / plan.steps_per_epoch,
+                                                          "world_size": ranks.world}, t.keep_last, rng,
+                            adapter, opt)
+        distributed.barrier(ranks)
 
     if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
         evaluate(0)
@@ -179,23 +244,35 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     stop_signal = []
     handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
     try:
         for step in range(start, total):
             began = time.perf_counter()
             examples = [ds.train[i] for i in plan.indices(step)]
+            mine, supervised = distributed.shard(examples, ranks), supervised_count(examples)
+            # sharded mode: every rank runs as many passes as the busiest one (layers gather together)
+            passes = max(len(micro_batches(distributed.shard(examples, Ranks(r, ranks.world)),
+                                           t.micro_batch_examples, t.micro_batch_tokens if t.packing else None))
+                         for r in range(ranks.world)) if sharded else 0
             lr = lr_at(step, total, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if fast:
-                loss = fast.accumulate(examples, t.micro_batch_examples, t.micro_batch_tokens).item()
+                loss_t = fast.accumulate(mine, t.micro_batch_examples, t.micro_batch_tokens, supervised)
+                distributed.sum_([fast.net.flat.grad], ranks)
             else:
-                loss = accumulate_gradients(model, examples, t.micro_batch_examples, collate, step,
-                                            t.micro_batch_tokens if t.packing else None).item()
+                loss_t = accumulate_gradients(model, mine, t.micro_batch_examples, collate, step,
+                                              t.micro_batch_tokens if t.packing else None, supervised,
+                                              passes, examples[:1], ranks.world if sharded else 1.0)
+                if not sharded:  # FSDP has already reduced them
+                    distributed.sum_gradients(params, ranks)
+            distributed.sum_([loss_t], ranks)
+            loss = loss_t.item()
             if fast:
                 grad_norm = fast.clip_grad_norm_(t.max_grad_norm).item()
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
+                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
             optimizer.step()
@@ -206,19 +283,21 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
             done = step + 1
             tokens = sum(len(e.input_ids) for e in examples)
             seconds = time.perf_counter() - began
-            metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                         "grad_norm": grad_norm, "tokens": tokens,
-                         "tokens_per_s": round(tokens / seconds, 1),
-                         "elapsed_s": round(time.perf_counter() - started, 3)})
+            if main:
+                metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                             "grad_norm": grad_norm, "tokens": tokens,
+                             "tokens_per_s": round(tokens / seconds, 1),
+                             "elapsed_s": round(time.perf_counter() - started, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done < total:
                 evaluate(done)
-            if (t.save_every and done % t.save_every == 0) or stop_signal:
-                save_checkpoint(run, done, model, optimizer, {"epoch": done / plan.steps_per_epoch},
-                                t.keep_last)
-            if stop_signal:
-                raise Interrupted(128 + stop_signal[0], f"stopped by signal after step {done}; a checkpoint "
+            stopping = distributed.any_true(bool(stop_signal), ranks)
+            if (t.save_every and done % t.save_every == 0) or stopping:
+                save(done)
+            if stopping:
+                code = 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
+                raise Interrupted(code, f"stopped by signal after step {done}; a checkpoint "
                                   f"is in {run}/checkpoint-{done}. Resume with:\n    chatlora train "
                                   f"--output {run} --resume")
     except NonFiniteError as e:
@@ -229,10 +308,22 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
         for s, h in handlers.items():
             signal.signal(s, h)
 
-    final = _save_final(run, model)
+    final = run / "final"
+    adapter, _ = full_copies()
+    if main:
+        _save_final(run, model, adapter)
     evaluate(total)
-    _plot(run, metrics.rows)
+    if main:
+        _plot(run, metrics.rows)
     return final
+
+
+def _digest(examples) -> str:
+    """What every rank must agree on about the data: the tokenized training examples, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e.input_ids, e.labels)).encode())
+    return h.hexdigest()
 
 
 def fast_step(model, cfg: Config, device: str) -> FastStep | None:
@@ -240,11 +331,11 @@ def fast_step(model, cfg: Config, device: str) -> FastStep | None:
     t = cfg.train
     mode = t.fast_path
     if mode == "auto":
-        mode = "graphs" if device == "cuda" else "plain"
+        mode = "graphs" if device.startswith("cuda") else "plain"
     if mode == "plain":
         return None
     reason = unsupported_reason(model, cfg.lora) or (None if t.packing else "train.packing is off")
-    if reason is None and mode == "graphs" and device != "cuda":
+    if reason is None and mode == "graphs" and not device.startswith("cuda"):
         reason = "CUDA graphs need a GPU"
     if reason:
         if t.fast_path != "auto":
@@ -256,10 +347,10 @@ def fast_step(model, cfg: Config, device: str) -> FastStep | None:
     return step
 
 
-def _save_final(run: Path, model) -> Path:
+def _save_final(run: Path, model, adapter_state: dict | None = None) -> Path:
     final, tmp = run / "final", run / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
+    save_adapter(model, tmp, adapter_state)
     (tmp / MARKER).write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
