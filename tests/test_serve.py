@@ -174,7 +174,9 @@ def test_full_queue_answers_429_with_retry_after(loaded):
         threads = [threading.Thread(target=post) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        deadline = time.time() + 30   # until one job is held by the worker and one fills the queue
+        while not (server.worker.jobs.full() and len(results) >= 2) and time.time() < deadline:
+            time.sleep(0.05)
         busy = client.post("/v1/chat/completions", json=chat_body())
         gate.set()
         for t in threads:

@@ -197,6 +197,9 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
     if ranks.active:  # same initial adapter on every rank (same seed), own dropout masks per rank
         torch.manual_seed(t.seed + 7919 * ranks.rank)
     sharded = ranks.active and t.distributed == "shard"
+    if t.distributed == "shard" and not ranks.active:
+        print("chatlora: train.distributed=shard needs several processes (--nproc N or torchrun); "
+              "training one unsharded model")
     if sharded:
         distributed.shard_model(model, ranks)
     params = [p for _, p in trainable_parameters(model)]
