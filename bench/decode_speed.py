@@ -84,10 +84,7 @@ def logits_agreement(model, prompt: list[int], tokens: list[int], device: str) -
             if hasattr(model, "merge_adapter"):
                 model.merge_adapter()
             dec = StaticDecoder(model.get_base_model(), graphs=False)
-        ours = [dec.start(torch.tensor([prompt], device=device), torch.ones(1, n, dtype=torch.long, device=device),
-                          torch.arange(n, device=device)[None], len(tokens))[0]]
-        for i, t in enumerate(tokens[:-1]):
-            ours.append(dec.step(torch.tensor([t], device=device), torch.tensor([n + i], device=device))[0])
+        ours = dec.teacher_forced(prompt, tokens)
         cache = DynamicCache()
         hf = [model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache,
                     use_cache=True).logits[0, -1].float()]
@@ -95,7 +92,7 @@ def logits_agreement(model, prompt: list[int], tokens: list[int], device: str) -
             hf.append(model(input_ids=torch.tensor([[t]], device=device), past_key_values=cache,
                             use_cache=True).logits[0, -1].float())
     out = {}
-    for name, logits in (("chatlora", torch.stack(ours)), ("transformers_incremental", torch.stack(hf))):
+    for name, logits in (("chatlora", ours), ("transformers_incremental", torch.stack(hf))):
         rel = (logits - full).norm(dim=-1) / full.norm(dim=-1)
         out[name] = {"median_rel_error": rel.median().item(), "max_rel_error": rel.max().item(),
                      "argmax_agreement": (logits.argmax(-1) == full.argmax(-1)).float().mean().item()}

@@ -44,3 +44,13 @@ def test_generation_delegates_to_the_decoder(model, monkeypatch):
     fast = generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
     monkeypatch.setattr(generate, "static_decoder", lambda m: None)
     assert fast == generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
+
+
+def test_teacher_forced_logits_equal_a_full_forward(model):
+    decoder = StaticDecoder(model, graphs=False)
+    prompt, tokens = [1, 17, 230, 99, 42, 4], [5, 77, 300, 12, 8, 8, 41]
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float()
+    ours = decoder.teacher_forced(prompt, tokens)
+    assert ours.shape == full.shape
+    assert ((ours - full).norm(dim=-1) / full.norm(dim=-1)).max().item() < 1e-5

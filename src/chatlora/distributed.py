@@ -131,11 +131,11 @@ def check_agreement(parts: dict[str, str], ranks: Ranks) -> None:
 
 def gather_rng(ranks: Ranks) -> dict[str, torch.Tensor]:
     """Every rank's RNG states, for rank 0's checkpoint (keys rng.rank<R>.cpu / .cuda)."""
+    if not ranks.active:
+        return {}
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
-    if not ranks.active:
-        return {}
     out = {}
     device = _device_of(ranks)
     for kind, state in states.items():

@@ -23,6 +23,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from chatlora.fastpath import architecture_reason
+
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
 CACHE_BUCKET = 256      # cache length: prompt + new tokens, rounded up
 MAX_BATCH = 64
@@ -35,11 +37,7 @@ def static_decoder(model) -> "StaticDecoder | None":
     decoder = getattr(model, "_chatlora_decoder", None)
     if decoder is None:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        c = lm.config
-        device = next(lm.parameters()).device
-        if (device.type != "cuda" or c.model_type != "llama" or getattr(c, "attention_bias", False)
-                or getattr(c, "mlp_bias", False) or getattr(c, "hidden_act", "silu") != "silu"
-                or getattr(lm.model.rotary_emb, "rope_type", "default").startswith("dynamic")):
+        if next(lm.parameters()).device.type != "cuda" or architecture_reason(lm):
             return None
         if hasattr(model, "merge_adapter"):
             model.merge_adapter()
@@ -127,6 +125,17 @@ class StaticDecoder:
         graph, static = s["graphs"][attend]
         graph.replay()
         return static[:self.rows].clone()
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] predicting each of `tokens` after `prompt`, fed one by one
+        (for comparing the decoder with a full forward over the same sequence)."""
+        n, dev = len(prompt), self.device
+        out = [self.start(torch.tensor([prompt], device=dev), torch.ones(1, n, dtype=torch.long, device=dev),
+                          torch.arange(n, device=dev)[None], len(tokens))[0]]
+        for i, t in enumerate(tokens[:-1]):
+            out.append(self.step(torch.tensor([t], device=dev), torch.tensor([n + i], device=dev))[0])
+        return torch.stack(out)
 
     # ---------------------------------------------------------------- internals
 

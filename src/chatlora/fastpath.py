@@ -45,12 +45,12 @@ TARGETS = {name for _, names in GROUPS for name in names}
 ADAPTER = "default"
 
 
-def unsupported_reason(model, lora_cfg) -> str | None:
-    """None when the fast path computes exactly this model's function, else why it cannot."""
-    lm = model.get_base_model()
+def architecture_reason(lm) -> str | None:
+    """None when a functional Llama forward (this module's, fastdecode's) computes the transformers
+    model `lm`'s function, else why it cannot."""
     c = lm.config
     if c.model_type != "llama":
-        return f"model type {c.model_type!r} (the fast path covers Llama-architecture models)"
+        return f"model type {c.model_type!r} (the fast paths cover Llama-architecture models)"
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         return "the model has linear-layer biases"
     if getattr(c, "hidden_act", "silu") != "silu":
@@ -58,6 +58,15 @@ def unsupported_reason(model, lora_cfg) -> str | None:
     rope = getattr(lm.model.rotary_emb, "rope_type", "default")
     if rope.startswith("dynamic") or rope == "longrope":
         return f"RoPE type {rope!r} depends on the sequence length"
+    return None
+
+
+def unsupported_reason(model, lora_cfg) -> str | None:
+    """None when the fast path computes exactly this model's function, else why it cannot."""
+    lm = model.get_base_model()
+    reason = architecture_reason(lm)
+    if reason:
+        return reason
     if lora_cfg.dora:
         return "DoRA"
     extra = set(lora_cfg.targets) - TARGETS

@@ -112,12 +112,13 @@ def accumulate_gradients(model, examples, micro_batch_examples: int, collate, st
     (sharded mode: FSDP averages over ranks). Returns the step's loss (0-d, no host sync)."""
     supervised = supervised or supervised_count(examples)
     total = torch.zeros((), device=next(model.parameters()).device)
-    for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples, micro_batch_tokens)):
+    chunks = micro_batches(examples, micro_batch_examples, micro_batch_tokens)
+    for micro, chunk in enumerate(chunks):
         _fault(step, micro)
         part = loss_sum(model, collate(chunk)) / supervised
         (part * grad_scale if grad_scale != 1.0 else part).backward()
         total = total + part.detach()
-    for _ in range(min_passes - len(micro_batches(examples, micro_batch_examples, micro_batch_tokens))):
+    for _ in range(min_passes - len(chunks)):
         (loss_sum(model, collate(filler)) * 0.0).backward()   # keeps sharded ranks' passes in step
     return total
 
@@ -185,8 +186,9 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             raise UserError("no training examples are left after the data check")
         return loaded
     base, tok, fmt, ds = _together(ranks, load_data)
-    distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
-                                 "data": _digest(ds.train)}, ranks)
+    if ranks.active:
+        distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+                                     "data": _digest(ds.train)}, ranks)
     if main:
         write_run_files(run, cfg, base, fmt, ds.report)
 
