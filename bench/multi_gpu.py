@@ -46,7 +46,12 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = {n: run(args.model_dir, n, args.steps, args.mode) for n in (1, args.gpus)}
-    result = {"gpus": args.gpus, "mode": args.mode, "settings": SETTINGS}
+    import torch
+    import transformers
+
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "gpus": args.gpus, "mode": args.mode, "steps": args.steps, "warmup": args.warmup, "settings": SETTINGS}
     for n, metrics in rows.items():
         timed = metrics[args.warmup:]
         result[f"{n}_gpu"] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 from chatlora.batches import StepPlan  # noqa: E402
 from chatlora.config import load_config  # noqa: E402
 from chatlora.dataset import dataset_for_config  # noqa: E402
-from chatlora.fastpath import BUCKET_SUPERVISED, BUCKET_TOKENS, FastStep, bucket, host_row  # noqa: E402
-from chatlora.batches import supervised_count  # noqa: E402
+from chatlora.fastpath import FastStep, host_row, pass_shape  # noqa: E402
 from chatlora.lora import attach, trainable_parameters  # noqa: E402
 from chatlora.model import load_model  # noqa: E402
 
@@ -54,8 +53,7 @@ def main():
     tokens = statistics.mean(sum(len(e.input_ids) for e in ex) for ex in steps)
 
     ex = steps[0]
-    t = bucket(sum(len(e.input_ids) for e in ex), BUCKET_TOKENS)
-    s = bucket(supervised_count(ex), BUCKET_SUPERVISED)
+    t, s = pass_shape(ex)
     static, graph, _ = fast._captured[(t, s)]
     replay = median_ms(graph.replay)
     t0 = time.perf_counter()

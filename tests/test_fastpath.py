@@ -241,3 +241,25 @@ def test_buckets_bound_padding_and_shapes():
     assert all(bucket(n, 128) >= n and bucket(n, 128) % 128 == 0 for n in sizes)
     assert all(bucket(n, 128) - n < max(128, n / 8) for n in sizes)
     assert len({bucket(n, 128) for n in sizes}) <= 40
+
+
+def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
+    """Supervised positions are padded to eighths of the token bucket (at least BUCKET_SUPERVISED),
+    never beyond it: every pass fits its shape, and a token bucket has at most 8 supervised sizes."""
+    from types import SimpleNamespace
+
+    from chatlora.fastpath import BUCKET_SUPERVISED, pass_shape
+
+    shapes = set()
+    for n in range(2, 3000, 37):
+        for share in (0.05, 0.3, 0.7, 1.0):
+            sup = max(1, int(n * share) - 1)
+            ex = SimpleNamespace(input_ids=[5] * n, labels=[IGNORE] * (n - sup) + [7] * sup)
+            tokens, s = pass_shape([ex])
+            assert tokens >= n and sup <= s <= tokens
+            assert s % max(BUCKET_SUPERVISED, tokens // 8) == 0 or s == tokens
+            shapes.add((tokens, s))
+    per_bucket = {}
+    for t, s in shapes:
+        per_bucket.setdefault(t, set()).add(s)
+    assert max(len(v) for v in per_bucket.values()) <= 8

@@ -1,11 +1,16 @@
 """Fast decoding on a GPU: a static KV cache and the one-token step captured as CUDA graphs.
 
 The eager transformers forward spends ~57 ms per token of an Index-1.9B-sized model launching
-kernels from Python (bench/NOTES.md); the weights take ~1 ms to read. `StaticDecoder` runs the same
-operations as transformers' Llama forward, in the same order and dtypes (RMSNorm in fp32 then the
-weight, RoPE as `q*cos + rotate_half(q)*sin`, separate projections, SDPA), so greedy tokens follow the
-model's own; what changes is where the keys and values live (one preallocated cache) and that each
-(batch, cache length, attended length) shape of the step is captured once and replayed.
+kernels from Python (bench/NOTES.md); the weights take ~1 ms to read. `StaticDecoder` computes the
+same function as transformers' Llama forward with fewer, fused kernels per layer (measured: a step of
+~1,600 kernels in transformers' operation order spent 4.9 ms where the weights need 1 ms):
+  - q/k/v and gate/up as one GEMM each (the modules keep views into the fused weight, as in training);
+  - fused RMSNorm (`F.rms_norm`), RoPE on q and k together, the residual adds inside the output
+    projections' GEMMs (`addmm`);
+  - one preallocated cache for keys and values; each (batch, cache length, attended length) shape of
+    the step is captured once and replayed.
+Rounding differs from transformers' operation order; in bf16 neither incremental path equals a
+full forward exactly, and ours is no further from it (bench/NOTES.md, `bench/decode_speed.py`).
 
     decoder = static_decoder(model)          # None off-GPU or for unsupported models
     logits = decoder.start(ids, mask, positions, max_new_tokens)   # prefill (left-padded rows)
@@ -23,7 +28,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from chatlora.fastpath import architecture_reason
+from chatlora.fastpath import architecture_reason, fuse_weights
 
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
 CACHE_BUCKET = 256      # cache length: prompt + new tokens, rounded up
@@ -46,32 +51,21 @@ def static_decoder(model) -> "StaticDecoder | None":
     return decoder
 
 
-def _rms_norm(x, weight, eps):
-    """transformers' LlamaRMSNorm, operation for operation."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class StaticDecoder:
     def __init__(self, lm, graphs: bool = True):
         c = lm.config
         self.lm, self.graphs = lm, graphs
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
-        self.eps = c.rms_norm_eps
+        self.hidden, self.eps = c.hidden_size, c.rms_norm_eps
         rotary = lm.model.rotary_emb
         self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
         self.device = next(lm.parameters()).device
         self.dtype = lm.model.embed_tokens.weight.dtype
-        self.layers = [(l.input_layernorm.weight, l.post_attention_layernorm.weight, l.self_attn.q_proj.weight,
-                        l.self_attn.k_proj.weight, l.self_attn.v_proj.weight, l.self_attn.o_proj.weight,
-                        l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
+        self.layers = [(l.input_layernorm.weight, l.post_attention_layernorm.weight,
+                        fuse_weights([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+                        l.self_attn.o_proj.weight, fuse_weights([l.mlp.gate_proj, l.mlp.up_proj]),
+                        l.mlp.down_proj.weight)
                        for l in lm.model.layers]
         self._states: OrderedDict = OrderedDict()   # (batch, cache length) -> cache + captured steps
         self.state = None
@@ -173,16 +167,17 @@ class StaticDecoder:
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
         freqs = positions.float()[..., None] * self.inv_freq.to(self.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
-        h = F.embedding(ids, self.lm.model.embed_tokens.weight)
-        for i, (n1, n2, wq, wk, wv, wo, wg, wu, wd) in enumerate(self.layers):
-            x = _rms_norm(h, n1, self.eps)
-            q = F.linear(x, wq).view(b, t, nq, hd).transpose(1, 2)
-            k = F.linear(x, wk).view(b, t, nkv, hd).transpose(1, 2)
-            v = F.linear(x, wv).view(b, t, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, :, None]       # [B, T, 1, hd]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, :, None]
+        sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)   # rotate_half's signs
+        h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, self.hidden)
+        for i, (n1, n2, wqkv, wo, wgu, wd) in enumerate(self.layers):
+            y = F.rms_norm(h, (self.hidden,), n1, self.eps) @ wqkv.t()
+            qk = y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd)
+            # rotate_half(x) * sin == the two halves swapped * (-sin, sin)
+            qk = torch.addcmul(qk * cos, qk.view(b, t, nq + nkv, 2, hd // 2).flip(3).view_as(qk), sin)
+            q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
+            v = y[:, (nq + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
             kc, vc = s["k"][i], s["v"][i]
             if slot is None:
                 kc[:, :, :t] = k
@@ -194,8 +189,8 @@ class StaticDecoder:
             if nkv != nq:
                 keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=hd ** -0.5)
-            h = h + F.linear(a.transpose(1, 2).reshape(b, t, nq * hd), wo)
-            x = _rms_norm(h, n2, self.eps)
-            h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-        h = _rms_norm(h[:, -1], self.lm.model.norm.weight, self.eps)
+            h = torch.addmm(h, a.transpose(1, 2).reshape(b * t, nq * hd), wo.t())
+            gate, up = (F.rms_norm(h, (self.hidden,), n2, self.eps) @ wgu.t()).chunk(2, dim=-1)
+            h = torch.addmm(h, F.silu(gate) * up, wd.t())
+        h = F.rms_norm(h.view(b, t, -1)[:, -1], (self.hidden,), self.lm.model.norm.weight, self.eps)
         return F.linear(h, self.lm.lm_head.weight).float()

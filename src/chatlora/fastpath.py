@@ -11,9 +11,10 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
   - q/k/v and gate/up adapters as batched GEMMs (each module keeps its own dropout mask, as in peft);
   - fused RMSNorm, RoPE on q and k together, one block-diagonal mask per pass for all layers;
   - the vocabulary projection only at supervised positions;
-  - the row padded to a bucket (multiples of `BUCKET_TOKENS` tokens and `BUCKET_SUPERVISED` supervised
-    positions, coarser for long rows: `bucket`) so a few shapes repeat; each shape is captured once (forward + backward into the persistent gradient
-    buffer) and replayed: one launch per pass instead of thousands.
+  - the row padded to a bucket shape (`pass_shape`: tokens in multiples of `BUCKET_TOKENS`, coarser
+    for long rows; supervised positions in eighths of that) so a few shapes repeat; each shape is
+    captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
+    per pass instead of thousands.
 
     step = FastStep(peft_model, device, graphs=True)
     step.zero_grad()
@@ -113,14 +114,8 @@ class FastLlama:
         self._flatten()
 
     def _group(self, modules) -> _Group:
-        bases = [getattr(m, "base_layer", m) for m in modules]
-        weight = torch.cat([b.weight.detach() for b in bases])
-        outs, start = [], 0
-        for b in bases:  # the modules now read views of the fused weight: no second copy
-            n = b.weight.shape[0]
-            b.weight.data = weight[start:start + n]
-            outs.append(n)
-            start += n
+        weight = fuse_weights(modules)
+        outs = [getattr(m, "base_layer", m).weight.shape[0] for m in modules]
         found = [(i, m) for i, m in enumerate(modules) if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
         found = [(i, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight, _dropout_p(m)) for i, m in found]
         for _, a, b, _ in found:
@@ -263,6 +258,20 @@ class FastLlama:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def fuse_weights(modules) -> torch.Tensor:
+    """The base weights of linear `modules` reading the same input, concatenated ([sum of outs, in]);
+    each module's weight becomes a view into it, so nothing is held twice and whatever reads or
+    updates the modules (saving, `merge_adapter`) sees the fused tensor."""
+    bases = [getattr(m, "base_layer", m) for m in modules]
+    weight = torch.cat([b.weight.detach() for b in bases])
+    start = 0
+    for b in bases:
+        n = b.weight.shape[0]
+        b.weight.data = weight[start:start + n]
+        start += n
+    return weight
+
+
 @lru_cache(maxsize=None)  # made once per device, before any graph capture (no host copy while capturing)
 def _bits(device) -> torch.Tensor:
     return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
@@ -284,6 +293,16 @@ def bucket(n: int, minimum: int) -> int:
     shapes cover any mix of lengths (each new shape costs one capture) at a bounded padding share."""
     step = max(minimum, 1 << max(0, n.bit_length() - 4))
     return max(step, -(-n // step) * step)
+
+
+def pass_shape(examples) -> tuple[int, int]:
+    """(tokens, supervised positions) that a pass over `examples` is padded to. Supervised positions
+    only size the vocabulary projection (~2% of a pass), so they take coarse steps of an eighth of the
+    token bucket: fewer shapes to capture (bench/NOTES.md: 30 -> 19 over the seed job) for ~0.4% more
+    arithmetic."""
+    tokens = bucket(sum(len(e.input_ids) for e in examples), BUCKET_TOKENS)
+    step = max(BUCKET_SUPERVISED, tokens // 8)
+    return tokens, min(tokens, -(-supervised_count(examples) // step) * step)
 
 
 def host_row(examples, tokens: int, supervised: int) -> torch.Tensor:
@@ -340,8 +359,7 @@ class FastStep:
         self.divisor.fill_(supervised or supervised_count(examples))
         total = torch.zeros((), device=self.device)
         for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
-            tokens = bucket(sum(len(e.input_ids) for e in chunk), BUCKET_TOKENS)
-            sup = bucket(supervised_count(chunk), BUCKET_SUPERVISED)
+            tokens, sup = pass_shape(chunk)
             row = host_row(chunk, tokens, sup)
             if self.graphs:
                 static, graph, loss = self._graph(tokens, sup, row)
@@ -361,8 +379,8 @@ class FastStep:
         return loss.detach()
 
     def _graph(self, tokens: int, sup: int, row: torch.Tensor):
-        """The captured pass for this bucket shape (captured on first use: two eager warm-up passes,
-        then capture; the gradients they added are restored afterwards)."""
+        """The captured pass for this bucket shape (captured on first use: eager warm-up passes, two
+        for the first shape and one after, then capture; the gradients they added are restored)."""
         key = (tokens, sup)
         if key not in self._captured:
             saved = self.net.flat.grad.clone()
@@ -370,7 +388,7 @@ class FastStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
+                for _ in range(1 if self._captured else 2):
                     self._forward_backward(static, tokens, sup)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:

@@ -1,0 +1,96 @@
+"""Where a decode step's time goes: the captured step alone, the step with its input updates, and
+`BatchGeneration`'s whole per-token loop (sampling, stop checks, the host sync), plus the kernels of
+one replayed step.
+
+    python bench/make_index_model.py /tmp/idx
+    python bench/profile_decode.py /tmp/idx --batch 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+from chatlora.config import load_config  # noqa: E402
+from chatlora.fastdecode import static_decoder  # noqa: E402
+from chatlora.generate import BatchGeneration, Sampling  # noqa: E402
+from chatlora.lora import attach  # noqa: E402
+from chatlora.model import load_model, prepare_base  # noqa: E402
+
+
+def timed(fn, n: int) -> float:
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - began) / n
+
+
+def profile(model, batch: int, steps: int) -> dict:
+    dec = static_decoder(model)
+    prompt = 8
+    ids = torch.randint(5, 3000, (batch, prompt), device="cuda")
+    ones = torch.ones(batch, prompt, dtype=torch.long, device="cuda")
+    positions = torch.arange(prompt, device="cuda").expand(batch, -1)
+    dec.start(ids, ones, positions, 2 * steps + 16)
+    tokens = torch.full((batch,), 7, device="cuda")
+    pos = torch.full((batch,), prompt, device="cuda")
+    dec.step(tokens, pos)   # captures this attention bucket
+    graph, _ = dec.state["graphs"][max(dec.state["graphs"])]
+    replay = timed(graph.replay, steps)
+    step = timed(lambda: dec.step(tokens, pos), steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[e.name[:70]]
+            k[0] += 1
+            k[1] += e.device_time
+    count = sum(n for n, _ in kernels.values()) / 5
+    busy = sum(t for _, t in kernels.values()) / 5 / 1000
+    s = Sampling(max_new_tokens=steps, temperature=0, repetition_penalty=1.0)
+    prompts = [list(range(10, 50))] * batch
+    list(BatchGeneration(model, prompts, [], [s] * batch))  # captures the buckets these steps need
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    list(BatchGeneration(model, prompts, [], [s] * batch))
+    torch.cuda.synchronize()
+    loop = (time.perf_counter() - began) / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+    return {"batch": batch, "replay_ms": replay * 1e3, "step_ms": step * 1e3, "generation_ms_per_token": loop * 1e3,
+            "kernels_per_step": count, "kernel_busy_ms": busy,
+            "top": [(name, n / 5, t / 5 / 1000) for name, (n, t) in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = attach(load_model(prepare_base(args.model_dir), "bfloat16", "cuda"), load_config().lora).eval()
+    rows = [profile(model, b, args.steps) for b in args.batch]
+    for r in rows:
+        print(f"\nbatch {r['batch']}: top kernels of one replayed step (count, ms)")
+        for name, n, ms in r["top"]:
+            print(f"  {n:>6.0f} {ms:>7.3f}  {name}")
+    print(f"\n{'batch':>5}{'replay ms':>11}{'step ms':>9}{'loop ms/token':>15}{'kernels':>9}{'kernel busy ms':>16}")
+    for r in rows:
+        print(f"{r['batch']:>5}{r['replay_ms']:>11.3f}{r['step_ms']:>9.3f}{r['generation_ms_per_token']:>15.3f}"
+              f"{r['kernels_per_step']:>9.0f}{r['kernel_busy_ms']:>16.3f}")
+
+
+if __name__ == "__main__":
+    main()
