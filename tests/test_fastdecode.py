@@ -54,3 +54,33 @@ def test_teacher_forced_logits_equal_a_full_forward(model):
     ours = decoder.teacher_forced(prompt, tokens)
     assert ours.shape == full.shape
     assert ((ours - full).norm(dim=-1) / full.norm(dim=-1)).max().item() < 1e-5
+
+
+def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
+    """All-greedy batches pick on the decoder and run a step ahead (`StaticDecoder.greedy`): same
+    tokens and finish reasons as the plain loop, with a repetition penalty, per-row limits, a stop
+    id met mid-way and a row dropped by `should_stop`."""
+    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
+    prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
+    limits = [Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.3) for n in (14, 9, 20)]
+
+    def run(decoder):
+        monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+        probe = [[] for _ in prompts]
+        for row, token in BatchGeneration(model, prompts, [], limits):
+            probe[row].append(token)
+        stop = probe[2][5]   # an id row 2 meets mid-way
+        got = [[] for _ in prompts]
+        gen = BatchGeneration(model, prompts, [stop], limits, should_stop=lambda r: r == 1 and len(got[1]) >= 4)
+        for row, token in gen:
+            got[row].append(token)
+        return probe, got, gen.finish_reasons
+
+    decoder, used = StaticDecoder(model, graphs=False), []
+    picks = decoder.greedy
+    decoder.greedy = lambda *a: used.append(1) or picks(*a)
+    fast = run(decoder)
+    plain = run(None)
+    assert used and fast == plain
+    assert fast[2] == [fast[2][0], "length", "stop"] and len(fast[1][1]) == 4

@@ -100,25 +100,58 @@ class StaticDecoder:
         s = self.state
         if self.slot >= s["cap"]:
             raise ValueError("the static cache is full: start() was given a smaller max_new_tokens")
-        attend = min(s["cap"], -(-(self.slot + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
         s["tokens"].zero_()
         s["tokens"][:self.rows] = tokens
         s["positions"].zero_()
         s["positions"][:self.rows] = positions
         s["slot"].fill_(self.slot)
+        attend = self._attend()
         self.slot += 1
-        if not self.graphs:
-            return self._step(s, attend)[:self.rows].clone()
-        if attend not in s["graphs"]:
-            out = self._step(s, attend)   # the real step, eager; its shape is captured for the next ones
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=s["pool"]):
-                static = self._step(s, attend)
-            s["graphs"][attend] = (graph, static)
-            return out[:self.rows].clone()
-        graph, static = s["graphs"][attend]
-        graph.replay()
-        return static[:self.rows].clone()
+        return self._run(s, attend, pick=False)[:self.rows].clone()
+
+    @torch.inference_mode()
+    def greedy(self, logits, seen, penalty, positions, count: int):
+        """Greedy decoding with the picks on the device: yields `count` lists of each row's next id.
+        The first comes from `logits` (start()'s); each later one from a captured step that also
+        applies the repetition `penalty` ([B, 1]) over the `seen` ids ([B, vocab] bool), takes the
+        argmax and feeds it to the next step, so the host never stands between two steps: step n+1
+        runs while the caller handles step n's ids (stopping early wastes one step). Same picks as
+        `step` + penalty + argmax on the host (tested)."""
+        s, rows = self.state, self.rows
+        if "seen" not in s:
+            s["seen"] = torch.zeros(s["batch"], logits.shape[-1], dtype=torch.bool, device=self.device)
+            s["penalty"] = torch.ones(s["batch"], 1, device=self.device)
+        s["seen"].zero_()
+        s["seen"][:rows] = seen
+        s["penalty"].fill_(1.0)
+        s["penalty"][:rows] = penalty
+        s["positions"].zero_()
+        s["positions"][:rows] = positions
+        s["slot"].fill_(self.slot)
+        s["tokens"].zero_()
+        self._pick(s, F.pad(logits.float(), (0, 0, 0, s["batch"] - rows)))
+        cuda = self.device.type == "cuda"
+        host = torch.empty(2, s["batch"], dtype=torch.long, pin_memory=cuda)
+        done = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        host[0].copy_(s["tokens"])
+        yield host[0, :rows].tolist()
+        for n in range(1, count):
+            if self.slot >= s["cap"]:
+                raise ValueError("the static cache is full: start() was given a smaller max_new_tokens")
+            self._run(s, self._attend(), pick=True)
+            self.slot += 1
+            host[n % 2].copy_(s["tokens"], non_blocking=cuda)
+            if cuda:
+                done[n % 2].record()
+            if n > 1:
+                yield self._ready(host, done, n - 1)
+        if count > 1:
+            yield self._ready(host, done, count - 1)
+
+    def _ready(self, host, done, n: int) -> list[int]:
+        if done[n % 2] is not None:
+            done[n % 2].synchronize()
+        return host[n % 2, :self.rows].tolist()
 
     @torch.inference_mode()
     def teacher_forced(self, prompt: list[int], tokens: list[int]) -> torch.Tensor:
@@ -152,10 +185,44 @@ class StaticDecoder:
         self._states[key] = state
         return state
 
-    def _step(self, s, attend: int):
+    def _attend(self) -> int:
+        """Cache columns the next step attends to: the filled ones, rounded up to a bucket."""
+        return min(self.state["cap"], -(-(self.slot + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
+
+    def _run(self, s, attend: int, pick: bool) -> torch.Tensor:
+        """One step: eager without graphs; else the captured step for (attend, pick), captured after
+        running it eagerly the first time (the eager run is the real step)."""
+        if not self.graphs:
+            return self._step(s, attend, pick)
+        key = (attend, pick)
+        if key not in s["graphs"]:
+            out = self._step(s, attend, pick)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=s["pool"]):
+                static = self._step(s, attend, pick)
+            s["graphs"][key] = (graph, static)
+            return out
+        graph, static = s["graphs"][key]
+        graph.replay()
+        return static
+
+    def _step(self, s, attend: int, pick: bool):
         s["valid"].index_fill_(1, s["slot"], True)
         mask = self._additive(s["valid"][:, None, None, :attend])
-        return self._forward(s["tokens"][:, None], s["positions"][:, None], s["slot"], attend, mask)
+        logits = self._forward(s["tokens"][:, None], s["positions"][:, None], s["slot"], attend, mask)
+        if pick:
+            self._pick(s, logits)
+            s["positions"].add_(1)
+            s["slot"].add_(1)
+        return logits
+
+    def _pick(self, s, logits) -> None:
+        """The next input ids: greedy over the penalized logits (as `generate.next_token`), marked seen."""
+        p = s["penalty"]
+        logits = torch.where(s["seen"], torch.where(logits > 0, logits / p, logits * p), logits)
+        token = logits.argmax(-1)
+        s["seen"].scatter_(1, token[:, None], True)
+        s["tokens"].copy_(token)
 
     def _additive(self, allowed):
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
@@ -193,4 +260,6 @@ class StaticDecoder:
             gate, up = (F.rms_norm(h, (self.hidden,), n2, self.eps) @ wgu.t()).chunk(2, dim=-1)
             h = torch.addmm(h, F.silu(gate) * up, wd.t())
         h = F.rms_norm(h.view(b, t, -1)[:, -1], (self.hidden,), self.lm.model.norm.weight, self.eps)
-        return F.linear(h, self.lm.lm_head.weight).float()
+        # weight @ h.T: with an odd vocabulary (Index: 65,029) the [B, vocab] output's rows are
+        # misaligned and cuBLAS falls back to a slow kernel (measured at batch 16: 0.31 ms of 3.4)
+        return (self.lm.lm_head.weight @ h.t()).t().float()

@@ -339,6 +339,7 @@ class FastStep:
         self.divisor = torch.ones((), device=self.device)
         self._captured: dict[tuple[int, int], tuple] = {}
         self._pool = None
+        self._side = None
 
     def zero_grad(self) -> None:
         self.net.flat.grad.zero_()
@@ -385,7 +386,9 @@ class FastStep:
         if key not in self._captured:
             saved = self.net.flat.grad.clone()
             static = row.to(self.device)
-            side = torch.cuda.Stream()
+            if self._side is None:  # one stream for every warm-up: each new stream costs cuBLAS a
+                self._side = torch.cuda.Stream()  # workspace it keeps (measured: +64 MiB per capture)
+            side = self._side
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(1 if self._captured else 2):

@@ -156,6 +156,9 @@ class BatchGeneration:
         for r, p in enumerate(self.prompts):
             seen[r, torch.tensor(p, device=self.device)] = True
         penalty = torch.tensor([[s.repetition_penalty] for s in self.samplings], device=self.device)
+        if decoder is not None and all(s.temperature == 0 for s in self.samplings):
+            yield from self._greedy_on_device(decoder, last, seen, penalty, positions[:, -1] + 1, counts)
+            return
         every_row = torch.arange(rows, device=self.device)
         while True:
             logits = last.float()
@@ -176,6 +179,21 @@ class BatchGeneration:
                 continue
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
             last = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
+
+    def _greedy_on_device(self, decoder, last, seen, penalty, positions, counts):
+        """All rows greedy: the decoder picks on the GPU and runs a step ahead of this loop."""
+        rows = len(self.prompts)
+        for tokens in decoder.greedy(last, seen, penalty, positions, max(s.max_new_tokens for s in self.samplings)):
+            for r, token in enumerate(tokens):
+                if self.finish_reasons[r] is None:
+                    token = self._step(r, None, token, counts)
+                    if self.finish_reasons[r] is None:
+                        yield r, token
+            if all(f is not None for f in self.finish_reasons):
+                return
+        for r in range(rows):  # every row has its max_new_tokens
+            if self.finish_reasons[r] is None:
+                self.finish_reasons[r] = "length"
 
     def _step(self, r: int, logits, greedy: int, counts) -> int:
         """Row r's next token from its penalized logits, or finish the row (then its token is padding)."""
