@@ -247,10 +247,10 @@ def main() -> None:
         save()
     ref = results["reference"]["tokens_per_s"]
     print(json.dumps(results, indent=1)[:3000])
-    print(f"\n{'path':<52}{'tokens/s':>9}{'s/step':>8}{'GiB':>6}{'1st step s':>11}{'x ref':>7}")
+    print(f"\n{'path':<52}{'tokens/s':>9}{'s/step':>8}{'GiB':>7}{'1st step s':>11}{'x ref':>7}")
     for name in ["reference"] + args.variants.split(","):
         r = results[name]
-        print(f"{r['label']:<52}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>6.1f}"
+        print(f"{r['label']:<52}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>7.2f}"
               f"{r.get('time_to_first_step_s', float('nan')):>11.1f}{r['tokens_per_s'] / ref:>7.1f}")
     print("first-step loss:", {k: round(v, 5) for k, v in results["first_step_loss"].items()})
     if "loss_agreement" in results:
