@@ -9,8 +9,10 @@ same function as transformers' Llama forward with fewer, fused kernels per layer
     projections' GEMMs (`addmm`);
   - one preallocated cache for keys and values; each (batch, cache length, attended length) shape of
     the step is captured once and replayed.
-Rounding differs from transformers' operation order; in bf16 neither incremental path equals a
-full forward exactly, and ours is no further from it (bench/NOTES.md, `bench/decode_speed.py`).
+Rounding differs from transformers' operation order. In bf16 neither incremental path equals a full
+forward exactly, and both are about as far from it: median logits error 0.035 for ours against 0.032
+for transformers', argmax agreement 88% for both (bench/NOTES.md, `bench/decode_speed.py`).
+In float32, greedy tokens equal `generate`'s (tests).
 
     decoder = static_decoder(model)          # None off-GPU or for unsupported models
     logits = decoder.start(ids, mask, positions, max_new_tokens)   # prefill (left-padded rows)
