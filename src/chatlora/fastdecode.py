@@ -17,6 +17,8 @@ In float32, greedy tokens equal `generate`'s (tests).
     decoder = static_decoder(model)          # None off-GPU or for unsupported models
     logits = decoder.start(ids, mask, positions, max_new_tokens)   # prefill (left-padded rows)
     logits = decoder.step(tokens, positions)                       # one token for every row
+    for ids in decoder.greedy(logits, seen, penalty, positions, n):   # or: greedy picks on the GPU
+        ...
 
 A LoRA adapter is merged into the weights once (`peft merge_adapter`: the peft model then computes
 the merged function too, so every path sees the same model).
