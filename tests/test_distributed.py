@@ -130,3 +130,31 @@ def test_sharded_mode_trains_like_one_process_and_resumes(tmp_path, index_dir, d
     launch(2, index_dir, data, tmp_path / "halves", *same, "train.max_steps=2")
     launch(2, index_dir, data, tmp_path / "halves", *same, "--resume")
     assert losses(tmp_path / "halves") == two
+
+
+def test_two_nodes_through_the_rendezvous_train_like_one(tmp_path, index_dir, data):
+    """The README's multi-node launch, as two "nodes" on this machine: two torchrun agents, one
+    process each, meeting at a c10d rendezvous endpoint. Same losses and adapter as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = [x for s in SETTINGS + ["lora.dropout=0"] for x in ("--set", s)]
+    cfg = load_config(overrides=SETTINGS + ["lora.dropout=0"],
+                      flags={"model.path": str(index_dir), "data.path": str(data)})
+    train(cfg, tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "chatlora-test",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "chatlora", "train", "--model",
+                               str(index_dir), "--data", str(data), "--output", str(tmp_path / "nodes"), *sets],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, "\n".join(l for l in err.splitlines() if "rror" in l)[:3000]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "nodes")
+    assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "nodes")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
