@@ -142,6 +142,10 @@ def main() -> None:
                                 "chatlora_ttft_s": ttft, "rows_identical_to_generate_on_merged_model": same_rows,
                                 "earliest_divergence": first_diff, "same_as_unmerged_seed": tokens == seed_tokens})
     results["logits_agreement_batch1"] = logits_agreement(model, prompts[0], ours[1][2][0], args.device)
+    from chatlora.fastdecode import static_decoder
+
+    dec = static_decoder(model)
+    results["triton_decode_kernels"] = bool(dec and dec.kernels)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

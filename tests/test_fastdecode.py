@@ -84,3 +84,21 @@ def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
     plain = run(None)
     assert used and fast == plain
     assert fast[2] == [fast[2][0], "length", "stop"] and len(fast[1][1]) == 4
+
+
+def test_failing_kernels_leave_the_torch_operations(model, monkeypatch, capsys):
+    """Where the Triton kernels cannot compile or disagree, the decoder says so and decodes with
+    torch operations (same tokens as `generate`)."""
+    import chatlora.kernels as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    monkeypatch.setattr(kernels, "rope_to_cache", broken)
+    decoder = StaticDecoder(model, graphs=False)
+    assert not decoder.kernels
+    assert "fused decode kernels are off (RuntimeError: no compiler here)" in capsys.readouterr().out
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    s = Sampling(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
+    assert generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)[0] == hf_greedy(model, [1, 17, 230, 99, 42, 4], 10)

@@ -147,7 +147,7 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
                              max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
         expected.append(out[0, len(p):].tolist())
     decoder = static_decoder(model)
-    assert decoder is not None
+    assert decoder is not None and decoder.kernels   # the Triton kernels run (kernels.py)
     s = Sampling(max_new_tokens=150, temperature=0, repetition_penalty=1.0)
     for _ in range(2):  # first run captures, second replays
         got = [[] for _ in prompts]
@@ -161,3 +161,35 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
     ours = decoder.teacher_forced(prompt, tokens)
     assert ((ours - full).norm(dim=-1) / full.norm(dim=-1)).max().item() < 1e-5
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.97
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_kernels_equal_the_torch_operations(dtype, tol):
+    """kernels.py against the torch operations the decoder uses without them (batch 3, GQA 4:2,
+    head size 64, cache of 16 columns written at column 5)."""
+    import torch.nn.functional as F
+
+    from chatlora import kernels
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to("cuda", dtype)  # noqa: E731
+    b, nq, nkv, hd, cap = 3, 4, 2, 64, 16
+    y, cos, sin, w = rand(b, (nq + 2 * nkv) * hd), rand(b, hd), rand(b, hd), rand((nq + 2 * nkv) * hd)
+    slot = torch.tensor([5], device="cuda")
+    kc, vc = rand(b, nkv, cap, hd), rand(b, nkv, cap, hd)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q = kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv)
+    qk = y[:, :(nq + nkv) * hd].view(b, 1, nq + nkv, hd)
+    c, s_ = cos[:, None, None], sin[:, None, None]
+    qk = torch.addcmul(qk * c, qk.view(b, 1, nq + nkv, 2, hd // 2).flip(3).view_as(qk), s_)
+    kc_ref.index_copy_(2, slot, qk[:, :, nq:].transpose(1, 2))
+    vc_ref.index_copy_(2, slot, y[:, (nq + nkv) * hd:].view(b, 1, nkv, hd).transpose(1, 2))
+
+    def close(a, ref):
+        return ((a.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+    assert close(q, qk[:, :, :nq].transpose(1, 2))
+    assert close(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert close(kernels.rms_norm(y, w, 1e-6), F.rms_norm(y, (y.shape[1],), w, 1e-6))
+    half = y.shape[1] // 2
+    assert close(kernels.silu_mul(y), F.silu(y[:, :half]) * y[:, half:])

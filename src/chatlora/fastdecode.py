@@ -32,6 +32,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from chatlora import kernels
 from chatlora.fastpath import architecture_reason, fuse_weights
 
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
@@ -71,6 +72,7 @@ class StaticDecoder:
                         l.self_attn.o_proj.weight, fuse_weights([l.mlp.gate_proj, l.mlp.up_proj]),
                         l.mlp.down_proj.weight)
                        for l in lm.model.layers]
+        self.kernels = kernels.available(self.device) and self._kernels_work()
         self._states: OrderedDict = OrderedDict()   # (batch, cache length) -> cache + captured steps
         self.state = None
         self.rows = 0
@@ -189,6 +191,33 @@ class StaticDecoder:
         self._states[key] = state
         return state
 
+    def _kernels_work(self) -> bool:
+        """Runs the Triton kernels once (compiling them) on a small example against the torch
+        operations of `_forward`; on any failure the decoder keeps the torch operations."""
+        try:
+            g = torch.Generator().manual_seed(0)
+            nq, nkv, hd = 2, 1, self.head_dim
+            rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
+            y, cos, sin, w = rand(2, (nq + 2 * nkv) * hd), rand(2, hd), rand(2, hd), rand((nq + 2 * nkv) * hd)
+            kc, vc = torch.zeros(2, 2, nkv, 4, hd, dtype=self.dtype, device=self.device)
+            q = kernels.rope_to_cache(y, cos, sin, torch.tensor([3], device=self.device), kc, vc, nq, nkv)
+            f = y.float()
+            qk = f[:, :(nq + nkv) * hd].view(2, nq + nkv, hd)
+            rot = qk * cos.float()[:, None] + qk.view(2, nq + nkv, 2, hd // 2).flip(2).view_as(qk) * sin.float()[:, None]
+            half = f.shape[1] // 2
+            pairs = [(q[:, :, 0], rot[:, :nq]), (kc[:, :, 3], rot[:, nq:]),
+                     (vc[:, :, 3], f[:, (nq + nkv) * hd:].view(2, nkv, hd)),
+                     (kernels.rms_norm(y, w, self.eps), F.rms_norm(f, (f.shape[1],), w.float(), self.eps)),
+                     (kernels.silu_mul(y), F.silu(f[:, :half]) * f[:, half:])]
+            bad = [i for i, (ours, ref) in enumerate(pairs) if not torch.allclose(ours.float(), ref, atol=0.05, rtol=0.02)]
+            if not bad:
+                return True
+            reason = f"outputs {bad} differ from the torch operations"
+        except Exception as e:  # noqa: BLE001 - any compiler or driver failure: fall back
+            reason = f"{type(e).__name__}: {e}"
+        print(f"chatlora: the fused decode kernels are off ({reason}); decoding with torch operations")
+        return False
+
     def _attend(self) -> int:
         """Cache columns the next step attends to: the filled ones, rounded up to a bucket."""
         return min(self.state["cap"], -(-(self.slot + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
@@ -242,27 +271,41 @@ class StaticDecoder:
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, :, None]
         sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)   # rotate_half's signs
         h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, self.hidden)
+        fused = self.kernels and slot is not None   # one-token steps: Triton kernels (kernels.py)
+        norm = ((lambda x, w: kernels.rms_norm(x, w, self.eps)) if fused
+                else (lambda x, w: F.rms_norm(x, (self.hidden,), w, self.eps)))
+        if fused:
+            cos, sin = cos.reshape(b, hd), sin.reshape(b, hd)
         for i, (n1, n2, wqkv, wo, wgu, wd) in enumerate(self.layers):
-            y = F.rms_norm(h, (self.hidden,), n1, self.eps) @ wqkv.t()
-            qk = y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd)
-            # rotate_half(x) * sin == the two halves swapped * (-sin, sin)
-            qk = torch.addcmul(qk * cos, qk.view(b, t, nq + nkv, 2, hd // 2).flip(3).view_as(qk), sin)
-            q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
-            v = y[:, (nq + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
+            y = norm(h, n1) @ wqkv.t()
             kc, vc = s["k"][i], s["v"][i]
-            if slot is None:
-                kc[:, :, :t] = k
-                vc[:, :, :t] = v
+            if fused:
+                q = kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv)
             else:
-                kc.index_copy_(2, slot, k)
-                vc.index_copy_(2, slot, v)
+                qk = y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd)
+                # rotate_half(x) * sin == the two halves swapped * (-sin, sin)
+                qk = torch.addcmul(qk * cos, qk.view(b, t, nq + nkv, 2, hd // 2).flip(3).view_as(qk), sin)
+                q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
+                v = y[:, (nq + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
+                if slot is None:
+                    kc[:, :, :t] = k
+                    vc[:, :, :t] = v
+                else:
+                    kc.index_copy_(2, slot, k)
+                    vc.index_copy_(2, slot, v)
             keys, values = kc[:, :, :attend], vc[:, :, :attend]
             if nkv != nq:
                 keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=hd ** -0.5)
-            h = torch.addmm(h, a.transpose(1, 2).reshape(b * t, nq * hd), wo.t())
-            gate, up = (F.rms_norm(h, (self.hidden,), n2, self.eps) @ wgu.t()).chunk(2, dim=-1)
-            h = torch.addmm(h, F.silu(gate) * up, wd.t())
+            # in place: out-of-place addmm first copies h into its output (a kernel per call)
+            h = h.addmm_(a.transpose(1, 2).reshape(b * t, nq * hd), wo.t())
+            gu = norm(h, n2) @ wgu.t()
+            if fused:
+                act = kernels.silu_mul(gu)
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            h = h.addmm_(act, wd.t())
         h = F.rms_norm(h.view(b, t, -1)[:, -1], (self.hidden,), self.lm.model.norm.weight, self.eps)
         # weight @ h.T: with an odd vocabulary (Index: 65,029) the [B, vocab] output's rows are
         # misaligned and cuBLAS falls back to a slow kernel (measured at batch 16: 0.31 ms of 3.4)
