@@ -103,24 +103,73 @@ def _get(cfg: Config, key: str):
 
 def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,
                          micro_batch_tokens: int | None = None, supervised: int | None = None,
-                         min_passes: int = 0, filler=(), grad_scale: float = 1.0) -> torch.Tensor:
+                         grad_scale: float = 1.0) -> torch.Tensor:
     """Backward over one optimizer step's examples, micro-batch by micro-batch, each micro-batch's
     token-loss sum divided by the supervised tokens of the WHOLE step (`supervised`: of all ranks'
     examples when several processes share the step): the gradients equal those of one batch holding
-    every example. `min_passes` > passes needed: zero-weighted passes over `filler` make up the count
-    (in sharded mode every rank must run the same passes); `grad_scale` multiplies the gradients only
-    (sharded mode: FSDP averages over ranks). Returns the step's loss (0-d, no host sync)."""
+    every example. `grad_scale` multiplies the gradients only (sharded mode: FSDP averages over
+    ranks). Returns the step's loss (0-d, no host sync)."""
     supervised = supervised or supervised_count(examples)
     total = torch.zeros((), device=next(model.parameters()).device)
-    chunks = micro_batches(examples, micro_batch_examples, micro_batch_tokens)
-    for micro, chunk in enumerate(chunks):
+    for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples, micro_batch_tokens)):
         _fault(step, micro)
         part = loss_sum(model, collate(chunk)) / supervised
         (part * grad_scale if grad_scale != 1.0 else part).backward()
         total = total + part.detach()
-    for _ in range(min_passes - len(chunks)):
-        (loss_sum(model, collate(filler)) * 0.0).backward()   # keeps sharded ranks' passes in step
     return total
+
+
+class _PlainStep:
+    """An optimizer step's gradient work on the peft model itself: this rank's backward, the sum
+    across ranks, clipping, zeroing. `_FusedStep` does the same for the fused pass, so the training
+    loop has one path."""
+
+    def __init__(self, model, params, t, collate, ranks: Ranks, sharded: bool):
+        self.model, self.params, self.t, self.collate = model, params, t, collate
+        self.ranks, self.sharded = ranks, sharded
+        self.tokens = t.micro_batch_tokens if t.packing else None
+
+    def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
+        t, world = self.t, self.ranks.world
+        loss = accumulate_gradients(self.model, mine, t.micro_batch_examples, self.collate, step, self.tokens,
+                                    supervised, world if self.sharded else 1.0)
+        if self.sharded:  # every rank runs as many passes as the busiest one (FSDP gathers layers together)
+            passes = lambda part: len(micro_batches(part, t.micro_batch_examples, self.tokens))  # noqa: E731
+            busiest = max(passes(distributed.shard(examples, Ranks(r, world))) for r in range(world))
+            for _ in range(busiest - passes(mine)):
+                (loss_sum(self.model, self.collate(examples[:1])) * 0.0).backward()
+        return loss
+
+    def reduce(self) -> None:
+        if not self.sharded:  # FSDP has already reduced them
+            distributed.sum_gradients(self.params, self.ranks)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class _FusedStep:
+    """`_PlainStep`'s interface over the fused pass (`fastpath.FastStep`)."""
+
+    def __init__(self, fast: FastStep, t, ranks: Ranks):
+        self.fast, self.t, self.ranks = fast, t, ranks
+
+    def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
+        return self.fast.accumulate(mine, self.t.micro_batch_examples, self.t.micro_batch_tokens, supervised)
+
+    def reduce(self) -> None:
+        distributed.sum_([self.fast.net.flat.grad], self.ranks)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
+        return self.fast.clip_grad_norm_(max_norm)
+
+    def zero_grad(self) -> None:  # zeroed, not freed: the captured passes write into this buffer
+        self.fast.zero_grad()
 
 
 def _fault(step: int, micro: int) -> None:
@@ -216,7 +265,9 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
     if resume and checkpoint is None and main:
         print(f"chatlora: no complete checkpoint in {run}; starting from step 0")
     metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
+    collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
     fast = None if sharded else fast_step(model, cfg, device)
+    stepper = _FusedStep(fast, t, ranks) if fast else _PlainStep(model, params, t, collate, ranks, sharded)
 
     def evaluate(step: int) -> None:
         if main or sharded:  # a sharded model runs on every rank together
@@ -244,7 +295,6 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
 
     if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
         evaluate(0)
-    collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
 
     stop_signal = []
     handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
@@ -255,36 +305,18 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             began = time.perf_counter()
             examples = [ds.train[i] for i in plan.indices(step)]
             mine, supervised = distributed.shard(examples, ranks), supervised_count(examples)
-            # sharded mode: every rank runs as many passes as the busiest one (layers gather together)
-            passes = max(len(micro_batches(distributed.shard(examples, Ranks(r, ranks.world)),
-                                           t.micro_batch_examples, t.micro_batch_tokens if t.packing else None))
-                         for r in range(ranks.world)) if sharded else 0
             lr = lr_at(step, total, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if fast:
-                loss_t = fast.accumulate(mine, t.micro_batch_examples, t.micro_batch_tokens, supervised)
-                distributed.sum_([fast.net.flat.grad], ranks)
-            else:
-                loss_t = accumulate_gradients(model, mine, t.micro_batch_examples, collate, step,
-                                              t.micro_batch_tokens if t.packing else None, supervised,
-                                              passes, examples[:1], ranks.world if sharded else 1.0)
-                if not sharded:  # FSDP has already reduced them
-                    distributed.sum_gradients(params, ranks)
+            loss_t = stepper.backward(step, examples, mine, supervised)
+            stepper.reduce()
             distributed.sum_([loss_t], ranks)
             loss = loss_t.item()
-            if fast:
-                grad_norm = fast.clip_grad_norm_(t.max_grad_norm).item()
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+            grad_norm = stepper.clip_grad_norm_(t.max_grad_norm).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
             optimizer.step()
-            if fast:  # its gradient buffer stays allocated: the captured passes write into it
-                fast.zero_grad()
-            else:
-                optimizer.zero_grad(set_to_none=True)
+            stepper.zero_grad()
             done = step + 1
             tokens = sum(len(e.input_ids) for e in examples)
             seconds = time.perf_counter() - began
