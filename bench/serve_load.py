@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from chatlora.config import load_config  # noqa: E402
 from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
-from chatlora.serve import Limits, Server, build_app  # noqa: E402
+from chatlora.serve import Limits, Server, in_background  # noqa: E402
 from chatlora.train import train  # noqa: E402
 
 PROMPTS = ["嬛嬛，朕今日政务繁忙，你陪朕说说话。", "你是谁？", "皇上驾到，你该如何应对？", "说一说你入宫以来的见闻。"]
@@ -77,8 +76,6 @@ def round_of(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--clients", default="1,4,16,64")
@@ -99,17 +96,14 @@ def main() -> None:
         with torch.no_grad():
             head[vocab:] = 0
     server = Server(run, model, Limits(queue_size=256, max_batch=16))
-    uv = uvicorn.Server(uvicorn.Config(build_app(server, None), host="127.0.0.1", port=8765, log_level="warning",
-                                       access_log=False))
-    threading.Thread(target=uv.run, daemon=True).start()
-    while not uv.started:
-        time.sleep(0.05)
-    url = "http://127.0.0.1:8765"
+    with in_background(server) as url:
+        rounds(args, url)
+
+
+def rounds(args, url: str) -> None:
     for clients in (1, 16):  # warm-up: captures the decode steps of these batch shapes
         round_of(url, clients, 1, args.max_tokens)
     rows = [round_of(url, int(n), args.requests, args.max_tokens) for n in args.clients.split(",")]
-    uv.should_exit = True
-
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "max_tokens": args.max_tokens, "max_batch": 16, "rows": rows}
     if args.json:

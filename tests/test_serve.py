@@ -1,6 +1,5 @@
 """`chatlora serve`: the OpenAI API (with the official client), the tutorial endpoint, keys and limits."""
 
-import contextlib
 import json
 import socket
 import threading
@@ -13,7 +12,7 @@ from fastapi.testclient import TestClient
 from chatlora.errors import UserError
 from chatlora.generate import Sampling, generate_ids
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve import Limits, Server, build_app, check_bind, resolve_api_key
+from chatlora.serve import Limits, Server, build_app, check_bind, in_background, resolve_api_key
 from chatlora.worker import split_at_stop
 
 KEY = "test-key-123456"
@@ -194,24 +193,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def running(server: Server, key: str | None = None):
     """A real uvicorn server for `server` on a free loopback port, in a thread; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(server, key), host="127.0.0.1", port=port, log_level="warning",
-                                       access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(10)
+    return in_background(server, key)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,12 @@ templates.py, the same path training used. Nothing of a prompt or a key is logge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import os
+import threading
 import time
 import uuid
 from base64 import b64decode
@@ -314,3 +316,26 @@ def serve(run_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 timeout_graceful_shutdown=10)
     server.worker.close()
     return 0
+
+
+@contextlib.contextmanager
+def in_background(server: Server, api_key: str | None = None):
+    """A real uvicorn server for `server` on a free loopback port, in a thread (tests, benchmarks);
+    yields its URL and stops it on exit."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(build_app(server, api_key), host="127.0.0.1", port=0, log_level="warning",
+                                       access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not uv.started:
+        raise RuntimeError("the background server did not start")
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
