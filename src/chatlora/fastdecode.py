@@ -5,10 +5,13 @@ kernels from Python (bench/NOTES.md); the weights take ~1 ms to read. `StaticDec
 same function as transformers' Llama forward with fewer, fused kernels per layer (measured: a step of
 ~1,600 kernels in transformers' operation order spent 4.9 ms where the weights need 1 ms):
   - q/k/v and gate/up as one GEMM each (the modules keep views into the fused weight, as in training);
-  - fused RMSNorm (`F.rms_norm`), RoPE on q and k together, the residual adds inside the output
-    projections' GEMMs (`addmm`);
+  - the residual adds inside the output projections' GEMMs (in-place `addmm_`);
+  - in one-token steps, Triton kernels (kernels.py) for RMSNorm, RoPE + the cache write and SiLU*mul,
+    checked against the torch operations at start-up (the prefill and any fallback use `F.rms_norm`
+    and torch's RoPE);
   - one preallocated cache for keys and values; each (batch, cache length, attended length) shape of
-    the step is captured once and replayed.
+    the step is captured once and replayed;
+  - greedy batches pick their next token on the GPU and run a step ahead of the host (`greedy`).
 Rounding differs from transformers' operation order. In bf16 neither incremental path equals a full
 forward exactly, and both are about as far from it: median logits error 0.035 for ours against 0.032
 for transformers', argmax agreement 88% for both (bench/NOTES.md, `bench/decode_speed.py`).
