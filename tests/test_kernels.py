@@ -32,13 +32,8 @@ CHECK = textwrap.dedent("""
     kc, vc = torch.randn(b, nkv, cap, hd, generator=g), torch.randn(b, nkv, cap, hd, generator=g)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q = kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv)
-    # the decoder's torch operations for one token (fastdecode._forward without kernels)
-    qk = y[:, :(nq + nkv) * hd].view(b, 1, nq + nkv, hd)
-    qk = torch.addcmul(qk * cos[:, None, None], qk.view(b, 1, nq + nkv, 2, hd // 2).flip(3).view_as(qk),
-                       sin[:, None, None])
-    kc_ref.index_copy_(2, slot, qk[:, :, nq:].transpose(1, 2))
-    vc_ref.index_copy_(2, slot, y[:, (nq + nkv) * hd:].view(b, 1, nkv, hd).transpose(1, 2))
-    torch.testing.assert_close(q, qk[:, :, :nq].transpose(1, 2), rtol=1e-5, atol=1e-5)
+    q_ref = kernels.rope_to_cache_reference(y, cos, sin, slot, kc_ref, vc_ref, nq, nkv)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc, kc_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(vc, vc_ref)
     torch.testing.assert_close(kernels.rms_norm(y, w, 1e-6), F.rms_norm(y, (y.shape[1],), w, 1e-6), rtol=1e-5, atol=1e-5)
@@ -57,6 +52,7 @@ def test_decode_kernels_equal_the_torch_operations_under_the_interpreter():
 def test_a_broken_kernel_is_caught():
     """The check above fails when a kernel is wrong (here: RoPE's sin sign flipped by the caller)."""
     broken = CHECK.replace("q = kernels.rope_to_cache(y, cos, sin,", "q = kernels.rope_to_cache(y, cos, -sin,")
+    assert broken != CHECK
     done = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TRITON_INTERPRET="1", CHATLORA_TRITON="1"))
     assert done.returncode != 0 and "kernels match" not in done.stdout

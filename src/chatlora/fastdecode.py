@@ -36,11 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from chatlora import kernels
-from chatlora.fastpath import architecture_reason, fuse_weights
+from chatlora.fastpath import architecture_reason, fuse_weights, rope_tables, rotate
 
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
 CACHE_BUCKET = 256      # cache length: prompt + new tokens, rounded up
 MAX_BATCH = 64
+
+
+def penalize(logits, seen, penalty):
+    """The repetition penalty for rows at once (`generate.next_token`'s rule): logits of ids `seen`
+    ([B, vocab] bool) divided by the row's penalty ([B, 1]) where positive, multiplied where not."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def static_decoder(model) -> "StaticDecoder | None":
@@ -195,24 +201,23 @@ class StaticDecoder:
         return state
 
     def _kernels_work(self) -> bool:
-        """Runs the Triton kernels once (compiling them) on a small example against the torch
-        operations of `_forward`; on any failure the decoder keeps the torch operations."""
+        """Runs the Triton kernels once (compiling them) on a small example against their torch
+        references; on any failure the decoder keeps the torch operations."""
         try:
             g = torch.Generator().manual_seed(0)
             nq, nkv, hd = 2, 1, self.head_dim
             rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
             y, cos, sin, w = rand(2, (nq + 2 * nkv) * hd), rand(2, hd), rand(2, hd), rand((nq + 2 * nkv) * hd)
-            kc, vc = torch.zeros(2, 2, nkv, 4, hd, dtype=self.dtype, device=self.device)
-            q = kernels.rope_to_cache(y, cos, sin, torch.tensor([3], device=self.device), kc, vc, nq, nkv)
-            f = y.float()
-            qk = f[:, :(nq + nkv) * hd].view(2, nq + nkv, hd)
-            rot = qk * cos.float()[:, None] + qk.view(2, nq + nkv, 2, hd // 2).flip(2).view_as(qk) * sin.float()[:, None]
-            half = f.shape[1] // 2
-            pairs = [(q[:, :, 0], rot[:, :nq]), (kc[:, :, 3], rot[:, nq:]),
-                     (vc[:, :, 3], f[:, (nq + nkv) * hd:].view(2, nkv, hd)),
-                     (kernels.rms_norm(y, w, self.eps), F.rms_norm(f, (f.shape[1],), w.float(), self.eps)),
-                     (kernels.silu_mul(y), F.silu(f[:, :half]) * f[:, half:])]
-            bad = [i for i, (ours, ref) in enumerate(pairs) if not torch.allclose(ours.float(), ref, atol=0.05, rtol=0.02)]
+            slot = torch.tensor([3], device=self.device)
+            caches = [torch.zeros(2, 2, nkv, 4, hd, dtype=self.dtype, device=self.device) for _ in range(2)]
+            q, ref_q = (rope(y, cos, sin, slot, *c, nq, nkv) for rope, c in
+                        zip((kernels.rope_to_cache, kernels.rope_to_cache_reference), caches))
+            half = y.shape[1] // 2
+            pairs = [(q, ref_q), (caches[0], caches[1]),
+                     (kernels.rms_norm(y, w, self.eps), F.rms_norm(y, (y.shape[1],), w, self.eps)),
+                     (kernels.silu_mul(y), F.silu(y[:, :half]) * y[:, half:])]
+            bad = [i for i, (ours, ref) in enumerate(pairs)
+                   if not torch.allclose(ours.float(), ref.float(), atol=0.05, rtol=0.02)]
             if not bad:
                 return True
             reason = f"outputs {bad} differ from the torch operations"
@@ -254,9 +259,7 @@ class StaticDecoder:
 
     def _pick(self, s, logits) -> None:
         """The next input ids: greedy over the penalized logits (as `generate.next_token`), marked seen."""
-        p = s["penalty"]
-        logits = torch.where(s["seen"], torch.where(logits > 0, logits / p, logits * p), logits)
-        token = logits.argmax(-1)
+        token = penalize(logits, s["seen"], s["penalty"]).argmax(-1)
         s["seen"].scatter_(1, token[:, None], True)
         s["tokens"].copy_(token)
 
@@ -268,34 +271,24 @@ class StaticDecoder:
         `slot` (a step); attention over the first `attend` columns. Logits of the last position."""
         s, (b, t) = self.state, ids.shape
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        freqs = positions.float()[..., None] * self.inv_freq.to(self.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, :, None]       # [B, T, 1, hd]
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, :, None]
-        sin = torch.cat((-sin[..., :hd // 2], sin[..., hd // 2:]), dim=-1)   # rotate_half's signs
+        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)   # [B, T, hd]
         h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, self.hidden)
         fused = self.kernels and slot is not None   # one-token steps: Triton kernels (kernels.py)
         norm = ((lambda x, w: kernels.rms_norm(x, w, self.eps)) if fused
                 else (lambda x, w: F.rms_norm(x, (self.hidden,), w, self.eps)))
-        if fused:
+        if slot is not None:
             cos, sin = cos.reshape(b, hd), sin.reshape(b, hd)
         for i, (n1, n2, wqkv, wo, wgu, wd) in enumerate(self.layers):
             y = norm(h, n1) @ wqkv.t()
             kc, vc = s["k"][i], s["v"][i]
-            if fused:
-                q = kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv)
-            else:
-                qk = y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd)
-                # rotate_half(x) * sin == the two halves swapped * (-sin, sin)
-                qk = torch.addcmul(qk * cos, qk.view(b, t, nq + nkv, 2, hd // 2).flip(3).view_as(qk), sin)
-                q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
-                v = y[:, (nq + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
-                if slot is None:
-                    kc[:, :, :t] = k
-                    vc[:, :, :t] = v
-                else:
-                    kc.index_copy_(2, slot, k)
-                    vc.index_copy_(2, slot, v)
+            if slot is not None:   # one token per row, written at column `slot`
+                q = (kernels.rope_to_cache if fused else kernels.rope_to_cache_reference)(
+                    y, cos, sin, slot, kc, vc, nq, nkv)
+            else:                  # prefill: columns 0..t-1
+                qk = rotate(y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd), cos[:, :, None], sin[:, :, None])
+                q = qk[:, :, :nq].transpose(1, 2)
+                kc[:, :, :t] = qk[:, :, nq:].transpose(1, 2)
+                vc[:, :, :t] = y[:, (nq + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
             keys, values = kc[:, :, :attend], vc[:, :, :attend]
             if nkv != nq:
                 keys, values = keys.repeat_interleave(nq // nkv, 1), values.repeat_interleave(nq // nkv, 1)

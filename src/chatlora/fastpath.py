@@ -207,22 +207,16 @@ class FastLlama:
         return chunks[:len(self.a_sizes)], chunks[len(self.a_sizes):]
 
     def _rope(self, positions):
-        """cos and signed sin ([T, 1, head_dim]) as transformers' Llama rotary embedding computes them."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)
-        half = self.head_dim // 2
-        return cos[:, None, :], torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)[:, None, :]
+        """cos and signed sin ([T, 1, head_dim]) for `rotate`."""
+        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
+        return cos[:, None, :], sin[:, None, :]
 
     def _layer(self, h, layer, w, rope, mask, drops=(None,) * 4):
         norm1, norm2, (qkv, o, gate_up, down) = layer
         t, hd, nq, nkv = h.shape[0], self.head_dim, self.heads, self.kv_heads
         y = self._linear(qkv, F.rms_norm(h, (self.hidden,), norm1, self.eps), w, drops[0])
         qk = y[:, :(nq + nkv) * hd].reshape(t, nq + nkv, hd)
-        cos, sin = rope
-        # rotate_half(x) * sin == flip of the two halves * (-sin, sin): the same values, one op fewer
-        qk = torch.addcmul(qk * cos, qk.view(t, nq + nkv, 2, hd // 2).flip(2).view(t, nq + nkv, hd), sin)
+        qk = rotate(qk, *rope)
         q = qk[:, :nq].transpose(0, 1)[None]
         k = qk[:, nq:].transpose(0, 1)[None]
         v = y[:, (nq + nkv) * hd:].reshape(t, nkv, hd).transpose(0, 1)[None]
@@ -256,6 +250,22 @@ class FastLlama:
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[i] = torch.addmm(parts[i], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def rope_tables(positions, inv_freq, scale: float, dtype):
+    """cos and sin for `positions` ([...] -> [..., head_dim]), as transformers' Llama rotary embedding
+    computes them; sin carries rotate_half's signs (-sin on the first half) for `rotate`."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x, cos, sin):
+    """RoPE over the last dimension: x * cos + rotate_half(x) * sin, computed as the two halves
+    swapped times the signed sin (`rope_tables`): the same values, one operation fewer."""
+    return torch.addcmul(x * cos, x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2), sin)
 
 
 def fuse_weights(modules) -> torch.Tensor:

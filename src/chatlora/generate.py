@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from chatlora.fastdecode import static_decoder
+from chatlora.fastdecode import penalize, static_decoder
 
 
 @dataclass
@@ -161,8 +161,7 @@ class BatchGeneration:
             return
         every_row = torch.arange(rows, device=self.device)
         while True:
-            logits = last.float()
-            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+            logits = penalize(last.float(), seen, penalty)
             greedy = logits.argmax(-1).tolist()  # one host sync a step for every row
             tokens = [self._step(r, logits[r], greedy[r], counts) if self.finish_reasons[r] is None
                       else self.pad_id for r in range(rows)]

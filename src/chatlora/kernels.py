@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from chatlora.fastpath import rotate
+
 try:
     import triton
     import triton.language as tl
@@ -102,6 +104,16 @@ def rope_to_cache(y, cos, sin, slot, kc, vc, nq: int, nkv: int) -> torch.Tensor:
     _rope_to_cache_kernel[(b, nq + 2 * nkv)](y, cos, sin, slot, kc, vc, q, y.shape[1], nq, nkv, cap,
                                              HALF=hd // 2)
     return q
+
+
+def rope_to_cache_reference(y, cos, sin, slot, kc, vc, nq: int, nkv: int) -> torch.Tensor:
+    """`rope_to_cache` with torch operations: what the decoder runs without the kernels, and their
+    reference in the tests."""
+    b, hd = y.shape[0], kc.shape[-1]
+    qk = rotate(y[:, :(nq + nkv) * hd].view(b, 1, nq + nkv, hd), cos[:, None, None], sin[:, None, None])
+    kc.index_copy_(2, slot, qk[:, :, nq:].transpose(1, 2))
+    vc.index_copy_(2, slot, y[:, (nq + nkv) * hd:].view(b, 1, nkv, hd).transpose(1, 2))
+    return qk[:, :, :nq].transpose(1, 2)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
