@@ -163,29 +163,14 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.97
 
 
+@pytest.mark.parametrize("pdl", ["0", "1", "2"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_decode_kernels_equal_the_torch_operations(dtype, tol):
-    """kernels.py against the torch operations the decoder uses without them (batch 3, GQA 4:2,
-    head size 64, cache of 16 columns written at column 5)."""
-    import torch.nn.functional as F
+def test_decode_kernels_equal_the_torch_operations(dtype, tol, pdl, monkeypatch):
+    """kernels.py compiled, against the torch operations the decoder uses without them
+    (tests/kernel_cases.py: RoPE + cache write, RMSNorm, SiLU*mul, linear's paths, attention), in
+    each programmatic-dependent-launch mode (kernels.pdl_mode)."""
+    import kernel_cases
 
-    from chatlora import kernels
+    monkeypatch.setenv("CHATLORA_PDL", pdl)
 
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to("cuda", dtype)  # noqa: E731
-    b, nq, nkv, hd, cap = 3, 4, 2, 64, 16
-    y, cos, sin, w = rand(b, (nq + 2 * nkv) * hd), rand(b, hd), rand(b, hd), rand((nq + 2 * nkv) * hd)
-    slot = torch.tensor([5], device="cuda")
-    kc, vc = rand(b, nkv, cap, hd), rand(b, nkv, cap, hd)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    q = kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv)
-    q_ref = kernels.rope_to_cache_reference(y, cos, sin, slot, kc_ref, vc_ref, nq, nkv)
-
-    def close(a, ref):
-        return ((a.float() - ref.float()).norm() / ref.float().norm()).item() < tol
-
-    assert close(q, q_ref)
-    assert close(kc, kc_ref) and torch.equal(vc, vc_ref)
-    assert close(kernels.rms_norm(y, w, 1e-6), F.rms_norm(y, (y.shape[1],), w, 1e-6))
-    half = y.shape[1] // 2
-    assert close(kernels.silu_mul(y), F.silu(y[:, :half]) * y[:, half:])
+    kernel_cases.check("cuda", dtype, tol, head_dim=64)
