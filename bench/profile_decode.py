@@ -76,15 +76,59 @@ def profile(model, batch: int, steps: int) -> dict:
             "top": [(name, n / 5, t / 5 / 1000) for name, (n, t) in top]}
 
 
+def steady_loop(model, batch: int, tokens: int = 110) -> dict:
+    """Per-token time of the greedy loops in steady state (after their 10th token, prefill excluded):
+    `BatchGeneration`, and the decoder's own `greedy` generator; plus, over 30 tokens of the latter,
+    how long the GPU sat idle between kernels (gaps over 2 us)."""
+    dec = static_decoder(model)
+    s = Sampling(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    prompts = [list(range(10, 18))] * batch
+    list(BatchGeneration(model, prompts, [], [s] * batch))   # captures
+
+    def per_token(stamps):
+        return (stamps[-1] - stamps[10]) / (len(stamps) - 11) * 1e3
+
+    stamps = []
+    for row, _ in BatchGeneration(model, prompts, [], [s] * batch):
+        if row == 0:
+            stamps.append(time.perf_counter())
+    generation = per_token(stamps)
+    ids = torch.tensor(prompts, device="cuda")
+    ones = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1], device="cuda").expand(batch, -1)
+    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device="cuda")
+    penalty = torch.ones(batch, 1, device="cuda")
+
+    def run(n):
+        last = dec.start(ids, ones, positions, tokens)
+        out = []
+        for _ in dec.greedy(last, seen, penalty, positions[:, -1] + 1, n):
+            out.append(time.perf_counter())
+        return out
+
+    generator = per_token(run(tokens))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(40)
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    spans = spans[len(spans) // 4:]   # past the prefill
+    idle = sum(max(0, b[0] - a[1]) for a, b in zip(spans, spans[1:]) if b[0] - a[1] > 2)
+    wall = spans[-1][1] - spans[0][0]
+    return {"batch": batch, "generation_ms": generation, "generator_ms": generator, "gpu_idle_fraction": idle / wall}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--no-loop", action="store_true", help="skip the steady-state loop timings")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = attach(load_model(prepare_base(args.model_dir), "bfloat16", "cuda"), load_config().lora).eval()
     rows = [profile(model, b, args.steps) for b in args.batch]
+    loops = [] if args.no_loop else [steady_loop(model, b) for b in args.batch]
     for r in rows:
         print(f"\nbatch {r['batch']}: top kernels of one replayed step (count, ms)")
         for name, n, ms in r["top"]:
@@ -94,6 +138,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5}{r['replay_ms']:>11.3f}{r['host_pick_step_ms']:>19.3f}{r['generation_ms_per_token']:>15.3f}"
               f"{r['kernels_per_step']:>9.0f}{r['kernel_busy_ms']:>16.3f}")
+    print(f"\n{'batch':>5}{'BatchGeneration ms/token':>26}{'greedy() ms/token':>19}{'GPU idle':>10}   (steady state)")
+    for r in loops:
+        print(f"{r['batch']:>5}{r['generation_ms']:>26.3f}{r['generator_ms']:>19.3f}{r['gpu_idle_fraction']:>10.1%}")
 
 
 if __name__ == "__main__":
