@@ -119,8 +119,25 @@ def float32_identity(model_dir: str, prompts, new_tokens: int) -> dict:
         theirs = seed_path(model, prompts[:b], new_tokens, "cuda")[1]
         out[f"batch{b}"] = {"rows_identical": sum(x == y for x, y in zip(ours, theirs)), "rows": b,
                             "tokens_identical": sum(u == v for x, y in zip(ours, theirs) for u, v in zip(x, y)),
-                            "tokens": b * new_tokens}
+                            "tokens": b * new_tokens, "divergences": divergences(model, prompts, ours, theirs)}
     return out
+
+
+def divergences(model, prompts, ours, theirs) -> list[dict]:
+    """Where a row's tokens first differ: one full forward over the shared prefix says how far apart
+    the two picks were (a near-tie that rounding can flip, or a real difference)."""
+    found = []
+    for r, (x, y) in enumerate(zip(ours, theirs)):
+        i = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None)
+        if i is None:
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompts[r] + x[:i]], device="cuda")).logits[0, -1].float()
+        top = logits.topk(2).values
+        found.append({"row": r, "position": i, "ours": x[i], "generate": y[i],
+                      "full_forward_gap_between_the_picks": (logits[x[i]] - logits[y[i]]).item(),
+                      "full_forward_top2_margin": (top[0] - top[1]).item(), "logit_std": logits.std().item()})
+    return found
 
 
 def main() -> None:

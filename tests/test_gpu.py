@@ -163,14 +163,10 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.97
 
 
-@pytest.mark.parametrize("pdl", ["0", "1", "2"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_decode_kernels_equal_the_torch_operations(dtype, tol, pdl, monkeypatch):
+def test_decode_kernels_equal_the_torch_operations(dtype, tol):
     """kernels.py compiled, against the torch operations the decoder uses without them
-    (tests/kernel_cases.py: RoPE + cache write, RMSNorm, SiLU*mul, linear's paths, attention), in
-    each programmatic-dependent-launch mode (kernels.pdl_mode)."""
+    (tests/kernel_cases.py: RoPE + cache write, RMSNorm, SiLU*mul, linear's paths, attention)."""
     import kernel_cases
-
-    monkeypatch.setenv("CHATLORA_PDL", pdl)
 
     kernel_cases.check("cuda", dtype, tol, head_dim=64)

@@ -9,8 +9,7 @@ bytes (launch, ramp-up, tail), so a layer's time is as much its number of kernel
   - `rope_to_cache`: RoPE on q and k, k and v written into the cache at the step's slot, q returned;
   - `decode_attention`: one query per row over the valid cache columns, split into chunks merged by
     a second kernel when long.
-For more rows the decoder keeps cuBLAS with `rms_norm` and `silu_mul` in between. Consecutive
-kernels overlap their launch through programmatic dependent launch on Hopper (`pdl_mode`).
+For more rows the decoder keeps cuBLAS with `rms_norm` and `silu_mul` in between.
 Each computes in fp32 and rounds once, where the torch operations round after every step, so
 results agree to bf16 rounding (tests/kernel_cases.py compares each with the torch operations,
 compiled on a GPU and on CPU under Triton's interpreter).
@@ -30,7 +29,6 @@ from chatlora.fastpath import rotate
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the decoder keeps its torch operations
     triton = None
 
@@ -44,15 +42,6 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _wait_for_previous(PDL: tl.constexpr):
-        """Programmatic dependent launch (Hopper and later; see `pdl_mode`): this kernel's programs
-        start while the previous kernel finishes and wait here until its writes are visible."""
-        if PDL > 0:
-            gdc_wait()
-        if PDL == 1:   # and let the next kernel launch now (mode 2: after the main loop)
-            gdc_launch_dependents()
-
-    @triton.jit
     def _rms_norm_kernel(x, weight, out, n, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
@@ -64,8 +53,7 @@ if triton is not None:
 
     @triton.jit
     def _rope_to_cache_kernel(y, cos, sin, slot, kc, vc, q, width, nq, nkv, cap,
-                              HALF: tl.constexpr, PDL: tl.constexpr):
-        _wait_for_previous(PDL)
+                              HALF: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         hd = 2 * HALF
@@ -106,14 +94,12 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(x, w, out, res, nw, rows, n, x_stride, eps, K: tl.constexpr,
                        PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr,
-                       PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr):
         """out[r, j] = (res[r, j] +) sum_i in[r, i] w[j, i] for `rows` <= ROWS rows, BLOCK_N outputs per
         program. The input `in` is x (PROLOGUE 0), RMSNorm(x) * nw (1: the statistics gather in the
         same loop and scale the sum at the end: rstd is one number per row), or SiLU(gate) * up of
         x = [gate | up], each K wide (2). MMA: tensor-core dots with the rows padded to ROWS;
         else (one row) fp32 products summed once after the loop."""
-        _wait_for_previous(PDL)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         keep_n = offs_n < n
         offs_r = tl.arange(0, ROWS)
@@ -144,8 +130,6 @@ if triton is not None:
                     acc += tl.dot(wt, tl.trans(v.to(wt.dtype)))
             else:
                 acc += wt.to(tl.float32) * tl.sum(v, axis=0)[None, :]   # ROWS == 1
-        if PDL == 2:
-            gdc_launch_dependents()
         if MMA:
             y = acc
         else:
@@ -160,8 +144,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(q, kc, vc, valid, out, part_acc, part_stats, attend, cap, nq, nkv, scale,
-                                 chunk, HD: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 chunk, HD: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr):
         """One query per (row, head) over the valid ones of its `chunk` cache columns (program
         axis 2) among the first `attend`: online softmax in fp32 over blocks of BLOCK_L columns.
         Unsplit: the output. Split: the chunk's unnormalized sum, its maximum and its total, which
@@ -202,9 +185,8 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(part_acc, part_stats, out, splits, nq, HD: tl.constexpr,
-                                  MAX_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                                  MAX_SPLITS: tl.constexpr):
         """Merges the chunks' partial softmax sums of one (row, head), rescaled to the largest maximum."""
-        _wait_for_previous(PDL)
         b = tl.program_id(0)
         head = tl.program_id(1)
         offs_s = tl.arange(0, MAX_SPLITS)
@@ -218,22 +200,6 @@ if triton is not None:
         acc = tl.load(part_acc + at[:, None] * HD + offs_d[None, :], mask=keep[:, None], other=0.0)
         result = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
         tl.store(out + (b * nq + head) * HD + offs_d, result.to(out.dtype.element_ty))
-
-
-def pdl_mode(device: torch.device) -> int:
-    """Programmatic dependent launch between the step's kernels (`CHATLORA_PDL`): 0 off; 1 each
-    kernel lets the next launch as soon as it starts; 2 after its main loop. The next kernel's
-    programs then wait on the GPU instead of being launched after the previous one ends. Hopper
-    (compute capability 9) and later; never under Triton's CPU interpreter."""
-    mode = int(os.environ.get("CHATLORA_PDL", str(PDL_DEFAULT)))
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 0
-    return mode if torch.cuda.get_device_capability(device)[0] >= 9 else 0
-
-
-def _pdl(device: torch.device) -> dict:
-    mode = pdl_mode(device)
-    return {"PDL": mode, "launch_pdl": True} if mode else {"PDL": 0}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -252,7 +218,7 @@ def rope_to_cache(y, cos, sin, slot, kc, vc, nq: int, nkv: int) -> torch.Tensor:
     b, hd, cap = y.shape[0], kc.shape[-1], kc.shape[2]
     q = torch.empty(b, nq, 1, hd, dtype=y.dtype, device=y.device)
     _rope_to_cache_kernel[(b, nq + 2 * nkv)](y, cos, sin, slot, kc, vc, q, y.shape[1], nq, nkv, cap,
-                                             HALF=hd // 2, **_pdl(y.device))
+                                             HALF=hd // 2)
     return q
 
 
@@ -276,7 +242,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 LINEAR_ROWS = 16   # `linear` serves up to this many rows (the tensor-core dot's smallest width)
-PDL_DEFAULT = 1   # measured: bench/profile_decode.py with CHATLORA_PDL=0/1/2 (bench/NOTES.md)
 # attention: columns per program and per block, warps; measured (bench/tune_decode_kernels.py)
 ATTENTION_CHUNK, ATTENTION_BLOCK, ATTENTION_WARPS = 128, 128, 4
 
@@ -330,7 +295,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None =
     _linear_kernel[(triton.cdiv(n, c["BLOCK_N"]),)](
         x, weight, out, out, norm if norm is not None else weight, rows, n, x.stride(0), eps, K=k,
         PROLOGUE=prologue, RESIDUAL=residual is not None, ROWS=LINEAR_ROWS if mma else 1, MMA=mma,
-        IEEE=weight.dtype == torch.float32, **c, **_pdl(x.device))
+        IEEE=weight.dtype == torch.float32, **c)
     return out
 
 
@@ -355,8 +320,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid:
     part_stats = torch.empty(b * nq * splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     _decode_attention_kernel[(b, nq, splits)](q, kc, vc, valid, out, part_acc, part_stats, attend, cap, nq, nkv,
                                               scale, ATTENTION_CHUNK, HD=hd, BLOCK_L=ATTENTION_BLOCK,
-                                              SPLIT=splits > 1, num_warps=ATTENTION_WARPS, **_pdl(q.device))
+                                              SPLIT=splits > 1, num_warps=ATTENTION_WARPS)
     if splits > 1:
         _attention_combine_kernel[(b, nq)](part_acc, part_stats, out, splits, nq, HD=hd,
-                                           MAX_SPLITS=triton.next_power_of_2(splits), **_pdl(q.device))
+                                           MAX_SPLITS=triton.next_power_of_2(splits))
     return out
