@@ -1,5 +1,11 @@
 """The static-cache decoder computes transformers' forward: greedy tokens equal `generate`'s (CPU,
-float32, graphs off; tests/test_gpu.py checks the captured steps on a GPU)."""
+float32, graphs off; tests/test_gpu.py checks the captured steps on a GPU).
+
+tests/test_kernels.py runs the Index-model cases again under Triton's CPU interpreter with
+CHATLORA_TEST_KERNELS=1, where every decoder must run its one-token steps through the Triton kernels
+(`StaticDecoder._fused_step`); in a plain run the kernels are off on CPU."""
+
+import os
 
 import pytest
 import torch
@@ -16,6 +22,13 @@ def model(request, index_dir, smollm2_base):
     return load_model(base, "float32", "cpu")
 
 
+def make_decoder(model) -> StaticDecoder:
+    decoder = StaticDecoder(model, graphs=False)
+    if os.environ.get("CHATLORA_TEST_KERNELS") == "1":
+        assert decoder.kernels and decoder._fused(1)
+    return decoder
+
+
 def hf_greedy(model, prompt, n):
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -27,7 +40,8 @@ def test_static_decoder_greedy_equals_generate(model, monkeypatch):
     bucket, and steps across several attention buckets (ATTEND_BUCKET lowered to 8)."""
     monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
     monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
-    decoder = StaticDecoder(model, graphs=False)
+    monkeypatch.setattr("chatlora.kernels.ATTENTION_CHUNK", 8)   # with the kernels: chunks merged
+    decoder = make_decoder(model)
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
     s = Sampling(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
@@ -38,7 +52,7 @@ def test_static_decoder_greedy_equals_generate(model, monkeypatch):
 
 
 def test_generation_delegates_to_the_decoder(model, monkeypatch):
-    decoder = StaticDecoder(model, graphs=False)
+    decoder = make_decoder(model)
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     s = Sampling(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
     fast = generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
@@ -47,7 +61,7 @@ def test_generation_delegates_to_the_decoder(model, monkeypatch):
 
 
 def test_teacher_forced_logits_equal_a_full_forward(model):
-    decoder = StaticDecoder(model, graphs=False)
+    decoder = make_decoder(model)
     prompt, tokens = [1, 17, 230, 99, 42, 4], [5, 77, 300, 12, 8, 8, 41]
     with torch.inference_mode():
         full = model(input_ids=torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float()
@@ -77,7 +91,7 @@ def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
             got[row].append(token)
         return probe, got, gen.finish_reasons
 
-    decoder, used = StaticDecoder(model, graphs=False), []
+    decoder, used = make_decoder(model), []
     picks = decoder.greedy
     decoder.greedy = lambda *a: used.append(1) or picks(*a)
     fast = run(decoder)

@@ -55,3 +55,15 @@ def test_a_broken_kernel_is_caught(breakage):
     done = run(CHECK.replace("BREAK = None", breakage))
     assert done.returncode != 0 and "kernels match" not in done.stdout
     assert "relative error" in done.stderr
+
+
+def test_the_decoder_with_the_kernels_equals_generate_under_the_interpreter():
+    """The kernels composed into the decoder's one-token step (`StaticDecoder._fused_step`): the
+    Index-model cases of tests/test_fastdecode.py (greedy tokens equal `generate` over rows of
+    different lengths and chunked attention; teacher-forced logits within 1e-5 of a full forward;
+    picks on the decoder) with the kernels on, where each decoder asserts that it uses them."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(TESTS, "test_fastdecode.py"), "-k", "index and not failing"],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TRITON_INTERPRET="1", CHATLORA_TRITON="1", CHATLORA_TEST_KERNELS="1"))
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
