@@ -40,24 +40,30 @@ class Sampling:
 
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator) -> int:
     """Pick one id from the last position's logits [vocab] given the ids `seen` so far."""
+    return int(draw(logits, seen, s, generator))
+
+
+def draw(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
+    """`next_token` without reading the pick back: a one-element tensor on the logits' device, so that
+    a batch's rows are all drawn before one host sync."""
     logits = logits.float()
     if s.repetition_penalty != 1.0 and seen.numel():
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
     if s.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax().reshape(1)
     logits = logits / s.temperature
     if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
-    if s.top_p < 1.0:
+        logits = logits.masked_fill(logits < kth, float("-inf"))   # (masks, not boolean indexing:
+    if s.top_p < 1.0:                                               # no host sync on a GPU)
         sorted_logits, order = torch.sort(logits, descending=False)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative <= 1 - s.top_p
         remove[-1] = False  # always keep the most likely token
-        logits[order[remove]] = float("-inf")
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def _decode_kwargs(model, cache) -> dict:
@@ -162,8 +168,12 @@ class BatchGeneration:
         every_row = torch.arange(rows, device=self.device)
         while True:
             logits = penalize(last.float(), seen, penalty)
-            greedy = logits.argmax(-1).tolist()  # one host sync a step for every row
-            tokens = [self._step(r, logits[r], greedy[r], counts) if self.finish_reasons[r] is None
+            picks = logits.argmax(-1)
+            for r, s in enumerate(self.samplings):   # sampled rows: next_token's filters, on the device
+                if s.temperature != 0 and self.finish_reasons[r] is None:
+                    picks[r:r + 1] = draw(logits[r], _NONE_SEEN, replace(s, repetition_penalty=1.0), self.generators[r])
+            picks = picks.tolist()  # one host sync a step for every row
+            tokens = [self._step(r, picks[r], counts) if self.finish_reasons[r] is None
                       else self.pad_id for r in range(rows)]
             if all(f is not None for f in self.finish_reasons):
                 return
@@ -185,7 +195,7 @@ class BatchGeneration:
         for tokens in decoder.greedy(last, seen, penalty, positions, max(s.max_new_tokens for s in self.samplings)):
             for r, token in enumerate(tokens):
                 if self.finish_reasons[r] is None:
-                    token = self._step(r, None, token, counts)
+                    token = self._step(r, token, counts)
                     if self.finish_reasons[r] is None:
                         yield r, token
             if all(f is not None for f in self.finish_reasons):
@@ -194,16 +204,12 @@ class BatchGeneration:
             if self.finish_reasons[r] is None:
                 self.finish_reasons[r] = "length"
 
-    def _step(self, r: int, logits, greedy: int, counts) -> int:
-        """Row r's next token from its penalized logits, or finish the row (then its token is padding)."""
+    def _step(self, r: int, token: int, counts) -> int:
+        """Row r's next token (its pick), or finish the row (then its token is padding)."""
         s = self.samplings[r]
         if self.should_stop(r) or counts[r] >= s.max_new_tokens:
             self.finish_reasons[r] = "length"
             return self.pad_id
-        if s.temperature == 0:
-            token = greedy
-        else:  # the penalty is already applied; the rest of next_token's filters follow
-            token = next_token(logits, _NONE_SEEN, replace(s, repetition_penalty=1.0), self.generators[r])
         if token in self.stop_ids:
             self.finish_reasons[r] = "stop"
             return self.pad_id
