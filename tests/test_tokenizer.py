@@ -65,3 +65,28 @@ def test_ids_beyond_the_tokenizer_decode_to_nothing(index_tok):
     good = index_tok.encode("你好") + index_tok.encode("皇上")
     ids = good[:2] + [index_tok.vocab_size + 5] + good[2:]
     assert index_tok.decode(ids) == index_tok.decode(good) and "皇上" in index_tok.decode(ids)
+
+
+@pytest.mark.parametrize("which", ["index", "smollm2"])
+def test_streamed_text_is_the_whole_decode(which, index_tok, smollm2_tok):
+    """TextStream's increments, decoded from short windows, add up to decoding the whole reply after
+    every token (but an incomplete character at the end): for replies encoded from text (Chinese,
+    an emoji in byte fallback, runs of spaces, a leading space) and for random ids."""
+    import random
+
+    from chatlora.tokenizer import TextStream
+
+    tok = index_tok if which == "index" else smollm2_tok
+    rng = random.Random(0)
+    texts = ["嬛嬛，朕今日政务繁忙，你陪朕说说话。 Hello,  world!\n\n  Indented line.", "臣妾做不到啊 🙂 ✓ ok",
+             "a b  c   d", " leading space", "数字 12345 and mixed 中英 text."]
+    replies = [tok.encode(t) for t in texts] + [[rng.randrange(tok.vocab_size) for _ in range(300)] for _ in range(5)]
+    for ids in replies:
+        stream, streamed = TextStream(tok), ""
+        for i, token in enumerate(ids):
+            streamed += stream.push(token)
+            whole = tok.decode(ids[:i + 1])
+            assert whole.startswith(streamed)
+            if not whole.endswith("\ufffd"):   # else an incomplete character is held back
+                assert streamed == whole
+        assert stream.text() == tok.decode(ids).rstrip("\ufffd")
