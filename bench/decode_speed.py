@@ -103,16 +103,22 @@ def logits_agreement(model, prompt: list[int], tokens: list[int], device: str) -
     return out
 
 
+def adapted_model(model_dir: str, dtype: str, device: str):
+    """The model with the LoRA adapter, its B matrices random (seeded) so that it is not a no-op."""
+    torch.manual_seed(0)
+    model = attach(load_model(prepare_base(model_dir), dtype, device), load_config().lora).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    return model
+
+
 def float32_identity(model_dir: str, prompts, new_tokens: int) -> dict:
     """Greedy tokens of chatlora's decoder against transformers' `generate` on the same float32 model
     (adapter merged, as the decoder runs it), batch 1 and batch 16. In bf16 the two differ by rounding
     and greedy picks flip at this random model's near-ties (see logits_agreement_batch1); in float32
     the rounding is ~1e-7 and the tokens should be the same."""
-    torch.manual_seed(0)
-    model = attach(load_model(prepare_base(model_dir), "float32", "cuda"), load_config().lora).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
+    model = adapted_model(model_dir, "float32", "cuda")
     out = {}
     for b in (1, len(prompts)):
         _, _, ours = chatlora_path(model, prompts[:b], new_tokens, "cuda")
@@ -152,11 +158,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    torch.manual_seed(0)
-    model = attach(load_model(prepare_base(args.model_dir), dtype, args.device), load_config().lora).eval()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
+    model = adapted_model(args.model_dir, dtype, args.device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 3000, (40,), generator=g).tolist() for _ in range(args.batch)]
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -82,6 +82,14 @@ def round_of(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "token_gap_p99_ms": 1e3 * percentile(gaps, 0.99)}
 
 
+def short_run(model_dir: str, steps: int):
+    """A run directory like any other, from a `steps`-step training of the model (a temporary one)."""
+    run_dir = Path(tempfile.mkdtemp()) / "run"
+    train(load_config(overrides=[f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0"],
+                      flags={"model.path": model_dir}), run_dir)
+    return load_run(run_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -90,10 +98,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--json")
     args = parser.parse_args()
-    run_dir = Path(tempfile.mkdtemp()) / "run"
-    train(load_config(overrides=["train.max_steps=2", "train.eval_every=0", "train.save_every=0"],
-                      flags={"model.path": args.model_dir}), run_dir)
-    run = load_run(run_dir)
+    run = short_run(args.model_dir, steps=2)
     model = load_tuned_model(run)
     # Random weights pick ids beyond the small test tokenizer's vocabulary (they decode to no text):
     # keep their logits at 0 so the replies stream text, as a trained model's would.

@@ -4,7 +4,7 @@ can stream to concurrent clients when generation is free (CPU).
     python bench/make_index_model.py /tmp/idx --layers 2
     python bench/serve_overhead.py /tmp/idx --clients 1,16 --max-tokens 512
 
-A 1-step run directory is trained on the model (as bench/serve_load.py does), then the worker's
+A 1-step run directory is trained on the model (`serve_load.short_run`), then the worker's
 `BatchGeneration` is replaced by one that yields every row's next token at once (ids that decode to
 Chinese characters), so what is left is the worker's text handling, the hand-over to the event loop,
 the SSE encoding and uvicorn. The clients run in a separate process (their parsing would otherwise
@@ -17,16 +17,14 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 import chatlora.worker as worker  # noqa: E402
-from chatlora.config import load_config  # noqa: E402
-from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
+from chatlora.rundir import load_tuned_model  # noqa: E402
 from chatlora.serve import Limits, Server, in_background  # noqa: E402
-from chatlora.train import train  # noqa: E402
+from serve_load import short_run  # noqa: E402  (bench/, the script's own folder)
 
 CLIENTS = r'''
 import json, sys, time
@@ -79,10 +77,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--max-tokens", type=int, default=512)
     args = parser.parse_args()
-    run_dir = Path(tempfile.mkdtemp()) / "run"
-    train(load_config(overrides=["train.max_steps=1", "train.eval_every=0", "train.save_every=0"],
-                      flags={"model.path": args.model_dir}), run_dir)
-    run = load_run(run_dir)
+    run = short_run(args.model_dir, steps=1)
     model = load_tuned_model(run, device="cpu")
     ids = [i for i in run.tok.encode("嬛嬛朕今日政务繁忙你陪朕说说话") if run.tok.decode([i]).strip()]
     worker.BatchGeneration = free_generation(ids)

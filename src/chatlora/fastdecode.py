@@ -205,8 +205,8 @@ class StaticDecoder:
     def _kernels_work(self) -> bool:
         """Runs the Triton kernels once (compiling them) against their torch references: the
         element-wise ones on a small example, `linear` on layer 0's weights and the head at one row
-        and at two (its two code paths), attention on a small cache. On any failure the decoder
-        keeps the torch operations."""
+        and at two (its two code paths), attention with the model's heads on a small cache against
+        the decoder's own SDPA. On any failure the decoder keeps the torch operations."""
         try:
             g = torch.Generator().manual_seed(0)
             rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
@@ -222,13 +222,11 @@ class StaticDecoder:
                           (kernels.linear(gu, wd, gated=True), (F.silu(gu[:, :inter]) * gu[:, inter:]) @ wd.t()),
                           (kernels.linear(h, head, norm=final, eps=self.eps, out_dtype=torch.float32),
                            norm(h, final) @ head.t())]
-            nq, nkv, hd = 4, 2, self.head_dim
-            q, kc, vc = rand(2, nq, 1, hd), rand(2, nkv, 40, hd), rand(2, nkv, 40, hd)
+            hd = self.head_dim
+            q, kc, vc = rand(2, self.heads, 1, hd), rand(2, self.kv_heads, 40, hd), rand(2, self.kv_heads, 40, hd)
             valid = torch.arange(40, device=self.device)[None] < torch.tensor([[30], [9]], device=self.device)
-            mask = self._additive(valid[:, None, None, :32])
-            want = F.scaled_dot_product_attention(q, kc[:, :, :32].repeat_interleave(2, 1), vc[:, :, :32].repeat_interleave(2, 1),
-                                                  attn_mask=mask, scale=hd ** -0.5)
-            pairs.append((kernels.decode_attention(q, kc, vc, valid, 32, hd ** -0.5), want.transpose(1, 2).reshape(2, -1)))
+            want = self._attention(q, kc, vc, 32, self._additive(valid[:, None, None, :32]))
+            pairs.append((kernels.decode_attention(q, kc, vc, valid, 32, hd ** -0.5), want.reshape(2, -1)))
             bad = [i for i, (ours, ref) in enumerate(pairs)
                    if not (ours.float() - ref.float()).norm() <= 0.02 * ref.float().norm()]
             if not bad:
@@ -338,8 +336,8 @@ class StaticDecoder:
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)   # [B, T, hd]
         h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, self.hidden)
-        fused = self.kernels and slot is not None   # one-token steps: Triton kernels (kernels.py)
-        norm = ((lambda x, w: kernels.rms_norm(x, w, self.eps)) if fused
+        elementwise = self.kernels and slot is not None   # one-token steps: Triton RMSNorm, RoPE, SiLU*mul
+        norm = ((lambda x, w: kernels.rms_norm(x, w, self.eps)) if elementwise
                 else (lambda x, w: F.rms_norm(x, (self.hidden,), w, self.eps)))
         if slot is not None:
             cos, sin = cos.reshape(b, hd), sin.reshape(b, hd)
@@ -347,7 +345,7 @@ class StaticDecoder:
             y = norm(h, n1) @ wqkv.t()
             kc, vc = s["k"][i], s["v"][i]
             if slot is not None:   # one token per row, written at column `slot`
-                q = (kernels.rope_to_cache if fused else kernels.rope_to_cache_reference)(
+                q = (kernels.rope_to_cache if elementwise else kernels.rope_to_cache_reference)(
                     y, cos, sin, slot, kc, vc, nq, nkv)
             else:                  # prefill: columns 0..t-1
                 qk = rotate(y[:, :(nq + nkv) * hd].view(b, t, nq + nkv, hd), cos[:, :, None], sin[:, :, None])
@@ -358,7 +356,7 @@ class StaticDecoder:
             # in place: out-of-place addmm first copies h into its output (a kernel per call)
             h = h.addmm_(a.reshape(b * t, nq * hd), wo.t())
             gu = norm(h, n2) @ wgu.t()
-            if fused:
+            if elementwise:
                 act = kernels.silu_mul(gu)
             else:
                 gate, up = gu.chunk(2, dim=-1)

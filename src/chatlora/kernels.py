@@ -20,6 +20,7 @@ interpreter under `TRITON_INTERPRET=1` for tests); `CHATLORA_TRITON=0` turns the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -246,12 +247,17 @@ LINEAR_ROWS = 16   # `linear` serves up to this many rows (the tensor-core dot's
 ATTENTION_CHUNK, ATTENTION_BLOCK, ATTENTION_WARPS = 128, 128, 4
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def linear_config(n: int, k: int, rows: int, gated: bool, device: torch.device) -> dict | None:
     """Launch parameters for `linear`, or None where cuBLAS (after a separate RMSNorm or SiLU*mul
     kernel) is faster. Measured on an H200 for Index-1.9B's matrices (bench/tune_decode_kernels.py,
     bench/NOTES.md): a one-token step is bound by reading weights, and a small matrix reads fastest
     with the most bytes in flight per SM, so the blocks grow as the programs per SM shrink."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device)
     if n >= 32768:   # the vocabulary projection: tensor-core tiles, even for one row
         return {"BLOCK_N": 128, "BLOCK_K": 128, "MMA": True, "num_warps": 8, "num_stages": 3}
     if rows == 1:
