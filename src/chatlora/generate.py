@@ -166,12 +166,13 @@ class BatchGeneration:
             yield from self._greedy_on_device(decoder, last, seen, penalty, positions[:, -1] + 1, counts)
             return
         every_row = torch.arange(rows, device=self.device)
+        sampled = [(r, replace(s, repetition_penalty=1.0)) for r, s in enumerate(self.samplings) if s.temperature != 0]
         while True:
             logits = penalize(last.float(), seen, penalty)
             picks = logits.argmax(-1)
-            for r, s in enumerate(self.samplings):   # sampled rows: next_token's filters, on the device
-                if s.temperature != 0 and self.finish_reasons[r] is None:
-                    picks[r:r + 1] = draw(logits[r], _NONE_SEEN, replace(s, repetition_penalty=1.0), self.generators[r])
+            for r, s in sampled:   # next_token's filters after the penalty, on the device
+                if self.finish_reasons[r] is None:
+                    picks[r:r + 1] = draw(logits[r], _NONE_SEEN, s, self.generators[r])
             picks = picks.tolist()  # one host sync a step for every row
             tokens = [self._step(r, picks[r], counts) if self.finish_reasons[r] is None
                       else self.pad_id for r in range(rows)]
