@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,8 +57,14 @@ raise RuntimeError("remote code was executed")
 
 
 def pytest_configure(config):
-    os.environ["CHATLORA_CACHE"] = tempfile.mkdtemp(prefix="chatlora-test-cache-")
+    config._chatlora_cache = tempfile.mkdtemp(prefix="chatlora-test-cache-")
+    os.environ["CHATLORA_CACHE"] = config._chatlora_cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_unconfigure(config):
+    """The converted models of a run (~0.5 GB) go with it: runs must not fill the disk."""
+    shutil.rmtree(getattr(config, "_chatlora_cache", ""), ignore_errors=True)
 
 
 def train_sentencepiece(out: Path) -> Path:
