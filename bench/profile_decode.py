@@ -1,5 +1,5 @@
 """Where a decode step's time goes: the captured step with on-device greedy picks alone, a step with
-host-side inputs (`StaticDecoder.step`, as sampling rows use it), and `BatchGeneration`'s whole
+host-side inputs (`StaticDecoder.step`, as `teacher_forced` uses it), and `BatchGeneration`'s whole
 greedy per-token loop, plus the kernels of one replayed step.
 
     python bench/make_index_model.py /tmp/idx
@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,13 +41,12 @@ def profile(model, batch: int, steps: int) -> dict:
     ids = torch.randint(5, 3000, (batch, prompt), device="cuda")
     ones = torch.ones(batch, prompt, dtype=torch.long, device="cuda")
     positions = torch.arange(prompt, device="cuda").expand(batch, -1)
-    last = dec.start(ids, ones, positions, 2 * steps + 16)
+    dec.start(ids, ones, positions, 2 * steps + 16)
     tokens = torch.full((batch,), 7, device="cuda")
     pos = torch.full((batch,), prompt, device="cuda")
     dec.step(tokens, pos)   # captures this attention bucket (host picks)
-    seen = torch.zeros(batch, last.shape[-1], dtype=torch.bool, device="cuda")
-    for _ in dec.greedy(last, seen, torch.ones(batch, 1, device="cuda"), pos, 3):  # device picks
-        pass
+    for _ in range(2):   # captures the step with device picks
+        dec.advance()
     graph, _ = dec.state["graphs"][(128, True)]
     replay = timed(graph.replay, steps)
     step = timed(lambda: dec.step(tokens, pos), steps)
@@ -78,9 +78,9 @@ def profile(model, batch: int, steps: int) -> dict:
 
 def steady_loop(model, batch: int, tokens: int = 110) -> dict:
     """Per-token time of the decoding loops in steady state (after their 10th token, prefill excluded):
-    `BatchGeneration` greedy and with the seed recipe's sampling (host picks), and the decoder's own
-    `greedy` generator; plus, over 30 tokens of the latter,
-    how long the GPU sat idle between kernels (gaps over 2 us)."""
+    `BatchGeneration` greedy and with the seed recipe's sampling, and the decoder's steps alone
+    (`advance`, no read-back); plus how long the GPU sat idle between kernels (gaps over 2 us) in
+    BatchGeneration's greedy loop past its prefill."""
     dec = static_decoder(model)
     s = Sampling(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     prompts = [list(range(10, 18))] * batch
@@ -104,26 +104,28 @@ def steady_loop(model, batch: int, tokens: int = 110) -> dict:
     ids = torch.tensor(prompts, device="cuda")
     ones = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1], device="cuda").expand(batch, -1)
-    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device="cuda")
-    penalty = torch.ones(batch, 1, device="cuda")
 
-    def run(n):
-        last = dec.start(ids, ones, positions, tokens)
-        out = []
-        for _ in dec.greedy(last, seen, penalty, positions[:, -1] + 1, n):
-            out.append(time.perf_counter())
-        return out
+    def bare(n):   # the decoder's steps alone, queued back to back, read back once
+        dec.start(ids, ones, positions, n + 2)
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(n):
+            dec.advance()
+            dec.mark_seen()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - began) / n * 1e3
 
-    generator = per_token(run(tokens))
+    bare(tokens)
+    steps_only = bare(tokens)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(40)
+        list(BatchGeneration(model, prompts, [], [replace(s, max_new_tokens=40)] * batch))
         torch.cuda.synchronize()
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)
     spans = spans[len(spans) // 4:]   # past the prefill
     idle = sum(max(0, b[0] - a[1]) for a, b in zip(spans, spans[1:]) if b[0] - a[1] > 2)
     wall = spans[-1][1] - spans[0][0]
-    return {"batch": batch, "generation_ms": generation, "generator_ms": generator, "sampled_ms": sampling,
+    return {"batch": batch, "generation_ms": generation, "steps_only_ms": steps_only, "sampled_ms": sampling,
             "gpu_idle_fraction": idle / wall}
 
 
@@ -147,10 +149,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5}{r['replay_ms']:>11.3f}{r['host_pick_step_ms']:>19.3f}{r['generation_ms_per_token']:>15.3f}"
               f"{r['kernels_per_step']:>9.0f}{r['kernel_busy_ms']:>16.3f}")
-    print(f"\n{'batch':>5}{'BatchGeneration ms/token':>26}{'greedy() ms/token':>19}{'sampled ms/token':>18}"
+    print(f"\n{'batch':>5}{'BatchGeneration ms/token':>26}{'steps alone ms':>16}{'sampled ms/token':>18}"
           f"{'GPU idle':>10}   (steady state)")
     for r in loops:
-        print(f"{r['batch']:>5}{r['generation_ms']:>26.3f}{r['generator_ms']:>19.3f}{r['sampled_ms']:>18.3f}"
+        print(f"{r['batch']:>5}{r['generation_ms']:>26.3f}{r['steps_only_ms']:>16.3f}{r['sampled_ms']:>18.3f}"
               f"{r['gpu_idle_fraction']:>10.1%}")
 
 

@@ -5,24 +5,26 @@ several numbers of concurrent streaming clients.
     python bench/serve_load.py /tmp/idx --clients 1,4,16,64 --json results.json
 
 Trains a 2-step adapter on the model (a run directory like any other), serves it with a real uvicorn
-server on loopback, and for each client count runs that many threads, each sending
-`--requests` streaming chat requests one after another (greedy, `--max-tokens` tokens). Reported per
-client count: HTTP statuses, aggregate generated tokens/s over the round, time to first token
-(p50/p95) and the gap between streamed tokens (p50/p95/p99). The table comes last.
+server on loopback, and for each client count runs that many clients, each sending `--requests`
+streaming chat requests one after another (greedy, `--max-tokens` tokens). The clients run in
+`--processes` separate processes (threads within each), so that parsing their streams does not
+compete with the server for this process's interpreter lock, as real clients would not. Reported
+per client count: HTTP statuses, aggregate generated tokens/s over the round (first request sent to
+last reply ended), time to first token (p50/p95) and the gap between streamed tokens
+(p50/p95/p99). The table comes last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
@@ -31,47 +33,14 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
 from chatlora.serve import Limits, Server, in_background  # noqa: E402
 from chatlora.train import train  # noqa: E402
+from load_clients import client_group, percentile  # noqa: E402  (bench/: light, for the client processes)
 
-PROMPTS = ["嬛嬛，朕今日政务繁忙，你陪朕说说话。", "你是谁？", "皇上驾到，你该如何应对？", "说一说你入宫以来的见闻。"]
-
-
-def percentile(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming request on an open client; times from sending it (building an httpx.Client takes
-    20-35 ms on a small CPU, which the first version of this benchmark counted as time to first token)."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
-    start = time.perf_counter()
-    stamps = []
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"status": r.status_code, "stamps": []}
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    stamps.append(time.perf_counter() - start)
-    return {"status": 200, "stamps": stamps}
-
-
-def one_client(url: str, i: int, requests: int, max_tokens: int) -> list[dict]:
-    """A client sending `requests` requests one after another over one connection pool."""
-    with httpx.Client(timeout=600) as client:
-        return [one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens) for k in range(requests)]
-
-
-def round_of(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    began = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_client(url, i, requests, max_tokens), range(clients)))
-    wall = time.perf_counter() - began
-    flat = [r for rs in results for r in rs]
+def round_of(url: str, clients: int, requests: int, max_tokens: int, processes, count: int) -> dict:
+    """`clients` clients spread over `count` processes of the pool `processes`."""
+    groups = [list(range(clients))[p::count] for p in range(count)]
+    futures = [processes.submit(client_group, url, g, requests, max_tokens) for g in groups if g]
+    flat = [r for f in futures for r in f.result()]
+    wall = max(r["ended"] for r in flat) - min(r["began"] for r in flat)
     ttft = [r["stamps"][0] for r in flat if r["stamps"]]
     gaps = [b - a for r in flat for a, b in zip(r["stamps"], r["stamps"][1:])]
     tokens = sum(len(r["stamps"]) for r in flat)
@@ -96,6 +65,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--processes", type=int, default=8, help="client processes")
     parser.add_argument("--json")
     args = parser.parse_args()
     run = short_run(args.model_dir, steps=2)
@@ -108,16 +78,18 @@ def main() -> None:
         with torch.no_grad():
             head[vocab:] = 0
     server = Server(run, model, Limits(queue_size=256, max_batch=16))
-    with in_background(server) as url:
-        rounds(args, url)
+    spawn = multiprocessing.get_context("spawn")   # no CUDA state in the clients
+    with in_background(server) as url, ProcessPoolExecutor(args.processes, mp_context=spawn) as processes:
+        rounds(args, url, processes)
 
 
-def rounds(args, url: str) -> None:
-    for clients in (1, 16):  # warm-up: captures the decode steps of these batch shapes
-        round_of(url, clients, 1, args.max_tokens)
-    rows = [round_of(url, int(n), args.requests, args.max_tokens) for n in args.clients.split(",")]
+def rounds(args, url: str, processes) -> None:
+    for clients in (1, 16):  # warm-up: starts the client processes, captures the decode steps
+        round_of(url, clients, 1, args.max_tokens, processes, args.processes)
+    rows = [round_of(url, int(n), args.requests, args.max_tokens, processes, args.processes)
+            for n in args.clients.split(",")]
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "max_tokens": args.max_tokens, "max_batch": 16, "rows": rows}
+           "max_tokens": args.max_tokens, "max_batch": 16, "client_processes": args.processes, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"{'clients':>7}{'requests':>9}{'statuses':>16}{'tokens/s':>10}{'TTFT p50':>9}{'p95':>7}"

@@ -54,19 +54,25 @@ def free_generation(token_ids: list[int]):
     """A BatchGeneration that costs nothing: every row's next id at once, `max_new_tokens` of them."""
 
     class FreeGeneration:
-        def __init__(self, model, prompts, stop_ids, samplings, pad_id=0, should_stop=lambda row: False):
+        def __init__(self, model, prompts, stop_ids, samplings, pad_id=0, should_stop=lambda row: False,
+                     admit=None, max_rows=None, on_finish=None):
             self.rows, self.samplings, self.should_stop = len(prompts), samplings, should_stop
+            self.on_finish = on_finish or (lambda row, reason: None)
             self.finish_reasons = [None] * len(prompts)
 
-        def __iter__(self):
+        def __iter__(self):   # one batch, no joining (as without the GPU decoder)
             for step in range(max(s.max_new_tokens for s in self.samplings)):
                 for r in range(self.rows):
                     if self.finish_reasons[r] is None and step < self.samplings[r].max_new_tokens:
                         if self.should_stop(r):
                             self.finish_reasons[r] = "length"
+                            self.on_finish(r, "length")
                             continue
                         yield r, token_ids[step % len(token_ids)]
-            self.finish_reasons = ["length" if f is None else f for f in self.finish_reasons]
+            for r, f in enumerate(self.finish_reasons):
+                if f is None:
+                    self.finish_reasons[r] = "length"
+                    self.on_finish(r, "length")
 
     return FreeGeneration
 

@@ -24,17 +24,22 @@ def check(device: str, dtype: torch.dtype, tol: float, head_dim: int) -> None:
         if not err < tol:
             failures.append(f"{name}: relative error {err:.2e}")
 
-    # element-wise kernels (batch 3, GQA 4:2, cache of 16 columns written at column 5)
+    # element-wise kernels (batch 3, GQA 4:2, cache of 16 columns, each row written at its own column)
     b, nq, nkv, hd, cap = 3, 4, 2, head_dim, 16
     y, cos, sin, w = rand(b, (nq + 2 * nkv) * hd), rand(b, hd), rand(b, hd), rand((nq + 2 * nkv) * hd)
-    slot = torch.tensor([5], device=device)
+    slot = torch.tensor([5, 0, 11], device=device)
     kc, vc = rand(b, nkv, cap, hd), rand(b, nkv, cap, hd)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref, vc_ref, kc_before = kc.clone(), vc.clone(), kc.clone()
     expect("rope_to_cache q", kernels.rope_to_cache(y, cos, sin, slot, kc, vc, nq, nkv),
            kernels.rope_to_cache_reference(y, cos, sin, slot, kc_ref, vc_ref, nq, nkv))
     expect("rope_to_cache k", kc, kc_ref)
     if not torch.equal(vc, vc_ref):
         failures.append("rope_to_cache v: not copied exactly")
+    written = torch.zeros(b, cap, dtype=torch.bool, device=device)
+    written[torch.arange(b, device=device), slot] = True
+    if not (torch.equal((kc != kc_before).any(-1).any(1), written)
+            and torch.equal(vc.transpose(1, 2)[written].reshape(b, nkv * hd), y[:, (nq + nkv) * hd:])):
+        failures.append("rope_to_cache: v not written at each row's own column")
     expect("rms_norm", kernels.rms_norm(y, w, 1e-6), F.rms_norm(y, (y.shape[1],), w, 1e-6))
     half = y.shape[1] // 2
     expect("silu_mul", kernels.silu_mul(y), F.silu(y[:, :half]) * y[:, half:])

@@ -3,7 +3,7 @@ float32, graphs off; tests/test_gpu.py checks the captured steps on a GPU).
 
 tests/test_kernels.py runs the Index-model cases again under Triton's CPU interpreter with
 CHATLORA_TEST_KERNELS=1, where every decoder must run its one-token steps through the Triton kernels
-(`StaticDecoder._fused_step`); in a plain run the kernels are off on CPU."""
+(`DecodeModel.fused_step`); in a plain run the kernels are off on CPU."""
 
 import os
 
@@ -25,7 +25,7 @@ def model(request, index_dir, smollm2_base):
 def make_decoder(model) -> StaticDecoder:
     decoder = StaticDecoder(model, graphs=False)
     if os.environ.get("CHATLORA_TEST_KERNELS") == "1":
-        assert decoder.kernels and decoder._fused(1)
+        assert decoder.kernels and decoder.net.fused(1)
     return decoder
 
 
@@ -40,6 +40,7 @@ def test_static_decoder_greedy_equals_generate(model, monkeypatch):
     bucket, and steps across several attention buckets (ATTEND_BUCKET lowered to 8)."""
     monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
     monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
     monkeypatch.setattr("chatlora.kernels.ATTENTION_CHUNK", 8)   # with the kernels: chunks merged
     decoder = make_decoder(model)
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
@@ -71,11 +72,12 @@ def test_teacher_forced_logits_equal_a_full_forward(model):
 
 
 def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
-    """All-greedy batches pick on the decoder and run a step ahead (`StaticDecoder.greedy`): same
+    """Picks on the decoder, a step ahead of the host (`StaticDecoder.advance`, batcher.py): same
     tokens and finish reasons as the plain loop, with a repetition penalty, per-row limits, a stop
     id met mid-way and a row dropped by `should_stop`."""
     monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
     monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
     prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
     limits = [Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.3) for n in (14, 9, 20)]
 
@@ -92,8 +94,8 @@ def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
         return probe, got, gen.finish_reasons
 
     decoder, used = make_decoder(model), []
-    picks = decoder.greedy
-    decoder.greedy = lambda *a: used.append(1) or picks(*a)
+    picks = decoder.advance
+    decoder.advance = lambda *a: used.append(1) or picks(*a)
     fast = run(decoder)
     plain = run(None)
     assert used and fast == plain
@@ -116,3 +118,48 @@ def test_failing_kernels_leave_the_torch_operations(model, monkeypatch, capsys):
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     s = Sampling(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
     assert generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)[0] == hf_greedy(model, [1, 17, 230, 99, 42, 4], 10)
+
+
+def test_requests_joining_a_running_batch_equal_their_own_generation(model, monkeypatch):
+    """Continuous batching (batcher.py): requests admitted while others decode, rows leaving, the
+    cache growing in rows (1 -> 4) and columns (a long request) and shrinking again, a seeded
+    sampling row among greedy ones. Every request's tokens equal its generation alone."""
+    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
+    decoder = make_decoder(model)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    greedy = lambda n: Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.3)  # noqa: E731
+    seeded = Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=7)
+    first = ([1, 17, 230, 99, 42, 4], greedy(14))
+    later = {2: [([1, 5, 3], greedy(6)), ([3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4], seeded)],
+             9: [([9, 8, 7], greedy(30))],    # needs more columns than the cache has then (32)
+             12: [([4, 4, 2, 1], greedy(3))]}
+    asked = [first] + [r for k in sorted(later) for r in later[k]]
+    steps, shapes = [0], []
+    fit = decoder.fit
+
+    def watch_fit(rows, columns):
+        moved = fit(rows, columns)
+        shapes.append((decoder.batch, decoder.state["cap"]))
+        return moved
+
+    def admit(room):
+        steps[0] += 1
+        return later.pop(steps[0], [])[:room]
+
+    monkeypatch.setattr(decoder, "fit", watch_fit)
+    gen = BatchGeneration(model, [first[0]], [], [first[1]], admit=admit, max_rows=4)
+    got, order = {}, []
+    for row, token in gen:
+        got.setdefault(row, []).append(token)
+        order.append(row)
+    last_of_first = len(order) - 1 - order[::-1].index(0)
+    assert order.index(1) < last_of_first and order.index(3) < last_of_first   # they joined mid-way
+    assert gen.finish_reasons == ["length"] * 5
+    for i, (prompt, s) in enumerate(asked):
+        alone = generate.generate_ids(model, prompt, [], s)[0]
+        assert got[i] == alone, f"request {i}"
+    batches = [b for b, _ in shapes]
+    assert 4 in batches and batches[-1] < 4, shapes          # grew for the joiners, shrank at the end
+    assert len({c for _, c in shapes}) > 1, shapes             # and took more columns for the long one

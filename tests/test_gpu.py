@@ -170,3 +170,41 @@ def test_decode_kernels_equal_the_torch_operations(dtype, tol):
     import kernel_cases
 
     kernel_cases.check("cuda", dtype, tol, head_dim=64)
+
+
+def test_requests_join_a_running_captured_batch_on_cuda(index_dir):
+    """Float32, captured steps and kernels: requests admitted while others decode (the cache growing
+    from 1 to 4 rows and shrinking back, and growing in columns) give transformers' greedy tokens for
+    their first 20 steps, as in the test above; a seeded sampling row gives what it gives alone."""
+    from chatlora.fastdecode import static_decoder
+    from chatlora.generate import BatchGeneration, Sampling, generate_ids
+
+    model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
+    greedy = lambda n: Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0)  # noqa: E731
+    seeded = Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=7)
+    first = ([1, 17, 230, 99, 42, 4], greedy(60))
+    later = {3: [([1, 5, 3], greedy(20)), ([3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4], seeded)],
+             12: [([9, 8, 7], greedy(300))], 30: [([4, 4, 2, 1], greedy(20))]}
+    asked = [first] + [r for k in sorted(later) for r in later[k]]
+    decoder = static_decoder(model)
+    assert decoder is not None and decoder.kernels and decoder.graphs
+    for _ in range(2):   # first run captures, second replays
+        calls, batches = [0], []
+
+        def admit(room):
+            calls[0] += 1
+            batches.append(decoder.batch)
+            return later.get(calls[0], [])[:room]
+
+        got = {}
+        gen = BatchGeneration(model, [first[0]], [], [first[1]], admit=admit, max_rows=4)
+        for row, token in gen:
+            got.setdefault(row, []).append(token)
+        assert gen.finish_reasons == ["length"] * 5 and 4 in batches and batches[-1] < 4, batches
+    for i, (prompt, s) in enumerate(asked):
+        if s.temperature == 0:
+            out = model.generate(torch.tensor([prompt], device="cuda"), attention_mask=torch.ones(1, len(prompt), device="cuda"),
+                                 max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+            assert got[i][:20] == out[0, len(prompt):].tolist(), f"request {i}"
+        else:
+            assert got[i] == generate_ids(model, prompt, [], s)[0]

@@ -271,6 +271,40 @@ def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
         assert a["usage"] == b["usage"]
 
 
+def test_a_request_joins_a_running_generation(loaded, monkeypatch):
+    """With the decoder (a GPU's path; here uncaptured on CPU), a request that arrives while another
+    generates joins it: it ends first although it came second, and both replies are unchanged."""
+    import chatlora.generate as generate
+    from chatlora.fastdecode import StaticDecoder
+
+    run = loaded[0]
+    model = load_tuned_model(run, device="cpu")   # its own copy: the adapter is merged for the decoder
+    model.merge_adapter()
+    decoder = StaticDecoder(model.get_base_model(), graphs=False)
+    step = decoder.advance
+    monkeypatch.setattr(decoder, "advance", lambda: (time.sleep(0.02), step())[1])   # ~20 ms a token
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    long, short = (chat_body(messages=[{"role": "user", "content": q}], max_tokens=n)
+                   for q, n in (("今日天气很好，我们去御花园走走吧。", 40), ("你是谁？", 4)))
+    with make_client((run, model)) as client:
+        alone = [client.post("/v1/chat/completions", json=b).json() for b in (long, short)]
+        assert alone[0]["usage"]["completion_tokens"] == 40   # long enough to be joined
+        done = {}
+
+        def post(name, body):
+            done[name] = (client.post("/v1/chat/completions", json=body).json(), time.monotonic())
+
+        first = threading.Thread(target=post, args=("long", long))
+        first.start()
+        time.sleep(0.3)
+        post("short", short)
+        first.join(30)
+    assert done["short"][1] < done["long"][1]
+    for a, (b, _) in zip(alone, (done["long"], done["short"])):
+        assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+        assert a["usage"] == b["usage"]
+
+
 def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_path):
     import os
     import signal

@@ -1,8 +1,7 @@
 """The token engine: prompt ids in, generated ids out, one at a time. Knows no text and no HTTP.
 
-Sampling follows Hugging Face's order and definitions (so greedy output equals `model.generate`'s,
-tested): repetition penalty over every id already in the sequence (logit / p if positive, * p if
-negative), then temperature, top-k, top-p; temperature 0 is greedy.
+Picks follow sampling.py (Hugging Face's order and definitions: greedy output equals
+`model.generate`'s, tested).
 
     gen = Generation(model, prompt_ids, stop_ids=[2], sampling=Sampling(temperature=0))
     for token in gen:
@@ -12,58 +11,16 @@ negative), then temperature, top-k, top-p; temperature 0 is greedy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import inspect
+from dataclasses import replace
 
 import torch
 
-from chatlora.fastdecode import penalize, static_decoder
+from chatlora.batcher import Batcher, Request, left_padded
+from chatlora.fastdecode import static_decoder
+from chatlora.sampling import NONE_SEEN, Sampling, draw, next_token, penalize
 
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 300
-    temperature: float = 0.3
-    top_k: int = 5
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
-    seed: int | None = None
-
-    @classmethod
-    def from_config(cls, g, **changes) -> "Sampling":
-        values = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
-                      top_p=g.top_p, repetition_penalty=g.repetition_penalty)
-        values.update({k: v for k, v in changes.items() if v is not None})
-        return cls(**values)
-
-
-def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator) -> int:
-    """Pick one id from the last position's logits [vocab] given the ids `seen` so far."""
-    return int(draw(logits, seen, s, generator))
-
-
-def draw(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
-    """`next_token` without reading the pick back: a one-element tensor on the logits' device, so that
-    a batch's rows are all drawn before one host sync."""
-    logits = logits.float()
-    if s.repetition_penalty != 1.0 and seen.numel():
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
-    if s.temperature == 0:
-        return logits.argmax().reshape(1)
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))   # (masks, not boolean indexing:
-    if s.top_p < 1.0:                                               # no host sync on a GPU)
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cumulative <= 1 - s.top_p
-        remove[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)
+__all__ = ["BatchGeneration", "Generation", "Sampling", "draw", "generate_ids", "next_token"]
 
 
 def _decode_kwargs(model, cache) -> dict:
@@ -122,60 +79,81 @@ class Generation:
 
 
 class BatchGeneration:
-    """Several prompts decoded together (left-padded, one forward per token for all rows); each row
-    has its own sampling, stops on its own, and can be dropped by `should_stop(row)`. Yields
-    `(row, token)`; `finish_reasons[row]` is set when a row ends. Greedy rows give the same tokens
-    as `Generation` alone (tested)."""
+    """Several prompts decoded together; each row has its own sampling, stops on its own, and can be
+    dropped by `should_stop(row)`. Yields `(row, token)`; `finish_reasons[row]` is set when a row
+    ends ("stop": a stop id came, not yielded; "length"), and `on_finish(row, reason)` told. Greedy
+    rows give the same tokens as `Generation` alone (tested).
+
+    With the GPU decoder (fastdecode.py) this is continuous batching (batcher.py): `admit(room)`,
+    called between steps, may hand over up to `room` more `(prompt, sampling)` pairs, which join the
+    running rows as rows len(prompts), len(prompts) + 1, ...; at most `max_rows` decode at once.
+    Without the decoder the prompts run as one left-padded batch and `admit` is not called."""
 
     def __init__(self, model, prompts: list[list[int]], stop_ids, samplings: list[Sampling], pad_id: int = 0,
-                 should_stop=lambda row: False):
-        self.model, self.prompts, self.stop_ids, self.samplings = model, prompts, set(stop_ids), samplings
-        self.pad_id, self.should_stop = pad_id, should_stop
+                 should_stop=lambda row: False, admit=None, max_rows: int | None = None, on_finish=None):
+        self.model, self.stop_ids, self.pad_id = model, set(stop_ids), pad_id
+        self.should_stop, self.admit, self.on_finish = should_stop, admit, on_finish
+        self.max_rows = max_rows or len(prompts)
         self.device = next(model.parameters()).device
-        self.generators = []
-        for s in samplings:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(s.seed) if s.seed is not None else g.seed()
-            self.generators.append(g)
+        self.requests = [self._request(p, s) for p, s in zip(prompts, samplings)]
         self.finish_reasons: list[str | None] = [None] * len(prompts)
+
+    def _ended(self, row: int, reason: str) -> None:
+        self.finish_reasons += [None] * (row + 1 - len(self.finish_reasons))
+        self.finish_reasons[row] = reason
+        if self.on_finish is not None:
+            self.on_finish(row, reason)
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        return [r.generator for r in self.requests]
+
+    @generators.setter
+    def generators(self, generators) -> None:
+        for r, g in zip(self.requests, generators):
+            r.generator = g
+
+    def _request(self, prompt: list[int], s: Sampling) -> Request:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(s.seed) if s.seed is not None else g.seed()
+        return Request(list(prompt), s, g)
 
     @torch.inference_mode()
     def __iter__(self):
+        decoder = static_decoder(self.model)
+        if decoder is not None:  # static cache + CUDA graphs (fastdecode.py): requests join and leave
+            admit = self.admit and (lambda room: [self._request(p, s) for p, s in self.admit(room)])
+            yield from Batcher(decoder, self.requests, self.stop_ids, self.max_rows, self.should_stop,
+                               self._ended, admit)
+            return
+        yield from self._eager()
+
+    def _eager(self):
+        """transformers' forward with a DynamicCache: one left-padded batch, one forward per token."""
         from transformers import DynamicCache
 
-        rows, width = len(self.prompts), max(len(p) for p in self.prompts)
-        ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((rows, width), dtype=torch.long, device=self.device)
-        for r, p in enumerate(self.prompts):
-            ids[r, width - len(p):] = torch.tensor(p, device=self.device)
-            mask[r, width - len(p):] = 1
+        reqs, rows = self.requests, len(self.requests)
+        ids, mask = (t.to(self.device) for t in left_padded([r.prompt for r in reqs], self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        counts = [0] * rows
-        decoder = static_decoder(self.model)
-        if decoder is not None:  # static cache + CUDA graphs (fastdecode.py): same operations, fewer launches
-            last = decoder.start(ids, mask, positions, max(s.max_new_tokens for s in self.samplings))
-        else:
-            decode = _decode_kwargs(self.model, DynamicCache())
-            last = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
+        decode = _decode_kwargs(self.model, DynamicCache())
+        last = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
         # Which ids each row has seen, and its repetition penalty: applied to all rows at once.
         seen = torch.zeros((rows, last.shape[-1]), dtype=torch.bool, device=self.device)
-        for r, p in enumerate(self.prompts):
-            seen[r, torch.tensor(p, device=self.device)] = True
-        penalty = torch.tensor([[s.repetition_penalty] for s in self.samplings], device=self.device)
-        if decoder is not None and all(s.temperature == 0 for s in self.samplings):
-            yield from self._greedy_on_device(decoder, last, seen, penalty, positions[:, -1] + 1, counts)
-            return
+        for r, req in enumerate(reqs):
+            seen[r, torch.tensor(req.prompt, device=self.device)] = True
+        penalty = torch.tensor([[r.sampling.repetition_penalty] for r in reqs], device=self.device)
         every_row = torch.arange(rows, device=self.device)
-        sampled = [(r, replace(s, repetition_penalty=1.0)) for r, s in enumerate(self.samplings) if s.temperature != 0]
+        sampled = [(r, replace(req.sampling, repetition_penalty=1.0)) for r, req in enumerate(reqs)
+                   if req.sampling.temperature != 0]
         while True:
             logits = penalize(last.float(), seen, penalty)
             picks = logits.argmax(-1)
             for r, s in sampled:   # next_token's filters after the penalty, on the device
                 if self.finish_reasons[r] is None:
-                    picks[r:r + 1] = draw(logits[r], _NONE_SEEN, s, self.generators[r])
+                    picks[r:r + 1] = draw(logits[r], NONE_SEEN, s, reqs[r].generator)
             picks = picks.tolist()  # one host sync a step for every row
-            tokens = [self._step(r, picks[r], counts) if self.finish_reasons[r] is None
-                      else self.pad_id for r in range(rows)]
+            tokens = [self._step(r, picks[r]) if self.finish_reasons[r] is None else self.pad_id
+                      for r in range(rows)]
             if all(f is not None for f in self.finish_reasons):
                 return
             for r, token in enumerate(tokens):
@@ -184,41 +162,20 @@ class BatchGeneration:
             step = torch.tensor(tokens, device=self.device)
             seen[every_row, step] = True
             positions = positions[:, -1:] + 1
-            if decoder is not None:
-                last = decoder.step(step, positions[:, 0])
-                continue
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
             last = self.model(input_ids=step[:, None], attention_mask=mask, position_ids=positions, **decode).logits[:, -1]
 
-    def _greedy_on_device(self, decoder, last, seen, penalty, positions, counts):
-        """All rows greedy: the decoder picks on the GPU and runs a step ahead of this loop."""
-        rows = len(self.prompts)
-        for tokens in decoder.greedy(last, seen, penalty, positions, max(s.max_new_tokens for s in self.samplings)):
-            for r, token in enumerate(tokens):
-                if self.finish_reasons[r] is None:
-                    token = self._step(r, token, counts)
-                    if self.finish_reasons[r] is None:
-                        yield r, token
-            if all(f is not None for f in self.finish_reasons):
-                return
-        for r in range(rows):  # every row has its max_new_tokens
-            if self.finish_reasons[r] is None:
-                self.finish_reasons[r] = "length"
-
-    def _step(self, r: int, token: int, counts) -> int:
+    def _step(self, r: int, token: int) -> int:
         """Row r's next token (its pick), or finish the row (then its token is padding)."""
-        s = self.samplings[r]
-        if self.should_stop(r) or counts[r] >= s.max_new_tokens:
-            self.finish_reasons[r] = "length"
+        req = self.requests[r]
+        if self.should_stop(r) or req.count >= req.sampling.max_new_tokens:
+            self._ended(r, "length")
             return self.pad_id
         if token in self.stop_ids:
-            self.finish_reasons[r] = "stop"
+            self._ended(r, "stop")
             return self.pad_id
-        counts[r] += 1
+        req.count += 1
         return token
-
-
-_NONE_SEEN = torch.zeros(0, dtype=torch.long)
 
 
 def generate_ids(model, prompt_ids: list[int], stop_ids, sampling: Sampling) -> tuple[list[int], str]:

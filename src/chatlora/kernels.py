@@ -6,7 +6,7 @@ bytes (launch, ramp-up, tail), so a layer's time is as much its number of kernel
   - `linear`: x @ W.T reading W once, with RMSNorm (q/k/v, gate/up, the head) or SiLU(gate) * up
     (down) computed in front and the residual add (o, down) behind; launch parameters per matrix
     size measured on an H200 (`linear_config`, bench/tune_decode_kernels.py);
-  - `rope_to_cache`: RoPE on q and k, k and v written into the cache at the step's slot, q returned;
+  - `rope_to_cache`: RoPE on q and k, k and v written into the cache at each row's slot, q returned;
   - `decode_attention`: one query per row over the valid cache columns, split into chunks merged by
     a second kernel when long.
 For more rows the decoder keeps cuBLAS with `rms_norm` and `silu_mul` in between.
@@ -60,7 +60,7 @@ if triton is not None:
         hd = 2 * HALF
         offs = tl.arange(0, HALF)
         src = y + b * width + head * hd
-        at = tl.load(slot)
+        at = tl.load(slot + b)   # this row's cache column
         if head < nq + nkv:   # q or k: rotate (sin carries rotate_half's signs)
             x1 = tl.load(src + offs).to(tl.float32)
             x2 = tl.load(src + HALF + offs).to(tl.float32)
@@ -214,8 +214,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_to_cache(y, cos, sin, slot, kc, vc, nq: int, nkv: int) -> torch.Tensor:
     """One token per row. `y` [B, (nq + 2 nkv) * hd] is the fused q/k/v projection (contiguous rows);
     `cos`, `sin` [B, hd] the row's rotation (sin with rotate_half's signs: -sin on the first half);
-    `kc`, `vc` [B, nkv, cap, hd] this layer's contiguous caches, written at column `slot` (a [1]
-    tensor). Returns the rotated q as [B, nq, 1, hd]."""
+    `kc`, `vc` [B, nkv, cap, hd] this layer's contiguous caches, row b written at column `slot[b]`
+    (`slot` [B]). Returns the rotated q as [B, nq, 1, hd]."""
     b, hd, cap = y.shape[0], kc.shape[-1], kc.shape[2]
     q = torch.empty(b, nq, 1, hd, dtype=y.dtype, device=y.device)
     _rope_to_cache_kernel[(b, nq + 2 * nkv)](y, cos, sin, slot, kc, vc, q, y.shape[1], nq, nkv, cap,
@@ -228,8 +228,9 @@ def rope_to_cache_reference(y, cos, sin, slot, kc, vc, nq: int, nkv: int) -> tor
     reference in the tests."""
     b, hd = y.shape[0], kc.shape[-1]
     qk = rotate(y[:, :(nq + nkv) * hd].view(b, 1, nq + nkv, hd), cos[:, None, None], sin[:, None, None])
-    kc.index_copy_(2, slot, qk[:, :, nq:].transpose(1, 2))
-    vc.index_copy_(2, slot, y[:, (nq + nkv) * hd:].view(b, 1, nkv, hd).transpose(1, 2))
+    rows = torch.arange(b, device=y.device)
+    kc[rows, :, slot] = qk[:, 0, nq:]
+    vc[rows, :, slot] = y[:, (nq + nkv) * hd:].view(b, nkv, hd)
     return qk[:, :, :nq].transpose(1, 2)
 
 

@@ -1,9 +1,10 @@
 """One generation thread for the server: a bounded queue of jobs, text events back to asyncio.
 
 The HTTP side submits a `Job` and reads `("text", piece)` events, then one `("done", finish_reason)`
-from `job.events`. Jobs waiting together are generated together (generate.BatchGeneration), up to
-`max_batch` at a time; a job arriving during a batch waits for the next one. Setting `job.cancel` (the client went away) stops the generation before its
-next token; so does the job's deadline. Stop strings are matched on the decoded text, and text that
+from `job.events`. Jobs are generated together (generate.BatchGeneration), up to `max_batch` at a
+time: on a GPU a job arriving while others decode joins them at the next step (continuous batching,
+batcher.py); without the GPU decoder it waits for the running batch to end. Setting `job.cancel` (the
+client went away) stops the generation before its next token; so does the job's deadline. Stop strings are matched on the decoded text, and text that
 could still become a stop string is held back until it cannot.
 
     worker = Worker(model, tok, stop_ids, queue_size=16, max_batch=16)
@@ -13,12 +14,14 @@ could still become a stop string is held back until it cannot.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+from chatlora.fastdecode import static_decoder
 from chatlora.generate import BatchGeneration, Sampling
 from chatlora.tokenizer import TextStream
 
@@ -65,6 +68,7 @@ class Worker:
     def __init__(self, model, tok, stop_ids, queue_size: int, max_batch: int = 16):
         self.model, self.tok, self.stop_ids, self.max_batch = model, tok, stop_ids, max_batch
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.closed = False
         self.thread = threading.Thread(target=self._loop, name="chatlora-generate", daemon=True)
         self.thread.start()
 
@@ -81,51 +85,85 @@ class Worker:
         self.jobs.put(None)
 
     def _loop(self) -> None:
-        """Take the jobs waiting now (up to max_batch) and generate them together."""
+        """Generate the jobs waiting now (up to max_batch) together, taking in later ones as they come."""
+        self._warm_up()
         while (job := self.jobs.get()) is not None:
-            batch = [job]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.jobs.put(None)  # close after this batch
-                    break
-                batch.append(nxt)
+            self._run_batch([job] + self._take(self.max_batch - 1))
+        self.closed = True
+
+    def _warm_up(self) -> None:
+        """On a GPU: the decoder's captures for 1..max_batch rows, before the first request needs them
+        (jobs submitted meanwhile wait in the queue)."""
+        decoder = static_decoder(self.model)
+        if decoder is None:
+            return
+        began = time.monotonic()
+        try:
+            decoder.warm_up(self.max_batch)
+        except Exception:   # serving still works; requests capture what they need when they need it
+            log.exception("warming up the decoder failed")
+            return
+        print(f"chatlora: the decoder is ready for {self.max_batch} concurrent requests "
+              f"({time.monotonic() - began:.1f} s of CUDA graph captures)", flush=True)
+
+    def _take(self, room: int) -> list[Job]:
+        """Up to `room` waiting jobs, without blocking (none once close() was called)."""
+        taken = []
+        while len(taken) < room and not self.closed:
             try:
-                self._run_batch(batch)
-            except Exception:  # never lose the thread; the requests end with finish_reason "error"
-                log.exception("generation failed")
-                for j in batch:
-                    j.emit("done", "error")
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.closed = True   # close after the running batch
+                self.jobs.put(None)
+                break
+            taken.append(job)
+        return taken
 
     def _run_batch(self, batch: list[Job]) -> None:
-        live = []
-        for job in batch:
-            if job.cancel.is_set() or time.monotonic() > job.deadline:
-                job.emit("done", "length")
-            else:
-                live.append(job)
-        if not live:
-            return
-        replies = [_Reply(TextStream(self.tok)) for _ in live]
+        """Generates `batch` and the jobs admitted while it runs; each job gets its "done" when it ends."""
+        jobs: dict[int, tuple[Job, _Reply]] = {}   # request number (BatchGeneration's row) -> job
+        numbers = itertools.count()
 
-        def should_stop(row: int) -> bool:
-            job = live[row]
-            return replies[row].stopped or job.cancel.is_set() or time.monotonic() > job.deadline
+        def accept(new: list[Job]) -> list[Job]:
+            """The jobs still wanted, numbered in order (the others end now)."""
+            fresh = []
+            for job in new:
+                if job.cancel.is_set() or time.monotonic() > job.deadline:
+                    job.emit("done", "length")
+                else:
+                    jobs[next(numbers)] = (job, _Reply(TextStream(self.tok)))
+                    fresh.append(job)
+            return fresh
 
-        gen = BatchGeneration(self.model, [j.prompt for j in live], self.stop_ids, [j.sampling for j in live],
-                              pad_id=self.tok.pad_id, should_stop=should_stop)
-        for row, token in gen:
-            job, reply = live[row], replies[row]
-            job.generated += 1
-            reply.pending += reply.stream.push(token)
-            shown, reply.stopped, hold = split_at_stop(reply.pending, job.stop)
-            if shown:
-                job.emit("text", shown)
-            reply.pending = reply.pending[len(reply.pending) - hold:] if hold else ""
-        for job, reply, reason in zip(live, replies, gen.finish_reasons):
+        def should_stop(i: int) -> bool:
+            job, reply = jobs[i]
+            return reply.stopped or job.cancel.is_set() or time.monotonic() > job.deadline
+
+        def finished(i: int, reason: str) -> None:
+            job, reply = jobs.pop(i)
             if reply.pending:
                 job.emit("text", reply.pending)
             job.emit("done", "stop" if reply.stopped else reason)
+
+        first = accept(batch)
+        if not first:
+            return
+        gen = BatchGeneration(self.model, [j.prompt for j in first], self.stop_ids, [j.sampling for j in first],
+                              pad_id=self.tok.pad_id, should_stop=should_stop, max_rows=self.max_batch,
+                              admit=lambda room: [(j.prompt, j.sampling) for j in accept(self._take(room))],
+                              on_finish=finished)
+        try:
+            for i, token in gen:
+                job, reply = jobs[i]
+                job.generated += 1
+                reply.pending += reply.stream.push(token)
+                shown, reply.stopped, hold = split_at_stop(reply.pending, job.stop)
+                if shown:
+                    job.emit("text", shown)
+                reply.pending = reply.pending[len(reply.pending) - hold:] if hold else ""
+        except Exception:   # never lose the thread; the requests end with finish_reason "error"
+            log.exception("generation failed")
+            for job, _ in jobs.values():
+                job.emit("done", "error")
