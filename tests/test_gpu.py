@@ -208,3 +208,22 @@ def test_requests_join_a_running_captured_batch_on_cuda(index_dir):
             assert got[i][:20] == out[0, len(prompt):].tolist(), f"request {i}"
         else:
             assert got[i] == generate_ids(model, prompt, [], s)[0]
+
+
+def test_warm_up_captures_what_serving_meets(index_dir):
+    """After `warm_up(4)`, requests of up to 64 prompt tokens joining and leaving a batch of up to 4
+    rows, with replies reaching the cache's last attention bucket, capture nothing new."""
+    from chatlora.fastdecode import static_decoder
+    from chatlora.generate import BatchGeneration, Sampling
+
+    model = load_model(prepare_base(str(index_dir)), "bfloat16", "cuda")
+    decoder = static_decoder(model)
+    decoder.warm_up(4)
+    captured = lambda: {key: set(s["graphs"]) for key, s in decoder._states.items()}  # noqa: E731
+    before = captured()
+    assert {(b, 512) for b in (1, 2, 4)} <= set(before)
+    s = Sampling(max_new_tokens=440, temperature=0, repetition_penalty=1.0)
+    later = [[([5] * 60, s)], [([7, 8, 9], s), ([3] * 30, s)]]
+    list(BatchGeneration(model, [[1, 2, 3]], [], [s], max_rows=4,
+                         admit=lambda room: later.pop() if later else []))
+    assert captured() == before

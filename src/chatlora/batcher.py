@@ -62,6 +62,7 @@ class Batcher:
 
     def __iter__(self):
         """Yields (request index, token) until every request, the admitted ones included, has ended."""
+        self.decoder.leave([r for r, on in enumerate(self.decoder.live) if on])   # rows left by a failed run
         waiting = deque(self.requests)
         pending: deque = deque()   # picks on their way to the host: (slot, [(position, request)])
         while True:

@@ -201,10 +201,10 @@ class StaticDecoder:
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> None:
         """Captures what serving up to `max_rows` rows first meets, so that no request waits for a
-        capture (or a kernel compile): for every cache of a power of two rows up to it (CACHE_BUCKET
-        columns), its step and the prefills of a power of two rows of up to PREFILL_BUCKET tokens.
-        Longer prompts and later attention buckets are captured when first met. Every row is free
-        afterwards."""
+        capture (or a kernel compile, ~1 s): for every cache of a power of two rows up to it
+        (CACHE_BUCKET columns), its step at every attention bucket and the prefills of a power of two
+        rows of up to PREFILL_BUCKET tokens. Longer prompts and replies are captured when first met.
+        Every row is free afterwards."""
         batch = 1
         while batch <= _batch_for(min(max_rows, MAX_BATCH)):
             rows = 1
@@ -213,8 +213,10 @@ class StaticDecoder:
                 ids = torch.ones(rows, 1, dtype=torch.long, device=self.device)
                 self.join(list(range(rows)), ids, torch.ones_like(ids), torch.zeros_like(ids))
                 rows *= 2
-            for _ in range(2):   # the first runs eagerly and captures, the second replays
-                self.advance()
+            for attend in range(ATTEND_BUCKET, CACHE_BUCKET + 1, ATTEND_BUCKET):
+                for _ in range(2):   # the first runs eagerly and captures, the second replays
+                    self.slots = [attend - 1] * batch   # (the host's copy alone: sets the bucket)
+                    self.advance()
             batch *= 2
         self.reset(1, CACHE_BUCKET)
 
@@ -323,12 +325,12 @@ class StaticDecoder:
     def _join_rows(self, s, index, ids, mask, positions) -> torch.Tensor:
         """Rows `index` take their prompts: valid columns, next position and column, live; then the
         prefill (keys and values into their cache rows) and its last column's logits."""
-        width = ids.shape[1]
-        s["valid"][index] = False
+        width = ids.shape[1]   # (scalars through index_fill_: indexed assignment copies them from the host)
+        s["valid"].index_fill_(0, index, False)
         s["valid"][index, :width] = mask.bool()
         s["positions"][index] = positions[:, -1] + 1
-        s["slot"][index] = width
-        s["live"][index] = 1
+        s["slot"].index_fill_(0, index, width)
+        s["live"].index_fill_(0, index, 1)
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         allowed = causal[None] & mask.bool()[:, None, :]
         allowed |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # padding: no empty row
