@@ -19,12 +19,13 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, sampled: bool = False) -> dict:
     """One streaming request on an open client; times from sending it (building an httpx.Client takes
     20-35 ms on a small CPU, which the first version of this benchmark counted as time to first token).
     `began`, `ended`: time.monotonic(), comparable across processes."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True}
+    if not sampled:   # else the run's sampling (the seed recipe's: temperature 0.3, top-k 5, top-p 0.8)
+        body["temperature"] = 0
     began = time.monotonic()
     start = time.perf_counter()
     stamps = []
@@ -39,13 +40,15 @@ def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) ->
     return {"status": 200, "stamps": stamps, "began": began, "ended": time.monotonic()}
 
 
-def one_client(url: str, i: int, requests: int, max_tokens: int) -> list[dict]:
+def one_client(url: str, i: int, requests: int, max_tokens: int, sampled: bool) -> list[dict]:
     """A client sending `requests` requests one after another over one connection pool."""
     with httpx.Client(timeout=600) as client:
-        return [one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens) for k in range(requests)]
+        return [one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens, sampled)
+                for k in range(requests)]
 
 
-def client_group(url: str, clients: list[int], requests: int, max_tokens: int) -> list[dict]:
+def client_group(url: str, clients: list[int], requests: int, max_tokens: int, sampled: bool) -> list[dict]:
     """Clients `clients` as threads of one process."""
     with ThreadPoolExecutor(len(clients)) as pool:
-        return [r for rs in pool.map(lambda i: one_client(url, i, requests, max_tokens), clients) for r in rs]
+        return [r for rs in pool.map(lambda i: one_client(url, i, requests, max_tokens, sampled), clients)
+                for r in rs]

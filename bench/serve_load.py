@@ -6,7 +6,8 @@ several numbers of concurrent streaming clients.
 
 Trains a 2-step adapter on the model (a run directory like any other), serves it with a real uvicorn
 server on loopback, and for each client count runs that many clients, each sending `--requests`
-streaming chat requests one after another (greedy, `--max-tokens` tokens). The clients run in
+streaming chat requests one after another (greedy, or with `--sampled` the run's sampling settings;
+`--max-tokens` tokens). The clients run in
 `--processes` separate processes (threads within each), so that parsing their streams does not
 compete with the server for this process's interpreter lock, as real clients would not. Reported
 per client count: HTTP statuses, aggregate generated tokens/s over the round (first request sent to
@@ -35,10 +36,11 @@ from chatlora.serve import Limits, Server, in_background  # noqa: E402
 from chatlora.train import train  # noqa: E402
 from load_clients import client_group, percentile  # noqa: E402  (bench/: light, for the client processes)
 
-def round_of(url: str, clients: int, requests: int, max_tokens: int, processes, count: int) -> dict:
+def round_of(url: str, clients: int, requests: int, max_tokens: int, processes, count: int,
+             sampled: bool = False) -> dict:
     """`clients` clients spread over `count` processes of the pool `processes`."""
     groups = [list(range(clients))[p::count] for p in range(count)]
-    futures = [processes.submit(client_group, url, g, requests, max_tokens) for g in groups if g]
+    futures = [processes.submit(client_group, url, g, requests, max_tokens, sampled) for g in groups if g]
     flat = [r for f in futures for r in f.result()]
     wall = max(r["ended"] for r in flat) - min(r["began"] for r in flat)
     ttft = [r["stamps"][0] for r in flat if r["stamps"]]
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--processes", type=int, default=8, help="client processes")
+    parser.add_argument("--sampled", action="store_true", help="the run's sampling settings instead of greedy")
     parser.add_argument("--json")
     args = parser.parse_args()
     run = short_run(args.model_dir, steps=2)
@@ -85,11 +88,13 @@ def main() -> None:
 
 def rounds(args, url: str, processes) -> None:
     for clients in (1, 16):  # warm-up: starts the client processes, captures the decode steps
-        round_of(url, clients, 1, args.max_tokens, processes, args.processes)
-    rows = [round_of(url, int(n), args.requests, args.max_tokens, processes, args.processes)
+        round_of(url, clients, 1, args.max_tokens, processes, args.processes, args.sampled)
+    rows = [round_of(url, int(n), args.requests, args.max_tokens, processes, args.processes, args.sampled)
             for n in args.clients.split(",")]
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "max_tokens": args.max_tokens, "max_batch": 16, "client_processes": args.processes, "rows": rows}
+           "max_tokens": args.max_tokens, "max_batch": 16, "client_processes": args.processes,
+           "sampling": "the run's (temperature 0.3, top-k 5, top-p 0.8, penalty 1.1)" if args.sampled else "greedy",
+           "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"{'clients':>7}{'requests':>9}{'statuses':>16}{'tokens/s':>10}{'TTFT p50':>9}{'p95':>7}"

@@ -133,7 +133,8 @@ def test_requests_joining_a_running_batch_equal_their_own_generation(model, monk
     seeded = Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=7)
     first = ([1, 17, 230, 99, 42, 4], greedy(14))
     later = {2: [([1, 5, 3], greedy(6)), ([3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4], seeded)],
-             9: [([9, 8, 7], greedy(30))],    # needs more columns than the cache has then (32)
+             9: [([9, 8, 7], greedy(30)),     # needs more columns than the cache has then (32)
+                 ([2, 3], Sampling(max_new_tokens=8, temperature=1.2, top_k=0, top_p=0.7, seed=11))],
              12: [([4, 4, 2, 1], greedy(3))]}
     asked = [first] + [r for k in sorted(later) for r in later[k]]
     steps, shapes = [0], []
@@ -156,7 +157,7 @@ def test_requests_joining_a_running_batch_equal_their_own_generation(model, monk
         order.append(row)
     last_of_first = len(order) - 1 - order[::-1].index(0)
     assert order.index(1) < last_of_first and order.index(3) < last_of_first   # they joined mid-way
-    assert gen.finish_reasons == ["length"] * 5
+    assert gen.finish_reasons == ["length"] * 6
     for i, (prompt, s) in enumerate(asked):
         alone = generate.generate_ids(model, prompt, [], s)[0]
         assert got[i] == alone, f"request {i}"

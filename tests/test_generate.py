@@ -71,6 +71,23 @@ def test_sampling_filters():
     assert next_token(torch.tensor([-1.0, -1.5, -3.0]), torch.tensor([0]), s, g) == 1
 
 
+def test_rows_sampled_together_draw_what_they_draw_alone():
+    """RowSampler: rows with their own temperature, top-k (one of them none), top-p and generator
+    pick the same ids together as one by one (`draw`), over many draws."""
+    from chatlora.sampling import RowSampler, draw
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    settings = [Sampling(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.0),
+                Sampling(temperature=1.3, top_k=0, top_p=0.5, repetition_penalty=1.0),
+                Sampling(temperature=1.0, top_k=20, top_p=1.0, repetition_penalty=1.0)]
+    together = RowSampler(settings, [torch.Generator().manual_seed(i) for i in range(3)], 50, "cpu")
+    alone = [torch.Generator().manual_seed(i) for i in range(3)]
+    picks = [together.draw(logits).tolist() for _ in range(100)]
+    assert picks == [[draw(logits[r], torch.tensor([], dtype=torch.long), s, g).item()
+                      for r, (s, g) in enumerate(zip(settings, alone))] for _ in range(100)]
+    assert len({p[1] for p in picks}) > 1 and all(p[0] in logits[0].topk(5).indices for p in picks)
+
+
 def test_seeded_sampling_is_reproducible(tiny_model):
     prompt = [0, 17, 230, 3, 999, 42, 4]
     s = Sampling(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=3)

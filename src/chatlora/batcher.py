@@ -6,8 +6,8 @@ loop:
   1. admit: waiting requests (the first prompts, then whatever `admit(room)` hands over) are
      prefilled together into free rows, after moving the live rows to a larger cache if needed
      (`StaticDecoder.fit`); their first picks come from the prefill's logits;
-  2. step: one captured step for every row, greedy picks on the GPU; sampling rows then draw their
-     own pick from the step's penalized logits with their own generator;
+  2. step: one captured step for every row, greedy picks on the GPU; the sampling rows then draw
+     together from the step's penalized logits, each with its own settings and generator;
   3. read back: the picks go to pinned host memory without waiting; the host handles the previous
      step's picks (stop ids, limits, `should_stop`) while the GPU runs this one, so a finished row
      costs one wasted step. Rows that end leave the batch; when few rows are left, they move to a
@@ -21,13 +21,13 @@ alone, whenever it joins (tested in float32).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from chatlora.fastdecode import MAX_BATCH
-from chatlora.sampling import NONE_SEEN, Sampling, draw, penalize
+from chatlora.sampling import RowSampler, Sampling, penalize
 
 READBACK_SLOTS = 8   # pinned host buffers for picks in flight (at most 3 are)
 
@@ -59,6 +59,7 @@ class Batcher:
         self.events = [torch.cuda.Event() if cuda else None for _ in range(READBACK_SLOTS)]
         self.issued = 0
         self.live: dict[int, int] = {}   # decoder row -> request index
+        self.sampling = None             # (rows, RowSampler) of the live rows that sample, or ()
 
     def __iter__(self):
         """Yields (request index, token) until every request, the admitted ones included, has ended."""
@@ -98,24 +99,30 @@ class Batcher:
         on = mask.bool()
         seen[torch.arange(len(reqs), device=self.device)[:, None].expand_as(ids)[on], ids[on]] = True
         penalty = torch.tensor([[r.sampling.repetition_penalty] for r in reqs], device=self.device)
-        picks = penalize(logits, seen, penalty).argmax(-1)
-        for j, r in enumerate(reqs):
-            if r.sampling.temperature != 0:
-                picks[j:j + 1] = self._draw(logits[j], seen[j], r)
+        penalized = penalize(logits, seen, penalty)
+        picks = penalized.argmax(-1)
+        sampling = [j for j, r in enumerate(reqs) if r.sampling.temperature != 0]
+        if sampling:
+            index = torch.tensor(sampling, device=self.device)
+            picks[index] = self._sampler([reqs[j] for j in sampling]).draw(penalized[index])
         seen.scatter_(1, picks[:, None], True)
         dec.feed(rows, picks, seen, penalty)
         for row, i in zip(rows, joining):
             self.live[row], self.requests[i].row = i, row
+        self.sampling = None
         return self._readback(picks), list(enumerate(joining))
 
     def _step(self):
         """One step for every row; returns its picks' read-back."""
         dec = self.decoder
         penalized = dec.advance()
-        for row, i in self.live.items():
-            r = self.requests[i]
-            if r.sampling.temperature != 0:   # the filters after the penalty, with the row's generator
-                dec.tokens[row:row + 1] = self._draw(penalized[row], None, r)
+        if self.sampling is None:   # the sampling rows (changed by joins, leaves and moves)
+            rows = [row for row, i in self.live.items() if self.requests[i].sampling.temperature != 0]
+            self.sampling = rows and (torch.tensor(rows, device=self.device),
+                                      self._sampler([self.requests[self.live[row]] for row in rows]))
+        if self.sampling:   # they draw from the penalized logits instead of the greedy pick
+            index, sampler = self.sampling
+            dec.tokens[index] = sampler.draw(penalized[index])
         dec.mark_seen()
         return self._readback(dec.tokens), list(self.live.items())
 
@@ -142,17 +149,14 @@ class Batcher:
                 leaving.append(r.row)
                 del self.live[r.row], self.requests[i]
                 self.ended(i, r.finish)
-        self.decoder.leave(leaving)
+        if leaving:
+            self.decoder.leave(leaving)
+            self.sampling = None
 
     # ---------------------------------------------------------------- helpers
 
-    def _draw(self, logits, seen, r: Request) -> torch.Tensor:
-        """A sampling row's pick: `sampling.draw` with its own settings and generator (the repetition
-        penalty applied here when `seen` is given, else already in the logits)."""
-        s = r.sampling
-        if seen is not None:
-            logits = penalize(logits[None], seen[None], torch.tensor([[s.repetition_penalty]], device=self.device))[0]
-        return draw(logits, NONE_SEEN, replace(s, repetition_penalty=1.0), r.generator)
+    def _sampler(self, reqs: list[Request]) -> RowSampler:
+        return RowSampler([r.sampling for r in reqs], [r.generator for r in reqs], self.decoder.net.vocab, self.device)
 
     def _readback(self, picks) -> int:
         """Starts copying picks to a pinned host buffer; returns the buffer's slot."""
@@ -168,6 +172,7 @@ class Batcher:
         columns = max([columns] + [self.requests[i].end for i in self.live.values()])
         moved = self.decoder.fit(max(rows, 1), columns)
         if any(old != new for old, new in moved.items()):
+            self.sampling = None
             self.live = {moved[row]: i for row, i in self.live.items()}
             for row, i in self.live.items():
                 self.requests[i].row = row
