@@ -52,3 +52,19 @@ def client_group(url: str, clients: list[int], requests: int, max_tokens: int, s
     with ThreadPoolExecutor(len(clients)) as pool:
         return [r for rs in pool.map(lambda i: one_client(url, i, requests, max_tokens, sampled), clients)
                 for r in rs]
+
+
+def meet(barrier) -> None:
+    """Waits in a client process until every client process waits (`start_processes`)."""
+    barrier.wait(timeout=300)
+
+
+def start_processes(pool, count: int) -> None:
+    """Starts all `count` processes of a spawning ProcessPoolExecutor. The pool starts them on
+    demand, and a round submitted before they are up queues its clients in the first ones: in one
+    round 3 of 4 clients ran one after another in one process (bench/NOTES.md)."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(count)
+        list(pool.map(meet, [barrier] * count))

@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from chatlora.config import load_config  # noqa: E402
+from chatlora.fastdecode import static_decoder  # noqa: E402
 from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
 from chatlora.serve import Limits, Server, in_background  # noqa: E402
 from chatlora.train import train  # noqa: E402
-from load_clients import client_group, percentile  # noqa: E402  (bench/: light, for the client processes)
+from load_clients import client_group, percentile, start_processes  # noqa: E402  (bench/: light, for the client processes)
 
 def round_of(url: str, clients: int, requests: int, max_tokens: int, processes, count: int,
              sampled: bool = False) -> dict:
@@ -83,14 +84,22 @@ def main() -> None:
     server = Server(run, model, Limits(queue_size=256, max_batch=16))
     spawn = multiprocessing.get_context("spawn")   # no CUDA state in the clients
     with in_background(server) as url, ProcessPoolExecutor(args.processes, mp_context=spawn) as processes:
-        rounds(args, url, processes)
+        start_processes(processes, args.processes)
+        rounds(args, url, processes, model)
 
 
-def rounds(args, url: str, processes) -> None:
+def rounds(args, url: str, processes, model) -> None:
     for clients in (1, 16):  # warm-up: starts the client processes, captures the decode steps
         round_of(url, clients, 1, args.max_tokens, processes, args.processes, args.sampled)
-    rows = [round_of(url, int(n), args.requests, args.max_tokens, processes, args.processes, args.sampled)
-            for n in args.clients.split(",")]
+    decoder = static_decoder(model)   # the worker's (made by now)
+    rows = []
+    for n in args.clients.split(","):
+        before = (decoder.steps, decoder.row_steps) if decoder else (0, 0)
+        rows.append(round_of(url, int(n), args.requests, args.max_tokens, processes, args.processes, args.sampled))
+        if decoder:   # how full the decode batch was, and how much of the round the steps took
+            steps, row_steps = decoder.steps - before[0], decoder.row_steps - before[1]
+            rows[-1].update(decode_steps=steps, mean_rows_per_step=row_steps / max(steps, 1),
+                            steps_per_s=steps / rows[-1]["wall_s"])
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "max_tokens": args.max_tokens, "max_batch": 16, "client_processes": args.processes,
            "sampling": "the run's (temperature 0.3, top-k 5, top-p 0.8, penalty 1.1)" if args.sampled else "greedy",
@@ -98,11 +107,12 @@ def rounds(args, url: str, processes) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"{'clients':>7}{'requests':>9}{'statuses':>16}{'tokens/s':>10}{'TTFT p50':>9}{'p95':>7}"
-          f"{'gap p50 ms':>11}{'p95':>7}{'p99':>7}")
+          f"{'gap p50 ms':>11}{'p95':>7}{'p99':>7}{'rows/step':>10}{'steps/s':>8}")
     for r in rows:
         print(f"{r['clients']:>7}{r['requests']:>9}{str(r['statuses']):>16}{r['tokens_per_s']:>10.0f}"
               f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['token_gap_p50_ms']:>11.2f}"
-              f"{r['token_gap_p95_ms']:>7.2f}{r['token_gap_p99_ms']:>7.2f}")
+              f"{r['token_gap_p95_ms']:>7.2f}{r['token_gap_p99_ms']:>7.2f}"
+              f"{r.get('mean_rows_per_step', float('nan')):>10.1f}{r.get('steps_per_s', float('nan')):>8.0f}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ the merged function too, so every path sees the same model).
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 
 import torch
@@ -45,6 +46,9 @@ PREFILL_BUCKET = 64     # a join's prompt columns: a multiple of this
 PREFILL_GRAPH_TOKENS = 4096   # joins of up to this many (padded) tokens run as captured graphs
 
 
+_MAKING = threading.Lock()
+
+
 def _batch_for(rows: int) -> int:
     """Rows of the cache that holds `rows`: the next power of two (few shapes to capture)."""
     return 1 << max(0, (max(rows, 1) - 1).bit_length())
@@ -59,6 +63,11 @@ def static_decoder(model) -> "StaticDecoder | None":
     """The model's decoder (made once and kept on the model), or None where it does not apply."""
     if os.environ.get("CHATLORA_FAST_DECODE", "1") == "0" or not torch.cuda.is_available():
         return None
+    with _MAKING:   # one decoder per model, whichever thread asks first
+        return _decoder_of(model)
+
+
+def _decoder_of(model) -> "StaticDecoder | None":
     decoder = getattr(model, "_chatlora_decoder", None)
     if decoder is None:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -82,6 +91,7 @@ class StaticDecoder:
         self.device, self.dtype = self.net.device, self.net.dtype
         self._states: OrderedDict = OrderedDict()   # (batch, cache length) -> cache + captured steps
         self.state = None
+        self.steps = self.row_steps = 0   # `advance` calls, and live rows summed over them
         self.slots: list[int] = []    # each row's next cache column (host copy of state["slot"])
         self.live: list[bool] = []    # rows holding a request; free rows stay at column 0
 
@@ -191,6 +201,7 @@ class StaticDecoder:
         self._check_room()
         penalized = self._run(s, self._attend(), pick=True)
         self.slots = [c + on for c, on in zip(self.slots, self.live)]
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + sum(self.live)
         return penalized
 
     def mark_seen(self) -> None:
