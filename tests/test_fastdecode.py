@@ -61,6 +61,20 @@ def test_generation_delegates_to_the_decoder(model, monkeypatch):
     assert fast == generate.generate_ids(model, [1, 17, 230, 99, 42, 4], [], s)
 
 
+def test_more_prompts_than_rows_wait_for_a_free_row(model, monkeypatch):
+    """BatchGeneration with max_rows below the number of prompts: the others join as rows free up."""
+    decoder = make_decoder(model)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
+    prompts = [[1, 17, 230], [1, 5, 3], [3, 77, 78, 79], [9, 8]]
+    samplings = [Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0) for n in (6, 3, 5, 4)]
+    got, widest = [[] for _ in prompts], []
+    for row, token in BatchGeneration(model, prompts, [], samplings, max_rows=2):
+        got[row].append(token)
+        widest.append(sum(decoder.live))
+    assert max(widest) == 2
+    assert got == [hf_greedy(model, p, s.max_new_tokens) for p, s in zip(prompts, samplings)]
+
+
 def test_teacher_forced_logits_equal_a_full_forward(model):
     decoder = make_decoder(model)
     prompt, tokens = [1, 17, 230, 99, 42, 4], [5, 77, 300, 12, 8, 8, 41]

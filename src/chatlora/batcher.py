@@ -73,8 +73,9 @@ class Batcher:
                     self.requests[self.count] = request
                     waiting.append(self.count)
                     self.count += 1
-            if waiting:
-                pending.append(self._join([waiting.popleft() for _ in range(len(waiting))]))
+            joining = min(len(waiting), self.max_rows - len(self.live))   # the rest wait for a free row
+            if joining:
+                pending.append(self._join([waiting.popleft() for _ in range(joining)]))
             stepped = bool(self.live)
             if stepped:
                 pending.append(self._step())
