@@ -91,14 +91,15 @@ class Batcher:
         """Prefills `joining` requests into free rows; returns their first picks' read-back."""
         dec, reqs = self.decoder, [self.requests[i] for i in joining]
         ids, mask = (t.to(self.device) for t in left_padded([r.prompt for r in reqs], pad_id=0))
+        width = dec.join_width(ids.shape[1])
         for r in reqs:
-            r.end = dec.join_width(ids.shape[1]) + r.sampling.max_new_tokens + 1
+            r.end = width + r.sampling.max_new_tokens + 1
         self._fit(len(self.live) + len(reqs), max(r.end for r in reqs))
         rows = dec.free_rows()[:len(reqs)]
         logits = dec.join(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
         seen = torch.zeros(len(reqs), logits.shape[-1], dtype=torch.bool, device=self.device)
-        on = mask.bool()
-        seen[torch.arange(len(reqs), device=self.device)[:, None].expand_as(ids)[on], ids[on]] = True
+        # the prompts' ids; padding marks the row's last id again (boolean indexing would sync the host)
+        seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)
         penalty = torch.tensor([[r.sampling.repetition_penalty] for r in reqs], device=self.device)
         penalized = penalize(logits, seen, penalty)
         picks = penalized.argmax(-1)
