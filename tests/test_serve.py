@@ -161,9 +161,9 @@ def test_stop_strings_split_and_hold_back():
 def test_full_queue_answers_429_with_retry_after(loaded):
     run, model = loaded
     server = Server(run, model, Limits(queue_size=1, max_batch=1))
-    gate = threading.Event()
+    gate, held = threading.Event(), threading.Event()
     original = server.worker._run_batch
-    server.worker._run_batch = lambda batch: (gate.wait(10), original(batch))[1]  # hold the worker busy
+    server.worker._run_batch = lambda batch: (held.set(), gate.wait(10), original(batch))[2]  # hold the worker busy
     with TestClient(build_app(server)) as client:
         results = []
 
@@ -174,7 +174,7 @@ def test_full_queue_answers_429_with_retry_after(loaded):
         for t in threads:
             t.start()
         deadline = time.time() + 30   # until one job is held by the worker and one fills the queue
-        while not (server.worker.jobs.full() and len(results) >= 2) and time.time() < deadline:
+        while not (held.is_set() and server.worker.jobs.full() and len(results) >= 2) and time.time() < deadline:
             time.sleep(0.05)
         busy = client.post("/v1/chat/completions", json=chat_body())
         gate.set()
