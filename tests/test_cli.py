@@ -64,3 +64,15 @@ def test_config_prints_docs(capsys):
     assert main(["config", "--set", "lora.r=16"]) == 0
     out = capsys.readouterr().out
     assert "  r: 16    # LoRA rank" in out
+
+
+def test_sampling_flags_are_checked_by_the_servers_rules(tiny_run):
+    """`chat` and `generate` refuse what the server refuses, before loading anything."""
+    for args, expected in ((["chat", str(tiny_run), "--prompt", "hi", "--temperature", "-1"], "--temperature must be in [0.0, 2.0], got -1.0"),
+                           (["chat", str(tiny_run), "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+                           (["chat", str(tiny_run), "--repetition-penalty", "0"], "--repetition-penalty must be in (0.0, 10.0], got 0.0"),
+                           (["generate", str(tiny_run), "--data", "x.jsonl", "--top-p", "5", "--top-k", "-3"], "--top-k must be >= 0, got -3; --top-p must be in (0.0, 1.0], got 5.0"),
+                           (["chat", str(tiny_run), "--temperature", "nan"], "--temperature must be in [0.0, 2.0], got nan")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

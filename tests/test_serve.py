@@ -13,7 +13,7 @@ from chatlora.errors import UserError
 from chatlora.generate import Sampling, generate_ids
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.serve import Limits, Server, build_app, check_bind, in_background, resolve_api_key
-from chatlora.worker import split_at_stop
+from chatlora.worker import StopStrings
 
 KEY = "test-key-123456"
 
@@ -99,6 +99,11 @@ def test_models_health_and_page(loaded):
     (chat_body(max_tokens=5000), "max_tokens"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ({"messages": "hi"}, "messages"),
+    (chat_body(seed=2 ** 64), "seed"),
+    (chat_body(seed=-(2 ** 63) - 1), "seed"),
+    (chat_body(top_k=-3), "top_k"),
+    (chat_body(repetition_penalty=0), "repetition_penalty"),
+    (chat_body(temperature=2.5), "temperature"),
 ])
 def test_bad_parameters_are_400_naming_the_field(loaded, body, param):
     with make_client(loaded) as client:
@@ -152,10 +157,41 @@ def test_bind_and_key_rules(tmp_path, monkeypatch):
         resolve_api_key("short", None)
 
 
-def test_stop_strings_split_and_hold_back():
-    assert split_at_stop("hello wor", ["world"]) == ("hello ", False, 3)
-    assert split_at_stop("hello world!", ["world"]) == ("hello ", True, 0)
-    assert split_at_stop("abc", []) == ("abc", False, 0)
+def stop_reference(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The reply a whole text gives: cut at the first completed stop string (earliest end, then
+    earliest start), by brute force."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if s and text[:end].endswith(s)]
+        if starts:
+            return text[:min(starts)], True
+    return text, False
+
+
+def test_stop_strings_hold_back_and_cut_like_a_brute_force_search():
+    import random
+
+    matcher = StopStrings(["world"])
+    assert matcher.push("hello wor") == "hello " and matcher.held == "wor"
+    assert matcher.push("ld!") == "" and matcher.found
+    rng = random.Random(0)
+    for _ in range(400):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(0, 3))]
+        pieces = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 8))]
+        matcher = StopStrings(stops)
+        shown = "".join(matcher.push(p) for p in pieces) + matcher.flush()
+        assert (shown, matcher.found) == stop_reference("".join(pieces), stops), (stops, pieces)
+
+
+def test_a_megabyte_stop_string_costs_no_more_than_the_text():
+    """Matching is linear in the text generated: with a 1,000,000-character stop string, 20,000
+    characters of text that keep matching its beginning are handled in one pass (a quadratic
+    search took 73 s for a 4-token reply)."""
+    stop = "a" * 1_000_000
+    matcher = StopStrings([stop, "b" * 999_999 + "c"])
+    shown = [matcher.push("a" * 5) for _ in range(4000)]
+    assert "".join(shown) == "" and len(matcher.held) == 20_000 and not matcher.found
+    assert matcher.push("x") == "a" * 20_000 + "x" and matcher.held == ""
+    assert len(matcher.table[0]) <= 20_001   # its table grew with the text, not with the stop string
 
 
 def test_full_queue_answers_429_with_retry_after(loaded):
@@ -363,3 +399,53 @@ def test_malformed_bodies_are_400_never_500(loaded, raw):
         tutorial = client.post("/", content=raw, headers={"Content-Type": "application/json"})
     assert res.status_code == 400 and res.json()["error"]["message"]
     assert tutorial.status_code == 400
+
+
+# ---------------------------------------------------------------- the worker survives what fails
+
+
+class Exploding(torch.nn.Module):
+    """A model whose forward fails for prompts holding token `bad` (a stand-in for any fault while
+    a batch is generated)."""
+
+    def __init__(self, inner, bad: int):
+        super().__init__()
+        self.inner, self.config, self.bad = inner, inner.config, bad
+
+    def forward(self, input_ids=None, **k):
+        if (input_ids == self.bad).any():
+            raise RuntimeError("boom")
+        return self.inner(input_ids=input_ids, **k)
+
+
+def test_a_failing_batch_answers_500_and_the_worker_serves_the_next(loaded, monkeypatch):
+    import chatlora.worker as worker
+
+    run, model = loaded
+    bad = run.tok.encode("毒")[-1]
+    with make_client((run, Exploding(model, bad))) as client:
+        poisoned = client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "毒"}]))
+        assert poisoned.status_code == 500 and "generation failed (RuntimeError)" in poisoned.json()["error"]["message"]
+        with client.stream("POST", "/v1/chat/completions",
+                           json=chat_body(messages=[{"role": "user", "content": "毒"}], stream=True)) as res:
+            lines = [line for line in res.iter_lines() if line]
+        assert "generation failed" in lines[-2] and lines[-1] == "data: [DONE]"
+        # A fault before any token (here: making the generation) is caught the same way.
+        real = worker.BatchGeneration
+        monkeypatch.setattr(worker, "BatchGeneration", lambda *a, **k: 1 / 0)
+        assert client.post("/v1/chat/completions", json=chat_body()).status_code == 500
+        monkeypatch.setattr(worker, "BatchGeneration", real)
+        assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["failed_batches"] == 3
+
+
+def test_health_is_503_once_the_worker_is_gone(loaded):
+    run, model = loaded
+    server = Server(run, model, Limits())
+    with TestClient(build_app(server)) as client:
+        assert client.get("/health").status_code == 200
+        server.worker.close()
+        server.worker.thread.join(10)
+        res = client.get("/health")
+    assert res.status_code == 503 and res.json()["status"] == "unavailable"

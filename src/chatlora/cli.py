@@ -52,8 +52,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args) -> dict:
-    return {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                          "max_new_tokens", "seed")}
+    """The sampling flags given, checked by the rules the server and the config use."""
+    from chatlora.config import sampling_problems
+
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                           "max_new_tokens", "seed")}
+    problems = [f"--{name.replace('_', '-')} {problem}" for name, problem in sampling_problems(given)]
+    if problems:
+        raise UserError("; ".join(problems))
+    return given
 
 
 def _load(args, data: str | None = None, base=None):

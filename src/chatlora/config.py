@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,38 @@ class GenerateConfig:
     repetition_penalty: float = doc("penalty on tokens already present (1 = off)", 1.1)
 
 
+# The accepted values of each sampling setting, for every way in: the CLI's flags, a run's config
+# and the server's requests all go through `sampling_problems`. (name: (lowest, highest, lowest excluded))
+# Temperature and top-p follow OpenAI's ranges; a seed is anything torch.Generator.manual_seed takes.
+SAMPLING_RANGES = {
+    "max_new_tokens": (1, None, False),
+    "temperature": (0.0, 2.0, False),
+    "top_k": (0, None, False),
+    "top_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 10.0, True),
+    "seed": (-(2 ** 63), 2 ** 64 - 1, False),
+}
+INTEGER_SETTINGS = {"max_new_tokens", "top_k", "seed"}
+
+
+def sampling_problems(values: dict) -> list[tuple[str, str]]:
+    """`(setting, what is wrong)` for each value outside its range (None values are not given)."""
+    problems = []
+    for name, value in values.items():
+        if value is None or name not in SAMPLING_RANGES:
+            continue
+        low, high, open_low = SAMPLING_RANGES[name]
+        integer = name in INTEGER_SETTINGS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            problems.append((name, f"must be {'an integer' if integer else 'a number'}, got {value!r}"))
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or (value <= low if open_low else value < low) or \
+                (high is not None and value > high):
+            bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else f">= {low}"
+            problems.append((name, f"must be {'in ' if high is not None else ''}{bounds}, got {value!r}"))
+    return problems
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,11 +232,9 @@ def _check_ranges(cfg: Config) -> list[str]:
         (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
         (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
-        (cfg.generate.temperature >= 0, "generate.temperature must be >= 0"),
-        (0 < cfg.generate.top_p <= 1, "generate.top_p must be in (0, 1]"),
-        (cfg.generate.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
     ]
-    return [message for ok, message in rules if not ok]
+    return [message for ok, message in rules if not ok] + \
+        [f"generate.{name} {problem}" for name, problem in sampling_problems(dataclasses.asdict(cfg.generate))]
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -12,6 +12,7 @@ import torch
 NONE_SEEN = torch.zeros(0, dtype=torch.long)   # `draw`'s seen ids where the penalty is already applied
 
 
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 300

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from chatlora.errors import UserError
 from chatlora.generate import Sampling
+from chatlora.config import sampling_problems
 from chatlora.worker import Job, QueueFull, Worker
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
@@ -72,10 +73,11 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    # Ranges: config.SAMPLING_RANGES, checked by Server.sampling (the same rules as the CLI's flags).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -86,10 +88,10 @@ class TutorialRequest(BaseModel):
     prompt: str
     history: list[list[str]] = []
     max_length: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    top_p: float | None = None
+    top_k: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
 
 
 class Server:
@@ -102,9 +104,12 @@ class Server:
         self.model_id = run.dir.name
 
     def sampling(self, req, max_new: int) -> Sampling:
-        return Sampling.from_config(self.run.cfg.generate, max_new_tokens=max_new, temperature=req.temperature,
-                                    top_p=req.top_p, top_k=req.top_k,
-                                    repetition_penalty=req.repetition_penalty, seed=getattr(req, "seed", None))
+        """The request's sampling settings over the run's defaults; 400 naming a setting out of range."""
+        given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                     repetition_penalty=req.repetition_penalty, seed=getattr(req, "seed", None))
+        for name, problem in sampling_problems(given):
+            raise ApiError(400, f"{name} {problem}", name)
+        return Sampling.from_config(self.run.cfg.generate, max_new_tokens=max_new, **given)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if messages[-1]["role"] != "user":
@@ -150,6 +155,8 @@ async def collect(job: Job, request: Request) -> tuple[str, str]:
             continue
         if kind == "text":
             parts.append(value)
+        elif kind == "error":
+            raise ApiError(500, value, kind="server_error")
         else:
             return "".join(parts), value
 
@@ -188,7 +195,12 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": server.worker.pending()}
+        """Liveness for an orchestrator: 503 once the generation thread is not running."""
+        worker = server.worker
+        if not worker.alive:
+            return JSONResponse({"status": "unavailable", "reason": "the generation thread is not running"},
+                                status_code=503)
+        return {"status": "ok", "queued": worker.pending(), "failed_batches": worker.failures}
 
     @app.get("/v1/models")
     async def models():
@@ -259,6 +271,10 @@ async def _sse(job: Job, meta: dict, prompt_tokens: int):
             kind, value = await job.events.get()
             if kind == "text":
                 yield chunk({"content": value})
+            elif kind == "error":   # the status line is sent: the error travels as an event (as OpenAI's do)
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             else:
                 yield chunk({}, value, usage=_usage(prompt_tokens, job))
                 yield "data: [DONE]\n\n"
