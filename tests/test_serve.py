@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from chatlora.errors import UserError
 from chatlora.generate import Sampling, generate_ids
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve import Limits, Server, build_app, check_bind, in_background, resolve_api_key
+from chatlora.httpguard import check_bind, resolve_api_key
+from chatlora.serve import Limits, Server, build_app, in_background
 from chatlora.worker import StopStrings
 
 KEY = "test-key-123456"
@@ -36,9 +37,14 @@ class Slow(torch.nn.Module):
         return self.inner(*a, **k)
 
 
+def local_client(app) -> TestClient:
+    """An in-process client that calls the server by a loopback name, as a local browser does."""
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
 def make_client(loaded, key=None, **limits):
     run, model = loaded
-    return TestClient(build_app(Server(run, model, Limits(**limits)), key))
+    return local_client(build_app(Server(run, model, Limits(**limits)), key))
 
 
 def chat_body(**extra):
@@ -200,7 +206,7 @@ def test_full_queue_answers_429_with_retry_after(loaded):
     gate, held = threading.Event(), threading.Event()
     original = server.worker._run_batch
     server.worker._run_batch = lambda batch: (held.set(), gate.wait(10), original(batch))[2]  # hold the worker busy
-    with TestClient(build_app(server)) as client:
+    with local_client(build_app(server)) as client:
         results = []
 
         def post():
@@ -282,7 +288,7 @@ def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
     run, model = loaded
     server = Server(run, model, Limits())
     questions = ["你是谁？", "皇上驾到！", "今日天气很好，我们去御花园走走吧。"]
-    with TestClient(build_app(server)) as client:
+    with local_client(build_app(server)) as client:
         alone = [client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": q}],
                                                                     max_tokens=10)).json() for q in questions]
         gate, sizes = threading.Event(), []
@@ -382,7 +388,7 @@ def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_
 def test_deadline_ends_a_long_generation(loaded):
     run, model = loaded
 
-    with TestClient(build_app(Server(run, Slow(model), Limits(deadline_s=0.3)))) as client:
+    with local_client(build_app(Server(run, Slow(model), Limits(deadline_s=0.3)))) as client:
         started = time.time()
         body = client.post("/v1/chat/completions", json=chat_body(max_tokens=200, temperature=1.0, seed=0)).json()
     assert time.time() - started < 3
@@ -443,7 +449,7 @@ def test_a_failing_batch_answers_500_and_the_worker_serves_the_next(loaded, monk
 def test_health_is_503_once_the_worker_is_gone(loaded):
     run, model = loaded
     server = Server(run, model, Limits())
-    with TestClient(build_app(server)) as client:
+    with local_client(build_app(server)) as client:
         assert client.get("/health").status_code == 200
         server.worker.close()
         server.worker.thread.join(10)

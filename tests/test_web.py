@@ -8,7 +8,7 @@ import pytest
 
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.serve import Limits, Server, build_app
-from test_serve import running
+from test_serve import local_client, running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
@@ -40,9 +40,7 @@ def page(site):
 
 
 def api_reply(site, system: str, user: str) -> str:
-    from fastapi.testclient import TestClient
-
-    with TestClient(build_app(Server(site[1].run, site[1].worker.model, Limits()))) as client:
+    with local_client(build_app(Server(site[1].run, site[1].worker.model, Limits()))) as client:
         body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
                 "temperature": 0, "max_tokens": 12}
         return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]

@@ -154,12 +154,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from chatlora.serve import Limits, resolve_api_key, serve
+    from chatlora.httpguard import resolve_api_key
+    from chatlora.serve import Limits, serve
 
     key = resolve_api_key(args.api_key, args.api_key_file)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-                    queue_size=args.queue_size, deadline_s=args.deadline)
-    return serve(args.run, args.host, args.port, key, limits)
+                    queue_size=args.queue_size, deadline_s=args.deadline, max_connections=args.max_connections,
+                    grace_s=args.grace)
+    return serve(args.run, args.host, args.port, key, limits, args.name)
 
 
 def cmd_export(args) -> int:
@@ -276,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all")
+    sv.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed at once")
+    sv.add_argument("--grace", type=float, default=10.0, help="on SIGTERM, seconds running replies may take to "
+                                                            "finish before they are ended (finish_reason shutdown)")
+    sv.add_argument("--name", help="the model id clients see (default: the run's name)")
     sv.set_defaults(func=cmd_serve)
 
     ex = verbs.add_parser("export", help="the merged model as GGUF (llama.cpp) or an Ollama model directory")

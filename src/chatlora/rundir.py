@@ -49,6 +49,11 @@ class Run:
     def system_prompt(self) -> str | None:
         return self.info.get("system_prompt")
 
+    @property
+    def name(self) -> str:
+        """What the run is called when served or exported: `train --name`, else its folder's name."""
+        return self.info.get("name") or self.dir.name
+
 
 def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict) -> None:
     """The files that make `run` self-describing (written at the start of training)."""
