@@ -75,6 +75,9 @@ class DataConfig:
     on_error: Literal["stop", "skip"] = doc(
         "bad rows: stop and list them all, or skip them and write them to a rejects file", "stop")
     held_out_fraction: float = doc("share of examples kept aside for held-out loss (seeded split)", 0.02)
+    parse_special_tokens: bool = doc(
+        "the text of a control token in a message (<|im_start|>, reserved_0) becomes that token, in training "
+        "and in the run's chat and serving; off: it stays text, so no message can forge a turn", False)
     seed: int = doc("seed of the held-out split", 42)
 
 

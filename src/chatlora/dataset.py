@@ -31,7 +31,7 @@ from chatlora.data import describe_errors, read_conversations
 from chatlora.errors import UserError
 from chatlora.templates import IGNORE
 
-CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: message text encoded as text)
 PROGRESS_MIN_ROWS = 2000
 
 
@@ -75,7 +75,7 @@ def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Pa
     file = data_file(spec.path)
     if not file.is_file():
         raise UserError(f"data file {file} does not exist")
-    key = _cache_key(file, spec, fmt.name, tokenizer_key)
+    key = _cache_key(file, spec, f"{fmt.name}{':parse-special' if fmt.parse_special else ''}", tokenizer_key)
     cache = hub.cache_root() / "tokenized" / f"{key}.safetensors"
     examples, report = _load_cache(cache) if use_cache else (None, None)
     if examples is None:
@@ -246,7 +246,7 @@ def dataset_for_config(cfg, rejects_path: Path | None = None):
 
     base = prepare_base(cfg.model.path)
     tok = load_tokenizer(base)
-    fmt = chat_format(cfg.model.template, tok, base.family)
+    fmt = chat_format(cfg.model.template, tok, base.family, cfg.data.parse_special_tokens)
     spec = DataSpec(cfg.data.path, system_prompt_for(cfg), cfg.data.max_seq_tokens, cfg.data.on_overlength,
                     cfg.data.on_error, cfg.data.held_out_fraction, cfg.data.seed)
     if spec.on_error == "skip" and rejects_path is None:

@@ -94,7 +94,7 @@ def load_run(path: str | Path) -> Run:
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = prepare_base(info["base_model"])
     tok = load_tokenizer(BaseModel(base.name, run / "tokenizer", base.family))  # the run's own copy
-    fmt = chat_format(info["template"], tok, base.family)
+    fmt = chat_format(info["template"], tok, base.family, cfg.data.parse_special_tokens)
     return Run(run, cfg, info, base, tok, fmt, adapter)
 
 

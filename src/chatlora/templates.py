@@ -15,6 +15,11 @@ it is asked at inference can never disagree. Three formats:
 
 Labels are aligned with input_ids (not shifted); -100 marks an unsupervised position.
 
+Message content is encoded as text (`tok.encode_text`): the text of a control token in a message
+("<|im_start|>system", "reserved_0") stays characters, so no user can forge a turn, in training,
+chat and serving alike. Only the format's own control tokens are control tokens. Data that means
+its control tokens (`data.parse_special_tokens`) opts out, for training and for the run's prompts.
+
     fmt = chat_format("index", tok)
     ids, labels = fmt.render([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                               {"role": "assistant", "content": "A"}])
@@ -23,6 +28,8 @@ Labels are aligned with input_ids (not shifted); -100 marks an unsupervised posi
 
 from __future__ import annotations
 
+import re
+import secrets
 import warnings
 from typing import Literal
 
@@ -54,12 +61,14 @@ def split_system(messages: Messages) -> tuple[str | None, list[tuple[str, str | 
 class IdFormat:
     """A format assembled from ids: Index's own (`index`) and the tutorial's (`self-llm`)."""
 
-    def __init__(self, name: Literal["index", "self-llm"], tok):
+    def __init__(self, name: Literal["index", "self-llm"], tok, parse_special: bool = False):
         if tok.token_id("reserved_0") != USER_START or tok.token_id("reserved_1") != REPLY_START:
             raise UserError(f"template '{name}' needs Index's tokenizer (reserved_0/reserved_1 at ids 3/4); "
                             f"use --template auto for this model")
         self.name = name
         self.tok = tok
+        self.parse_special = parse_special
+        self.content = tok.encode if parse_special else tok.encode_text   # how message text becomes ids
         if name == "index":
             self.end_id, self.end_in_input = EOS, False
             # The official Ollama Modelfile stops on all four; each is safe to stop on.
@@ -77,13 +86,14 @@ class IdFormat:
         if not system:
             return []
         if self.name == "index":
-            return [UNK] + self.tok.encode(system)
-        return self.tok.encode("<unk>system" + system)  # the tutorial tokenizes this as one string
+            return [UNK] + self.content(system)
+        # The tutorial tokenizes "<unk>system{system}" as one string: <unk>, then the rest as one piece.
+        return [UNK] + self.content("system" + system)
 
     def _user(self, text: str) -> list[int]:
         if self.name == "index":
-            return [USER_START] + self.tok.encode(text) + [REPLY_START]
-        return self.tok.encode(f"reserved_0user{text}reserved_1assistant")
+            return [USER_START] + self.content(text) + [REPLY_START]
+        return [USER_START] + self.content("user" + text) + [REPLY_START] + self.tok.encode("assistant")
 
     def render(self, messages: Messages) -> tuple[list[int], list[int]]:
         system, turns = split_system(messages)
@@ -97,7 +107,7 @@ class IdFormat:
             labels += [IGNORE] * len(prompt)
             if i > 0 and not self.end_in_input:
                 labels[-len(prompt)] = self.end_id  # the previous reply's end, learned but not fed
-            answer = self.tok.encode(reply)
+            answer = self.content(reply)
             ids += answer
             labels += answer
             if self.end_in_input:
@@ -116,7 +126,7 @@ class IdFormat:
         for user, reply in turns:
             ids += self._user(user)
             if reply is not None:
-                ids += self.tok.encode(reply)
+                ids += self.content(reply)
                 if self.end_in_input:
                     ids.append(self.end_id)
         return ids
@@ -127,10 +137,10 @@ class TemplateFormat:
 
     name = "auto"
 
-    def __init__(self, tok):
+    def __init__(self, tok, parse_special: bool = False):
         if not tok.chat_template:
             raise UserError("this model's tokenizer has no chat_template; pick one with --template")
-        self.tok = tok
+        self.tok, self.parse_special = tok, parse_special
         self.end_text = self._probe_end_text()
         end_ids = tok.encode(self.end_text) if self.end_text else []
         self.stop_ids = sorted({tok.eos_id} | set(end_ids[:1]))
@@ -169,12 +179,37 @@ class TemplateFormat:
             done = before + reply[:cut]
         return spans, done
 
+    def _set_aside(self, messages: Messages) -> tuple[Messages, dict[str, str]]:
+        """Messages whose content holds a control token's text, with that content replaced by a
+        placeholder the template passes through; and {placeholder: content}. Other messages render
+        as they are, so their ids are exactly those of the template rendered by transformers."""
+        if self.parse_special:
+            return messages, {}
+        nonce, aside, out = secrets.token_hex(6), {}, []
+        for i, m in enumerate(messages):
+            if any(t in m["content"] for t in self.tok.special_texts):
+                mark = f"\ue000{nonce}:{i}\ue001"   # private-use characters: in no template
+                aside[mark] = m["content"]
+                m = dict(m, content=mark)
+            out.append(m)
+        return out, aside
+
+    def _encode(self, text: str, aside: dict[str, str]) -> list[int]:
+        """Template text with its control tokens; placeholders' contents as text only."""
+        if not aside:
+            return self.tok.encode(text)
+        ids: list[int] = []
+        for part in re.split("(\ue000[0-9a-f]+:[0-9]+\ue001)", text):
+            ids += self.tok.encode_text(aside[part]) if part in aside else self.tok.encode(part) if part else []
+        return ids
+
     def render(self, messages: Messages) -> tuple[list[int], list[int]]:
+        messages, aside = self._set_aside(messages)
         spans, done = self._spans(messages)
         spans.append((self._text(messages, generation_prompt=False)[len(done):], False))
         ids, labels = [], []
         for text, supervised in spans:
-            piece = self.tok.encode(text)
+            piece = self._encode(text, aside)
             if supervised and self.end_text not in text:
                 piece.append(self.tok.eos_id)  # a template that writes no end token: still learn to stop
             ids += piece
@@ -184,20 +219,22 @@ class TemplateFormat:
     def prompt(self, messages: Messages) -> list[int]:
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("a generation prompt must end with a user message")
+        messages, aside = self._set_aside(messages)
         spans, done = self._spans(messages[:-1])
         full = self._text(messages, generation_prompt=True)
         if not full.startswith(done):
             raise UserError("this chat_template rewrites earlier turns; pick another --template")
-        return [i for text, _ in spans for i in self.tok.encode(text)] + self.tok.encode(full[len(done):])
+        return [i for text, _ in spans for i in self._encode(text, aside)] + self._encode(full[len(done):], aside)
 
 
-def chat_format(name: str, tok, family: str = "hf"):
-    """The format for a template name; `auto` means `index` for Index models."""
+def chat_format(name: str, tok, family: str = "hf", parse_special: bool = False):
+    """The format for a template name; `auto` means `index` for Index models. `parse_special`: the
+    text of control tokens in messages becomes those tokens (data that means them)."""
     if name == "auto" and family == "index":
         name = "index"
     match name:
         case "index" | "self-llm":
-            return IdFormat(name, tok)
+            return IdFormat(name, tok, parse_special)
         case "auto":
-            return TemplateFormat(tok)
+            return TemplateFormat(tok, parse_special)
     raise UserError(f"unknown template '{name}' (choose auto, index or self-llm)")

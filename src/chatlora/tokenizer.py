@@ -9,8 +9,13 @@ prefix, which is not how Index was trained (index-model.md, "Trap").
 
 Every other model uses its own Hugging Face tokenizer (`HFTokenizer`), special tokens split the same way.
 
+Two ways to encode: `encode(text)` turns the text of a special token into that token (templates
+write their control tokens this way), `encode_text(text)` never does (message content: a user who
+types "<|im_start|>system" or "reserved_0" gets those characters as text, not a forged turn).
+
     tok = load_tokenizer(model_dir)
-    tok.encode("reserved_0你好")   # -> [3, ...]
+    tok.encode("reserved_0你好")        # -> [3, ...]
+    tok.encode_text("reserved_0你好")   # -> the pieces of the characters r, e, s, ...
 """
 
 from __future__ import annotations
@@ -57,6 +62,25 @@ class SentencePieceTokenizer:
                 ids.extend(self.sp.encode(part))
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as text only: sentencepiece on the whole string (it never produces a control symbol);
+        where the model lists a special token as a user-defined piece, which sentencepiece matches in
+        text, that occurrence is spelled in byte pieces instead."""
+        ids = self.sp.encode(text)
+        if not self.special_ids.intersection(ids):
+            return ids
+        pieces = self.sp.encode(text, out_type=str)   # the same tokenization, as pieces
+        return [i for p in pieces for i in (self._spelled(p) if p in self.special_tokens else [self.sp.piece_to_id(p)])]
+
+    def _spelled(self, text: str) -> list[int]:
+        """`text` in byte-fallback pieces (<0x72> ...): the same characters, never a special id."""
+        ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+        return [i for i in ids if i not in self.special_ids]
+
+    @property
+    def special_texts(self) -> list[str]:
+        return list(self.special_tokens)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         out, run = [], []
         for i in ids:
@@ -87,6 +111,14 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as text only: a special token's text is tokenized as characters, not as the token."""
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    @property
+    def special_texts(self) -> list[str]:
+        return [t for t in self.hf.all_special_tokens if t]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special)

@@ -42,7 +42,8 @@ from chatlora.rundir import read_config, write_run_files
 # Changing any of these would change what a resumed run computes; resuming refuses it.
 RESUME_FIXED = ("model.path", "model.template", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
                 "lora.rslora", "lora.dora", "data.path", "data.system_prompt", "data.max_seq_tokens",
-                "data.on_overlength", "data.held_out_fraction", "data.seed", "train.examples_per_step",
+                "data.on_overlength", "data.held_out_fraction", "data.seed", "data.parse_special_tokens",
+                "train.examples_per_step",
                 "train.seed", "train.learning_rate", "train.schedule", "train.warmup_ratio",
                 "train.weight_decay")
 # These may change on resume (to extend or shorten a run); the learning-rate schedule then changes too.
