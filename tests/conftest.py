@@ -170,6 +170,15 @@ def huanhuan_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, huanhuan_rows):
+    """30 huanhuan rows plus a two-turn conversation (JSONL)."""
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    rows = huanhuan_rows[:30] + [{"instruction": "再说一遍？", "output": "好。", "history": [["你是谁？", "臣妾甄嬛。"]]}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, index_dir, huanhuan_rows):
     """A run directory trained for 3 steps on the tiny Index model (high lr: the adapter matters)."""
     from chatlora.config import load_config

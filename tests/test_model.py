@@ -204,17 +204,18 @@ def test_download_goes_to_cache_without_remote_code(monkeypatch):
 def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkeypatch):
     """Two processes converting the same model at once (two training ranks): the one that finishes
     second finds the directory in place and uses it instead of failing."""
+    import chatlora.atomic as atomic
     import chatlora.model as model_mod
     from conftest import make_index_dir
 
     source = make_index_dir(tmp_path / "Index-race", sp_model_file)
-    real_replace = model_mod.os.replace
+    real_replace = atomic.os.replace
 
     def replace_after_a_rival(src, dst):
         Path(dst).mkdir(parents=True)            # the rival's complete result lands first
         (Path(dst) / "config.json").write_text((Path(src) / "config.json").read_text())
         return real_replace(src, dst)             # now fails: directory not empty
 
-    monkeypatch.setattr(model_mod.os, "replace", replace_after_a_rival)
+    monkeypatch.setattr(atomic.os, "replace", replace_after_a_rival)
     base = model_mod.prepare_base(str(source))
     assert (base.dir / "config.json").is_file() and not list(base.dir.parent.glob(".tmp-*"))

@@ -21,15 +21,6 @@ from chatlora.templates import IGNORE, chat_format
 from chatlora.train import accumulate_gradients, train
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, huanhuan_rows):
-    """30 huanhuan rows plus a two-turn conversation (JSONL)."""
-    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
-    rows = huanhuan_rows[:30] + [{"instruction": "再说一遍？", "output": "好。", "history": [["你是谁？", "臣妾甄嬛。"]]}]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def config_for(index_dir, data, **train):
     overrides = [f"train.{k}={v}" for k, v in train.items()]
     return load_config(overrides=overrides, flags={"model.path": str(index_dir), "data.path": str(data),

@@ -1,29 +1,34 @@
-"""Checkpoints: written atomically, found safely, resumed exactly. Safetensors and JSON only.
+"""Checkpoints: written atomically, verified when found, resumed exactly. Safetensors and JSON only.
 
-    RUN/checkpoint-<step>/
+    RUN/checkpoint-<step>/   (and RUN/final/, the finished run's last step, in the same layout)
       adapter_config.json, adapter_model.safetensors   the PEFT adapter (peft can load it alone)
       resume_state.safetensors                          optimizer moments, RNG states
       trainer_state.json                                step, optimizer hyper-parameters, metrics
-      COMPLETE                                          written last: a checkpoint without it is torn
+      COMPLETE                                          written last: each file's size and SHA-256
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place in one step; the
-marker makes even a copy interrupted by hand detectable. No tensor that is not finite is written.
+A checkpoint is assembled in a hidden temporary directory, every file flushed to disk, and renamed
+into place in one step (atomic.new_directory). Its marker records what it holds, so a checkpoint
+damaged later (a truncated or emptied file, a copy interrupted by hand) is recognised: the newest
+checkpoint that verifies is used, and each damaged newer one is named in a warning. No tensor that
+is not finite is written.
 
     save_checkpoint(run, step, model, optimizer, {"epoch": 1}, keep_last=2)
-    path = latest_checkpoint(run)        # None if there is none
+    path = latest_checkpoint(run)        # None if there is none that verifies
     state = load_checkpoint(path, model, optimizer)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from chatlora.atomic import new_directory
 from chatlora.distributed import like
 from chatlora.errors import UserError
 from chatlora.lora import save_adapter
@@ -63,10 +68,11 @@ def check_finite(named_tensors, what: str) -> None:
 
 def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep_last: int = 0,
                     extra: dict[str, torch.Tensor] | None = None, adapter_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
-    """Write checkpoint-<step> atomically; then keep only the newest `keep_last` (0 = all).
-    `extra`: more resume tensors (every rank's RNG states in a multi-process run); `adapter_state`
-    and `optimizer_state`: full copies to write instead of the model's and optimizer's own (sharded mode)."""
+                    optimizer_state: dict | None = None, name: str | None = None) -> Path:
+    """Write checkpoint-<step> (or `name`, e.g. "final") atomically; then keep only the newest
+    `keep_last` checkpoints (0 = all). `extra`: more resume tensors (every rank's RNG states in a
+    multi-process run); `adapter_state` and `optimizer_state`: full copies to write instead of the
+    model's and optimizer's own (sharded mode)."""
     from safetensors.torch import save_file
 
     trainable = list(adapter_state.items()) if adapter_state is not None else \
@@ -74,25 +80,77 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep_la
     check_finite(trainable, "adapter weight")
     tensors, opt_json = _optimizer_tensors(optimizer_state or optimizer.state_dict())
     check_finite(tensors.items(), "optimizer state")
-    final = run / f"checkpoint-{step}"
-    tmp = run / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, adapter_state)
-    save_file({**tensors, **_rng_tensors(), **(extra or {})}, str(tmp / "resume_state.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": opt_json, **state},
-                                                       indent=1, ensure_ascii=False))
-    (tmp / MARKER).write_text("ok\n")
-    if final.exists():  # a torn leftover of an earlier attempt at this very step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    resume = {**tensors, **_rng_tensors(), **(extra or {})}
+    needed = sum(t.numel() * t.element_size() for t in [p for _, p in trainable] + list(resume.values()))
+    final = run / (name or f"checkpoint-{step}")
+    with new_directory(final, replace=True, needed_bytes=needed) as tmp:
+        save_adapter(model, tmp, adapter_state)
+        save_file(resume, str(tmp / "resume_state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": opt_json, **state},
+                                                           indent=1, ensure_ascii=False))
+        (tmp / MARKER).write_text(json.dumps({"files": _fingerprints(tmp)}, indent=1))
     if keep_last > 0:
         for old in complete_checkpoints(run)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fingerprints(directory: Path) -> dict[str, dict]:
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` (None: it verifies). A marker from before sizes and
+    checksums were recorded ("ok") is checked for its files being there and readable."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no COMPLETE marker (it was being written)"
+    try:
+        recorded = json.loads(marker.read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        recorded = None
+    if recorded is None:   # an older marker: the files must at least be there and parse
+        return _readable(path)
+    for name, want in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not hold what was written (checksum)"
+    return None
+
+
+def _readable(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for file in path.iterdir():
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+        except Exception as e:   # noqa: BLE001 - any parse failure means a damaged file
+            return f"{file.name} cannot be read ({type(e).__name__})"
+    return None
+
+
 def complete_checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; torn ones (no COMPLETE marker) are never listed."""
+    """checkpoint-<step> directories with a COMPLETE marker, oldest first (not verified)."""
     found = []
     for p in run.glob("checkpoint-*"):
         m = _NAME.match(p.name)
@@ -101,9 +159,27 @@ def complete_checkpoints(run: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    found = complete_checkpoints(run)
-    return found[-1] if found else None
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer steps done at a checkpoint (final/ included), from its trainer_state.json."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_checkpoint(run: Path, with_final: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; each damaged newer one is named in a warning.
+    `with_final`: final/ counts as the checkpoint of its step (a finished run resumes from it)."""
+    candidates = [(int(_NAME.match(p.name).group(1)), 0, p) for p in complete_checkpoints(run)]
+    final = run / "final"
+    if with_final and (final / MARKER).is_file() and (final / "trainer_state.json").is_file():
+        candidates.append((checkpoint_step(final) or 0, 1, final))
+    for _, _, path in sorted(candidates, reverse=True):
+        problem = damage(path)
+        if problem is None:
+            return path
+        warnings.warn(f"{path} is damaged ({problem}); using the checkpoint before it")
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, ranks=None, sharded: bool = False) -> dict:

@@ -216,6 +216,21 @@ def _apply(cfg: Config, group: str, name: str, value, origin: str, problems: lis
         problems.append(f"{origin}: {group}.{name} must be {expected}, got {value!r}")
         return
     setattr(group_obj, name, coerced)
+    cfg_given(cfg).add(f"{group}.{name}")
+
+
+def cfg_given(cfg: Config) -> set[str]:
+    """The fields set by something other than the defaults (a preset, a file, an override, a flag)."""
+    if not hasattr(cfg, "_given"):
+        object.__setattr__(cfg, "_given", set())
+    return cfg._given
+
+
+def _fit_defaults(cfg: Config) -> None:
+    """Defaults that depend on another field: the pass size grows to hold one example of
+    data.max_seq_tokens unless the user chose it (then a too-small one is an error below)."""
+    if "train.micro_batch_tokens" not in cfg_given(cfg) and cfg.train.micro_batch_tokens < cfg.data.max_seq_tokens:
+        cfg.train.micro_batch_tokens = cfg.data.max_seq_tokens
 
 
 def _check_ranges(cfg: Config) -> list[str]:
@@ -232,10 +247,15 @@ def _check_ranges(cfg: Config) -> list[str]:
          "train.micro_batch_tokens must be >= data.max_seq_tokens (one example must fit a pass)"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
+        (0 < cfg.train.learning_rate <= 1, "train.learning_rate must be in (0, 1] (LoRA runs use about 1e-5 "
+                                           "to 1e-3; a larger rate makes the adapter's weights overflow)"),
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
         (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
     ]
+    infinite = [f"{group}.{name} must be a finite number, got {value}" for group, fields in cfg.to_dict().items()
+                for name, value in fields.items() if isinstance(value, float) and not math.isfinite(value)]
+    if infinite:   # the range rules below would only repeat these
+        return infinite
     return [message for ok, message in rules if not ok] + \
         [f"generate.{name} {problem}" for name, problem in sampling_problems(dataclasses.asdict(cfg.generate))]
 
@@ -295,6 +315,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         if value is not None:
             group, _, name = key.partition(".")
             _apply(cfg, group, name, value, f"option for {key}", problems)
+    _fit_defaults(cfg)
     problems += _check_ranges(cfg)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))

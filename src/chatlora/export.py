@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from chatlora.atomic import refuse_existing
+from chatlora.atomic import new_directory, refuse_existing
 from chatlora.errors import UserError
 from chatlora.lora import merge
 from chatlora.rundir import load_run, load_tuned_model
@@ -51,19 +50,13 @@ def merge_run(run_path: str | Path, output: str | Path) -> Path:
     base_dtype = _base_dtype(run.base.dir)
     merged = merged.to(base_dtype)
     merged.config.dtype = base_dtype
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with new_directory(output) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (run.dir / "tokenizer" / name).is_file():
                 shutil.copyfile(run.dir / "tokenizer" / name, tmp / name)
         if run.base.family == "index":
             _index_tokenizer_config(tmp / "tokenizer_config.json")
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

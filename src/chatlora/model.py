@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +27,7 @@ from typing import Literal
 import torch
 
 from chatlora import hub
+from chatlora.atomic import new_directory
 from chatlora.errors import UserError
 from chatlora.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
@@ -104,21 +103,15 @@ def _converted(source: Path, inputs: list[Path], convert, family: str) -> Path:
     target = hub.cache_root() / "converted" / f"{source.stem}-{h.hexdigest()[:16]}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        convert(source, tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()),
-                                                   "family": family}, indent=2))
-        os.replace(tmp, target)  # atomic: a directory at `target` is always complete
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with new_directory(target) as tmp:   # atomic: a directory at `target` is always complete
+            convert(source, tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()),
+                                                       "family": family}, indent=2))
+    except (OSError, UserError):
         if not target.is_dir():
             raise
         # another process (a second training rank, a parallel command) finished the same conversion first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -8,7 +8,7 @@
       metrics.jsonl        one line per optimizer step, plus held-out evaluations
       loss_curve.png       train and held-out loss
       checkpoint-<step>/   PEFT adapter + resume state (see checkpoint.py)
-      final/               the finished PEFT adapter
+      final/               the finished PEFT adapter, with its resume state (the last step's checkpoint)
 
 `load_run(RUN)` also accepts a checkpoint directory inside a run.
 
@@ -20,19 +20,37 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from chatlora.atomic import write_text
-from chatlora.checkpoint import MARKER, latest_checkpoint
+from chatlora.atomic import write_lines, write_text
+from chatlora.checkpoint import MARKER, damage, latest_checkpoint
 from chatlora.config import Config, config_from_dict, system_prompt_for
 from chatlora.errors import UserError
 from chatlora.model import BaseModel, load_model, load_tokenizer, prepare_base
 from chatlora.templates import chat_format
 from chatlora.tokenizer import TOKENIZER_FILES
+
+
+# Changing any of these would change what a resumed run computes; resuming refuses it.
+RESUME_FIXED = ("model.path", "model.template", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
+                "lora.rslora", "lora.dora", "data.path", "data.system_prompt", "data.max_seq_tokens",
+                "data.on_overlength", "data.held_out_fraction", "data.seed", "data.parse_special_tokens",
+                "train.examples_per_step",
+                "train.seed", "train.learning_rate", "train.schedule", "train.warmup_ratio",
+                "train.weight_decay")
+# These may change on resume (to extend or shorten a run); the learning-rate schedule then changes too.
+RESUME_ADJUSTABLE = ("train.epochs", "train.max_steps")
+# What a run directory holds: `--overwrite` replaces a directory of these only (rundir.py, checkpoint.py,
+# eval); anything else in it is the user's, and is not deleted.
+RUN_ENTRIES = re.compile(r"^(config\.yaml|run\.json|data_report\.json|tokenizer|metrics\.jsonl|loss_curve\.png|"
+                         r"rejected\.jsonl|final|eval|checkpoint-\d+|\.tmp-.*|\.old-.*|\..+\.tmp)$")
 
 
 @dataclass
@@ -80,16 +98,26 @@ def read_config(run: Path) -> Config:
 def find_adapter(path: Path) -> tuple[Path, Path | None]:
     """(run directory, adapter directory) for a run directory or a checkpoint/final inside one."""
     if (path / "adapter_config.json").is_file() and (path.parent / "run.json").is_file():
+        problem = damage(path) if (path / MARKER).is_file() else None
+        if problem:
+            raise UserError(f"{path} is damaged ({problem}); pick another checkpoint, or the run directory")
         return path.parent, path
     if not (path / "run.json").is_file():
         raise UserError(f"{path} is not a chatlora run directory (no run.json) nor a checkpoint in one")
-    if (path / "final" / MARKER).is_file():
-        return path, path / "final"
+    final = path / "final"
+    if (final / MARKER).is_file():
+        problem = damage(final)
+        if problem is None:
+            return path, final
+        warnings.warn(f"{final} is damaged ({problem}); using the newest checkpoint before it")
     return path, latest_checkpoint(path)
 
 
 def load_run(path: str | Path) -> Run:
     run, adapter = find_adapter(Path(path))
+    if adapter is None:
+        warnings.warn(f"{run} has no finished adapter nor a complete checkpoint yet: this is the base model "
+                      f"alone")
     cfg = read_config(run)
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = prepare_base(info["base_model"])
@@ -106,3 +134,105 @@ def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = No
     if run.adapter is None:
         return model
     return load_adapter(model, run.adapter).eval()
+
+
+# ---------------------------------------------------------------- written by training
+
+
+def prepare_run_dir(run: Path, resume: bool, overwrite: bool, cfg: Config) -> Path | None:
+    """Check the output directory of `chatlora train`; return the checkpoint to resume from (or None).
+    Only a chatlora run directory (its entries all RUN_ENTRIES) may be replaced."""
+    if resume:
+        saved = read_config(run)
+        drift = [f"{key}: {_get(saved, key)!r} -> {_get(cfg, key)!r}" for key in RESUME_FIXED
+                 if _get(saved, key) != _get(cfg, key)]
+        if drift:
+            raise UserError(f"cannot resume {run}: the configuration differs from the run's:\n  "
+                            + "\n  ".join(drift) + "\nStart a new run (another --output) instead.")
+        for key in RESUME_ADJUSTABLE:
+            if _get(saved, key) != _get(cfg, key):
+                print(f"chatlora: resuming with {key} {_get(saved, key)!r} -> {_get(cfg, key)!r}: the "
+                      f"learning-rate schedule follows the new length from here on")
+        checkpoint = latest_checkpoint(run, with_final=True)
+        if checkpoint is None and (run / "final" / MARKER).is_file():
+            raise UserError(f"{run} has finished, but its final/ holds no resume state (it was written by an "
+                            f"older chatlora), so it cannot be continued; start a new run (another --output)")
+        return checkpoint
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--output {run} is a file; a run is a directory. Choose another --output.")
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise UserError(f"output directory {run} is not empty. Pass --resume to continue that run, "
+                            f"--overwrite to replace it, or choose another --output.")
+        foreign = sorted(p.name for p in run.iterdir() if not RUN_ENTRIES.match(p.name))
+        if foreign or not (run / "run.json").is_file():
+            what = f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}" if foreign else \
+                "it has no run.json"
+            raise UserError(f"--overwrite replaces chatlora run directories only, and {run} is not one ({what}). "
+                            f"Nothing was deleted; choose another --output.")
+        shutil.rmtree(run)
+    return None
+
+
+def _get(cfg: Config, key: str):
+    group, name = key.split(".")
+    return getattr(getattr(cfg, group), name)
+
+
+class Metrics:
+    """metrics.jsonl, one strict JSON object per line (a value that is not finite is written as null);
+    on resume, rows after the checkpoint are dropped and a last line torn by a crash is repaired."""
+
+    def __init__(self, path: Path, keep_through_step: int):
+        rows = [r for r in read_metrics(path) if r["step"] <= keep_through_step] if path.is_file() else []
+        write_lines(path, (json.dumps(r) for r in rows), overwrite=True)
+        self.path, self.rows = path, rows
+
+    def log(self, row: dict) -> None:
+        row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a crash mid-write) is left out with a warning,
+    any other bad line is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: a torn last line (the run was stopped while writing it); "
+                              f"it is left out")
+                break
+            raise UserError(f"{path}:{number}: not a metrics row; repair or remove that line") from None
+        rows.append(row)
+    return rows
+
+
+def plot_losses(run: Path, rows: list[dict]) -> None:
+    """loss_curve.png: per-step train loss and held-out loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train_rows = [r for r in rows if "loss" in r]
+    held = [r for r in rows if r.get("held_out_loss") is not None]
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train", lw=1)
+    if held:
+        ax.plot([r["step"] for r in held], [r["held_out_loss"] for r in held], "o-", label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over supervised tokens)")
+    ax.set_title(run.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "loss_curve.png")
+    plt.close(fig)

@@ -19,8 +19,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,26 +29,16 @@ from tqdm import tqdm
 
 from chatlora import distributed
 from chatlora.batches import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
-from chatlora.checkpoint import MARKER, NonFiniteError, latest_checkpoint, load_checkpoint, save_checkpoint
+from chatlora.checkpoint import (NonFiniteError, check_finite, checkpoint_step, latest_checkpoint,
+                                 load_checkpoint, save_checkpoint)
 from chatlora.config import Config
 from chatlora.distributed import Ranks
 from chatlora.dataset import dataset_for_config
 from chatlora.errors import UserError
 from chatlora.fastpath import FastStep, unsupported_reason
-from chatlora.lora import attach, save_adapter, trainable_parameters
+from chatlora.lora import attach, trainable_parameters
 from chatlora.model import load_model
-from chatlora.rundir import read_config, write_run_files
-
-# Changing any of these would change what a resumed run computes; resuming refuses it.
-RESUME_FIXED = ("model.path", "model.template", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
-                "lora.rslora", "lora.dora", "data.path", "data.system_prompt", "data.max_seq_tokens",
-                "data.on_overlength", "data.held_out_fraction", "data.seed", "data.parse_special_tokens",
-                "train.examples_per_step",
-                "train.seed", "train.learning_rate", "train.schedule", "train.warmup_ratio",
-                "train.weight_decay")
-# These may change on resume (to extend or shorten a run); the learning-rate schedule then changes too.
-RESUME_ADJUSTABLE = ("train.epochs", "train.max_steps")
-
+from chatlora.rundir import Metrics, plot_losses, prepare_run_dir, write_run_files
 
 class Interrupted(Exception):
     """Training stopped on a signal after writing a checkpoint; `code` is the exit status."""
@@ -73,33 +63,6 @@ def lr_at(step: int, total: int, cfg) -> float:
         case _:
             factor = 1.0
     return cfg.learning_rate * factor
-
-
-def prepare_output(run: Path, resume: bool, overwrite: bool, cfg: Config) -> Path | None:
-    """Check the output directory; return the checkpoint to resume from (or None)."""
-    if resume:
-        saved = read_config(run)
-        drift = [f"{key}: {_get(saved, key)!r} -> {_get(cfg, key)!r}" for key in RESUME_FIXED
-                 if _get(saved, key) != _get(cfg, key)]
-        if drift:
-            raise UserError(f"cannot resume {run}: the configuration differs from the run's:\n  "
-                            + "\n  ".join(drift) + "\nStart a new run (another --output) instead.")
-        for key in RESUME_ADJUSTABLE:
-            if _get(saved, key) != _get(cfg, key):
-                print(f"chatlora: resuming with {key} {_get(saved, key)!r} -> {_get(cfg, key)!r}: the "
-                      f"learning-rate schedule follows the new length from here on")
-        return latest_checkpoint(run)
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise UserError(f"output directory {run} is not empty. Pass --resume to continue that run, "
-                            f"--overwrite to replace it, or choose another --output.")
-        shutil.rmtree(run)
-    return None
-
-
-def _get(cfg: Config, key: str):
-    group, name = key.split(".")
-    return getattr(getattr(cfg, group), name)
 
 
 def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,
@@ -181,22 +144,6 @@ def _fault(step: int, micro: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _Metrics:
-    """metrics.jsonl, one JSON object per line; on resume, rows after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_through_step: int):
-        rows = []
-        if path.is_file():
-            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= keep_through_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.path, self.rows = path, rows
-
-    def log(self, row: dict) -> None:
-        self.rows.append(row)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path.
     Launched by torchrun (WORLD_SIZE > 1), every process runs this with its share of each step."""
@@ -222,9 +169,9 @@ def _together(ranks, fn):
 def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str) -> Path:
     started = time.perf_counter()
     main = ranks.main
-    checkpoint = _together(ranks, lambda: prepare_output(run, resume, overwrite, cfg) if main else None)
+    checkpoint = _together(ranks, lambda: prepare_run_dir(run, resume, overwrite, cfg) if main else None)
     if not main and resume:
-        checkpoint = latest_checkpoint(run)
+        checkpoint = latest_checkpoint(run, with_final=True)
     t = cfg.train
     torch.manual_seed(t.seed)
 
@@ -261,20 +208,28 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
     total = plan.total_steps(t.epochs, t.max_steps)
+    if checkpoint is not None and (checkpoint_step(checkpoint) or 0) >= total:
+        say(f"{run} has finished its {checkpoint_step(checkpoint)} steps: nothing to do (raise --epochs or "
+            f"--max-steps to train further)")
+        return run / "final"
     start = _together(ranks, lambda: load_checkpoint(checkpoint, model, optimizer, ranks, sharded)["step"]
                       if checkpoint else 0)
-    if resume and checkpoint is None and main:
-        print(f"chatlora: no complete checkpoint in {run}; starting from step 0")
-    metrics = _Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
+    if resume and main:
+        say(f"resuming from {checkpoint} (step {start} of {total})" if checkpoint else
+            f"no complete checkpoint in {run}; starting from step 0")
+    metrics = Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
     fast = None if sharded else fast_step(model, cfg, device)
     stepper = _FusedStep(fast, t, ranks) if fast else _PlainStep(model, params, t, collate, ranks, sharded)
 
     def evaluate(step: int) -> None:
+        if not ds.held_out:
+            return
         if main or sharded:  # a sharded model runs on every rank together
             loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
         if main:
             metrics.log({"step": step, "held_out_loss": loss})
+            say(f"held-out loss at step {step}: {loss:.4f} ({len(ds.held_out)} examples)")
         distributed.barrier(ranks)
 
     def full_copies():  # sharded mode: every rank helps gather the full adapter and optimizer state
@@ -285,16 +240,18 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         state = {i: distributed.full_tensors(st.items(), ranks) for i, st in sd["state"].items()}
         return adapter, {"state": state, "param_groups": sd["param_groups"]}
 
-    def save(done: int) -> None:
+    def save(done: int, name: str | None = None) -> None:
+        """checkpoint-<done>, or final/ (the same contents: a finished run resumes from it)."""
         rng = distributed.gather_rng(ranks)
         adapter, opt = full_copies()
         if main:
             save_checkpoint(run, done, model, optimizer, {"epoch": done / plan.steps_per_epoch,
                                                           "world_size": ranks.world}, t.keep_last, rng,
-                            adapter, opt)
+                            adapter, opt, name=name)
         distributed.barrier(ranks)
 
     if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
+        say(f"held-out loss of the base model on {len(ds.held_out)} examples...")
         evaluate(0)
 
     stop_signal = []
@@ -338,6 +295,8 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                 raise Interrupted(code, f"stopped by signal after step {done}; a checkpoint "
                                   f"is in {run}/checkpoint-{done}. Resume with:\n    chatlora train "
                                   f"--output {run} --resume")
+        check_finite(trainable_parameters(model), "adapter weight")   # before final/ is written
+        save(total, "final")
     except NonFiniteError as e:
         raise UserError(f"training stopped: {e}. No checkpoint was written for this step; lower "
                         f"train.learning_rate or set train.max_grad_norm.") from None
@@ -346,14 +305,16 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         for s, h in handlers.items():
             signal.signal(s, h)
 
-    final = run / "final"
-    adapter, _ = full_copies()
-    if main:
-        _save_final(run, model, adapter)
     evaluate(total)
     if main:
-        _plot(run, metrics.rows)
-    return final
+        plot_losses(run, metrics.rows)
+    return run / "final"
+
+
+def say(text: str) -> None:
+    """A line for the person watching (rank 0 prints; tqdm's bar is kept intact)."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(f"chatlora: {text}", file=sys.stderr)
 
 
 def _digest(examples) -> str:
@@ -383,36 +344,3 @@ def fast_step(model, cfg: Config, device: str) -> FastStep | None:
     step = FastStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
     step.zero_grad()
     return step
-
-
-def _save_final(run: Path, model, adapter_state: dict | None = None) -> Path:
-    final, tmp = run / "final", run / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, adapter_state)
-    (tmp / MARKER).write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def _plot(run: Path, rows: list[dict]) -> None:
-    """loss_curve.png: per-step train loss and held-out loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    train_rows = [r for r in rows if "loss" in r]
-    held = [r for r in rows if r.get("held_out_loss") is not None]
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train", lw=1)
-    if held:
-        ax.plot([r["step"] for r in held], [r["held_out_loss"] for r in held], "o-", label="held-out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over supervised tokens)")
-    ax.set_title(run.name)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run / "loss_curve.png")
-    plt.close(fig)
