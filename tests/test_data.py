@@ -1,6 +1,7 @@
 """Reading datasets: shapes, encodings, and every bad row reported as path:line, field and reason."""
 
 import json
+import re
 
 import pytest
 
@@ -119,10 +120,10 @@ def spec_for(path, **kw):
     return DataSpec(str(path), kw.pop("system_prompt", "S"), kw.pop("max_seq_tokens", 64), **kw)
 
 
-def build(path, index_tok, index_dir, **kw):
+def build(path, index_tok, index_dir, rejects_path=None, use_cache=True, **kw):
     fmt = chat_format("index", index_tok)
     return build_dataset(spec_for(path, **kw), index_tok, fmt, tokenizer_fingerprint(index_dir),
-                         rejects_path=kw.get("rejects_path"))
+                         rejects_path=rejects_path, use_cache=use_cache)
 
 
 def test_stop_lists_every_bad_row(tmp_path, index_tok, index_dir):
@@ -204,3 +205,136 @@ def test_cached_report_names_the_file_asked_for(tmp_path, index_tok, index_dir):
     first = build(write(tmp_path, "a.jsonl", text), index_tok, index_dir)
     second = build(write(tmp_path, "b.jsonl", text), index_tok, index_dir)  # same bytes: a cache hit
     assert first.report["file"].endswith("a.jsonl") and second.report["file"].endswith("b.jsonl")
+
+
+# ---------------------------------------------------------------- whatever the bytes: rows or file:line errors
+
+
+def test_deep_nesting_and_huge_numbers_are_row_errors(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    digits = '{"instruction": "q", "output": "a", "n": ' + "7" * 5000 + "}"
+    result = read_conversations(write(tmp_path, "d.jsonl", jsonl(ALPACA, deep, digits, ALPACA)))
+    assert [e.line for e in result.errors] == [2, 3]
+    assert result.errors[0].reason == "malformed JSON (nested too deeply)"
+    assert result.errors[1].reason.startswith("malformed JSON (Exceeds the limit (4300 digits)")
+    assert len(result.conversations) == 2 and result.rows == 4
+    array = read_conversations(write(tmp_path, "d.json", "[\n" + json.dumps(ALPACA) + ",\n" + deep + "\n]"))
+    assert array.fatal and array.errors[0].line == 3 and "nested too deeply" in array.errors[0].reason
+
+
+def test_lone_surrogates_are_row_errors_and_their_rejects_are_written(tmp_path, index_tok, index_dir):
+    bad = '{"instruction": "q\\ud800", "output": "a"}'
+    history = '{"instruction": "q", "output": "a", "history": [["x", "\\udfff"]]}'
+    path = write(tmp_path, "d.jsonl", jsonl(ALPACA, bad, history))
+    result = read_conversations(path)
+    assert [(e.line, e.field) for e in result.errors] == [(2, "instruction"), (3, "history[0][1]")]
+    assert "lone surrogate (U+D800) at character 1" in result.errors[0].reason
+    rejects = tmp_path / "rejects.jsonl"
+    ds = build(path, index_tok, index_dir, on_error="skip", rejects_path=rejects)
+    assert ds.report["examples_kept"] == 1
+    rows = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["row"]["instruction"] == "q\ud800"   # written escaped, read back the same
+
+
+def test_jsonl_whose_rows_are_arrays_is_read_as_jsonl(tmp_path):
+    path = write(tmp_path, "d.jsonl", jsonl([1, 2], ALPACA, ["x"]))
+    result = read_conversations(path)
+    assert [(e.line, e.reason) for e in result.errors] == [(1, "a row must be a JSON object, got list"),
+                                                           (3, "a row must be a JSON object, got list")]
+    assert len(result.conversations) == 1 and not result.fatal
+    one_line_array = read_conversations(write(tmp_path, "a.json", json.dumps([ALPACA, ALPACA])))
+    assert len(one_line_array.conversations) == 2
+
+
+def test_unreadable_paths_and_empty_files_are_user_errors(tmp_path, index_tok, index_dir, monkeypatch):
+    with pytest.raises(UserError, match="is a directory"):
+        build(tmp_path, index_tok, index_dir)
+    for text in ("", "\n\n", "[]", "\ufeff[ ]\n"):
+        with pytest.raises(UserError, match="holds no rows"):
+            build(write(tmp_path, "empty.jsonl", text), index_tok, index_dir)
+    path = write(tmp_path, "locked.jsonl", jsonl(ALPACA))
+    real = type(path).read_bytes
+    monkeypatch.setattr(type(path), "read_bytes",   # root reads anything; this is what a 0600 file gives others
+                        lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "locked.jsonl" else real(self))
+    with pytest.raises(UserError, match="cannot read data file .*locked.jsonl: Permission denied"):
+        build(path, index_tok, index_dir)
+
+
+def test_a_second_skip_replaces_its_own_rejects_file_but_no_other(tmp_path, index_tok, index_dir):
+    path = write(tmp_path, "d.jsonl", jsonl(ALPACA, {"instruction": "q"}))
+    rejects = tmp_path / "rejects.jsonl"
+    for _ in range(2):
+        assert build(path, index_tok, index_dir, on_error="skip", rejects_path=rejects).report["rows_rejected"] == 1
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my notes\n")
+    with pytest.raises(UserError, match="already exists"):
+        build(path, index_tok, index_dir, on_error="skip", rejects_path=mine)
+    assert mine.read_text() == "my notes\n"
+
+
+def test_malformed_lines_count_as_rows_read(tmp_path, index_tok, index_dir):
+    path = write(tmp_path, "d.jsonl", jsonl(ALPACA, "{not json", ALPACA).encode() + b'{"instruction": "\xff"}\n')
+    report = build(path, index_tok, index_dir, on_error="skip", rejects_path=tmp_path / "r.jsonl").report
+    assert (report["rows_read"], report["rows_rejected"], report["examples_kept"]) == (4, 2, 2)
+
+
+def random_value(rng, depth=0):
+    keys = ["instruction", "input", "output", "system", "history", "conversations", "messages", "role",
+            "content", "from", "value", "human", "gpt", "user", "assistant"]
+    kind = rng.randrange(9 if depth < 4 else 5)
+    if kind == 0:
+        return rng.choice(["", " ", "问", "a\ud800b", "reserved_0", "<|im_start|>", "x" * rng.randrange(50), "\x00"])
+    if kind == 1:
+        return rng.choice([0, -1, 10 ** 30, 1.5, float("inf")])
+    if kind == 2:
+        return rng.choice([None, True, False])
+    if kind in (3, 4):
+        return rng.choice(keys)
+    if kind in (5, 6):
+        return {rng.choice(keys): random_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+    return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+def random_file(rng) -> bytes:
+    rows = [random_value(rng) for _ in range(rng.randrange(1, 6))]
+    if rng.random() < 0.5:
+        rows += [{"instruction": "问", "output": "答"}]
+    if rng.random() < 0.5:
+        text = "\n".join(json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in rows)
+    else:
+        text = json.dumps(rows, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+    raw = text.encode("utf-8", "surrogatepass")
+    for _ in range(rng.randrange(4)):   # corruption: flipped, cut or inserted bytes, a BOM, CRLF
+        if not raw:
+            break
+        at = rng.randrange(len(raw))
+        raw = rng.choice([raw[:at] + bytes([rng.randrange(256)]) + raw[at + 1:], raw[:at],
+                          raw[:at] + b"\xef\xbb\xbf" + raw[at:], raw.replace(b"\n", b"\r\n"), b"\xef\xbb\xbf" + raw])
+    return raw
+
+
+def test_fuzz_random_bytes_and_json_give_rows_or_file_line_errors(tmp_path, index_tok, index_dir):
+    """A few hundred random and damaged files: every outcome is a dataset or a UserError whose
+    lines name the file (and a line), never another exception."""
+    import random
+
+    from chatlora.errors import UserError as Refused
+
+    rng = random.Random(1234)
+    outcomes = {"dataset": 0, "refused": 0}
+    for i in range(400):
+        path = write(tmp_path, f"f{i}.jsonl", random_file(rng) if i % 4 else bytes(rng.randrange(256)
+                                                                                    for _ in range(rng.randrange(200))))
+        for on_error in ("stop", "skip"):
+            try:
+                build(path, index_tok, index_dir, on_error=on_error, rejects_path=tmp_path / f"r{i}-{on_error}.jsonl",
+                      use_cache=False)
+                outcomes["dataset"] += 1
+            except Refused as e:
+                outcomes["refused"] += 1
+                message = str(e)
+                assert str(path) in message, message
+                if "bad row" in message:
+                    assert re.search(rf"{re.escape(str(path))}:\d+", message), message
+    assert outcomes["dataset"] > 50 and outcomes["refused"] > 50, outcomes

@@ -75,3 +75,19 @@ def test_stop_share_exposes_the_tutorials_end_of_reply_defect(index_dir, huanhua
         train(cfg, tmp_path / template)
         shares[template] = evaluate_run(str(tmp_path / template))["models"]["tuned"]["stop_share"]
     assert shares["index"] >= 0.75 and shares["self-llm"] == 0.0, shares
+
+
+def test_eval_refuses_to_replace_its_report_and_prints_only_the_figures(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "report"
+    args = [sys.executable, "-m", "chatlora", "eval", str(tiny_run), "--limit", "1", "--output", str(out)]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "held-out loss" in first.stdout and "![" not in first.stdout and "## Samples" not in first.stdout
+    assert f"report: {out}/report.html" in first.stdout
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a report" in again.stderr and "--overwrite" in again.stderr
+    assert subprocess.run(args + ["--overwrite"], capture_output=True, text=True, timeout=300).returncode == 0
+    assert "loss_curve.png" in (out / "report.md").read_text()

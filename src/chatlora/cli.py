@@ -28,27 +28,53 @@ from chatlora import __version__
 from chatlora.errors import UserError
 
 
+# Flags that set a config field, with the field they set; their help is the field's own line of
+# documentation and default (config.py), so it is written once.
+CONFIG_FLAGS = {"--model": "model.path", "--template": "model.template", "--system": "data.system_prompt",
+                "--max-seq-tokens": "data.max_seq_tokens", "--on-overlength": "data.on_overlength",
+                "--on-error": "data.on_error"}
+TRAIN_FLAGS = {"--epochs": "train.epochs", "--max-steps": "train.max_steps", "--learning-rate": "train.learning_rate",
+               "--examples-per-step": "train.examples_per_step", "--micro-batch-examples": "train.micro_batch_examples",
+               "--save-every": "train.save_every", "--keep-last": "train.keep_last", "--eval-every": "train.eval_every",
+               "--seed": "train.seed", "--lora-r": "lora.r", "--lora-alpha": "lora.alpha",
+               "--lora-dropout": "lora.dropout"}
+
+
+def _config_flags(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    import typing
+
+    from chatlora.config import Config, field_docs
+
+    docs, hints = field_docs(), typing.get_type_hints(Config)
+    for flag, key in flags.items():
+        group, name = key.split(".")
+        kind = typing.get_type_hints(hints[group])[name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        convert = {int: int, float: float}.get(kind) or next((t for t in typing.get_args(kind) if t in (int, float)), str)
+        text, default = docs[key]
+        p.add_argument(flag, type=None if choices else convert, choices=choices,
+                       help=f"{text} (default: {default}; config {key})".replace("%", "%%"))
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="a config file (groups model, lora, data, train, ...)")
     p.add_argument("--preset", help="a named preset applied before --config (lowmem: for 8 GB GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.FIELD=VALUE",
                    help="override any config field, e.g. --set data.max_seq_tokens=512 (repeatable)")
-    p.add_argument("--model", help="base model: local dir, .gguf file, cached hub id, or smollm2-demo")
-    p.add_argument("--template", choices=["auto", "index", "self-llm"], help="chat format")
-    p.add_argument("--system", help="system prompt for rows without one")
-    p.add_argument("--max-seq-tokens", type=int, help="longest example in tokens")
-    p.add_argument("--on-overlength", choices=["truncate", "drop", "error"])
-    p.add_argument("--on-error", choices=["stop", "skip"], help="stop at bad rows (default) or skip them")
+    _config_flags(p, CONFIG_FLAGS)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling flags; each defaults to the run's own generate settings."""
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: the run's generate.temperature)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    from chatlora.config import field_docs
+
+    docs = field_docs()
+    for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("repetition_penalty", float),
+                       ("max_new_tokens", int)):
+        text, default = docs[f"generate.{name}"]
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                       help=f"{text} (default: the run's generate.{name}; chatlora's is {default})")
+    p.add_argument("--seed", type=int, help="sampling seed, for a reply that repeats (default: random)")
 
 
 def _sampling(args) -> dict:
@@ -66,13 +92,8 @@ def _sampling(args) -> dict:
 def _load(args, data: str | None = None, base=None):
     from chatlora.config import load_config
 
-    flags = {"model.path": args.model, "model.template": args.template, "data.system_prompt": args.system,
-             "data.max_seq_tokens": args.max_seq_tokens, "data.on_overlength": args.on_overlength,
-             "data.on_error": args.on_error, "data.path": data}
-    for key in ("epochs", "max_steps", "learning_rate", "examples_per_step", "micro_batch_examples",
-                "save_every", "keep_last", "eval_every", "seed"):
-        if hasattr(args, key):
-            flags[f"train.{key}"] = getattr(args, key)
+    flags = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, key in {**CONFIG_FLAGS, **TRAIN_FLAGS}.items()}
+    flags["data.path"] = data
     return load_config(args.config, args.overrides, flags, base=base, preset=args.preset)
 
 
@@ -105,7 +126,7 @@ def cmd_train(args) -> int:
     saved = read_config(Path(args.output)) if args.resume else None
     cfg = _load(args, args.data, base=saved)
     try:
-        final = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite)
+        final = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, name=args.name)
     except Interrupted as e:
         print(f"chatlora: {e}", file=sys.stderr)
         return e.code
@@ -168,11 +189,10 @@ def cmd_export(args) -> int:
     from chatlora.export import export_gguf, export_ollama
 
     if args.format == "gguf":
-        out = export_gguf(args.run, args.output or f"{Path(args.run).name}-{args.quant}.gguf", args.quant)
-        print(f"GGUF written to {out}")
+        print(f"GGUF written to {export_gguf(args.run, args.output, args.quant)}")
     else:
-        out = export_ollama(args.run, args.output or f"{Path(args.run).name}-ollama", args.quant)
-        print(f"Ollama model in {out}; create it with:\n    cd {out} && ollama create {Path(args.run).name} -f Modelfile")
+        out, name = export_ollama(args.run, args.output, args.quant, args.name)
+        print(f"Ollama model in {out}; create it with:\n    cd {out} && ollama create {name} -f Modelfile")
     return 0
 
 
@@ -185,11 +205,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from chatlora.evaluate import evaluate_run, report_markdown
+    from chatlora.evaluate import evaluate_run, report_table
 
-    report = evaluate_run(args.run, args.data, args.limit)
-    print(report_markdown(dict(report, samples=report["samples"][:3])))
-    print(f"report: {Path(report['run']) / 'eval' / 'report.html'}")
+    report = evaluate_run(args.run, args.data, args.limit, args.output, args.overwrite)
+    print(report_table(report))
+    print(f"report: {report['report_dir']}/report.html (and .md, .json)")
     return 0
 
 
@@ -236,16 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="training data (default: the bundled huanhuan dataset)")
     tr.add_argument("--output", required=True, metavar="RUN", help="run directory to create (or resume)")
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
-    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    tr.add_argument("--epochs", type=float)
-    tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    tr.add_argument("--learning-rate", type=float)
-    tr.add_argument("--examples-per-step", type=int, help="examples per optimizer step")
-    tr.add_argument("--micro-batch-examples", type=int, help="examples per forward/backward pass")
-    tr.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps")
-    tr.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
-    tr.add_argument("--eval-every", type=int, help="held-out loss every N optimizer steps")
-    tr.add_argument("--seed", type=int)
+    tr.add_argument("--overwrite", action="store_true", help="replace the output directory if it is a chatlora run")
+    tr.add_argument("--name", help="what the run is called when served and exported (default: the folder's name)")
+    _config_flags(tr, TRAIN_FLAGS)
     tr.add_argument("--nproc", type=int, help="train with N processes on this machine (one per GPU; CPU: gloo), "
                     "launched through torchrun; for several machines run torchrun yourself (README)")
     tr.set_defaults(func=cmd_train)
@@ -262,39 +275,45 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=cmd_merge)
 
     dm = verbs.add_parser("demo", help="the whole pipeline offline on CPU with a small real model (minutes)")
-    dm.add_argument("--output", default="chatlora-demo", help="where everything goes (default ./chatlora-demo)")
-    dm.add_argument("--steps", type=int, default=24, help="optimizer steps (8 examples each)")
-    dm.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    dm.add_argument("--output", default="chatlora-demo", help="where the run and its report go (default: %(default)s)")
+    dm.add_argument("--steps", type=int, default=24, help="optimizer steps of 8 examples (default: %(default)s)")
+    dm.add_argument("--overwrite", action="store_true", help="replace an earlier demo's output directory")
     dm.set_defaults(func=cmd_demo)
 
     sv = verbs.add_parser("serve", help="OpenAI-compatible API, the tutorial's endpoint and a web chat page")
     sv.add_argument("run", help="run directory (or a checkpoint inside one)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs an API key)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind; a non-loopback one needs an API key "
+                                                         "(default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     sv.add_argument("--api-key", help="require this key (visible in the process list: prefer the file or "
                                       "CHATLORA_API_KEY)")
     sv.add_argument("--api-key-file", help="read the required key from this file")
-    sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
-    sv.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429")
-    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
-    sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all")
-    sv.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed at once")
+    sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask (default: %(default)s)")
+    sv.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429 (default: %(default)s)")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413 (default: %(default)s)")
+    sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all (default: %(default)s)")
+    sv.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed at once (default: %(default)s)")
     sv.add_argument("--grace", type=float, default=10.0, help="on SIGTERM, seconds running replies may take to "
-                                                            "finish before they are ended (finish_reason shutdown)")
+                                                            "finish before they are ended (finish_reason shutdown; default: %(default)s)")
     sv.add_argument("--name", help="the model id clients see (default: the run's name)")
     sv.set_defaults(func=cmd_serve)
 
     ex = verbs.add_parser("export", help="the merged model as GGUF (llama.cpp) or an Ollama model directory")
     ex.add_argument("run", help="run directory (or a checkpoint inside one)")
-    ex.add_argument("--format", choices=["gguf", "ollama"], default="gguf")
-    ex.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0", help="weight type in the GGUF")
-    ex.add_argument("--output", help="file (gguf) or directory (ollama) to create; never overwritten")
+    ex.add_argument("--format", choices=["gguf", "ollama"], default="gguf",
+                    help="gguf: one llama.cpp file; ollama: the GGUF and a Modelfile (default: %(default)s)")
+    ex.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0",
+                    help="weight type in the GGUF (default: %(default)s)")
+    ex.add_argument("--output", help="file (gguf) or directory (ollama) to create; never overwritten "
+                                     "(default: NAME-QUANT.gguf or NAME-ollama here)")
+    ex.add_argument("--name", help="the model's name (default: the run's name, see train --name)")
     ex.set_defaults(func=cmd_export)
 
     gn = verbs.add_parser("generate", help="batched predictions of a run's model for every prompt of a dataset")
     gn.add_argument("run", help="run directory (or a checkpoint inside one)")
     gn.add_argument("--data", required=True, help="JSON/JSONL dataset; each row's last reply is the reference")
-    gn.add_argument("--output", default="predictions.jsonl", help="JSONL to create (never overwritten)")
+    gn.add_argument("--output", default="predictions.jsonl", help="JSONL to create, never overwritten "
+                                                                  "(default: %(default)s)")
     gn.add_argument("--limit", type=int, help="only the first N rows")
     _sampling_args(gn)
     gn.set_defaults(func=cmd_generate)
@@ -303,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run directory (or a checkpoint inside one)")
     ev.add_argument("--data", help="evaluate on this dataset instead of the run's held-out split")
     ev.add_argument("--limit", type=int, help="only the first N examples")
+    ev.add_argument("--output", help="directory for report.{md,html,json} (default: RUN/eval)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier report there")
     ev.set_defaults(func=cmd_eval)
 
     dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
     dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
-    dl.add_argument("--source", choices=["huggingface", "modelscope"], default="huggingface")
+    dl.add_argument("--source", choices=["huggingface", "modelscope"], default="huggingface",
+                    help="(default: %(default)s)")
     dl.add_argument("--revision", help="branch, tag or commit")
     dl.set_defaults(func=cmd_download)
 

@@ -1,7 +1,10 @@
 """Read a user's dataset into conversations, reporting every bad row as path:line, field and reason.
 
-Accepted files: a JSON array, or JSON lines; UTF-8 with or without a BOM; CRLF and blank lines are
-fine. Row shapes, detected per row:
+Accepted files: a JSON array, or JSON lines (a file whose first line is a whole JSON value followed
+by more lines is JSON lines, even if that value is an array); UTF-8 with or without a BOM; CRLF and
+blank lines are fine. Whatever the bytes, reading gives rows or `path:line` errors, never a traceback
+(rows nested too deeply, numbers too long to read, invalid UTF-8 or lone surrogates included).
+Row shapes, detected per row:
 
     alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
     sharegpt  {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system"?}
@@ -65,21 +68,15 @@ class _Bad(Exception):
 def read_conversations(path: str | Path, system_prompt: str | None = None) -> ReadResult:
     """Every row of the file, as conversations and errors; never raises for a bad row."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"data file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"data path {path} is a directory; pass a .json or .jsonl file") from None
+    raw = read_data_bytes(path)
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     raw = raw[bom:]
     result = ReadResult()
-    if raw.lstrip()[:1] == b"[":
+    if raw.lstrip()[:1] == b"[" and not _first_line_is_a_row(raw):
         rows = _json_array_rows(raw, str(path), result, bom)
     else:
         rows = _jsonl_rows(raw, str(path), result, bom)
     for line, obj in rows:
-        result.rows += 1
         try:
             messages, shape = to_messages(obj, system_prompt)
         except _Bad as bad:
@@ -87,6 +84,43 @@ def read_conversations(path: str | Path, system_prompt: str | None = None) -> Re
             continue
         result.conversations.append(Conversation(line, messages, shape))
     return result
+
+
+def read_data_bytes(path: Path) -> bytes:
+    """The file's bytes, or a UserError saying why they cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"data path {path} is a directory; pass a .json or .jsonl file") from None
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
+def _first_line_is_a_row(raw: bytes) -> bool:
+    """Whether a file starting with '[' is JSON lines whose first row is an array: its first line is a
+    whole JSON value and more follows. (A JSON array's first line is '[' or the whole array.)"""
+    first, _, rest = raw.lstrip().partition(b"\n")
+    if not rest.strip():
+        return False
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _parse(text: str):
+    """json.loads, with the failures that are not JSONDecodeError turned into one (ValueError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:   # e.g. an integer of more than 4,300 digits
+        raise ValueError(str(e).split(";")[0]) from None
 
 
 def _decode(raw: bytes, path: str, first_line: int, base: int) -> str | RowError:
@@ -103,14 +137,18 @@ def _jsonl_rows(raw: bytes, path: str, result: ReadResult, offset: int):
         start, offset = offset, offset + len(chunk) + 1
         if not chunk.strip():
             continue
+        result.rows += 1   # a line that cannot be read is a row read, and rejected
         text = _decode(chunk, path, number, start)
         if isinstance(text, RowError):
             result.errors.append(text)
             continue
         try:
-            obj = json.loads(text)
+            obj = _parse(text)
         except json.JSONDecodeError as e:
             result.errors.append(RowError(path, number, "", f"malformed JSON ({e.msg})", column=e.colno))
+            continue
+        except ValueError as e:
+            result.errors.append(RowError(path, number, "", f"malformed JSON ({e})"))
             continue
         yield number, obj
 
@@ -137,6 +175,12 @@ def _json_array_rows(raw: bytes, path: str, result: ReadResult, offset: int):
             result.errors.append(RowError(path, e.lineno, "", f"malformed JSON ({e.msg})", column=e.colno))
             result.fatal = True
             return
+        except (ValueError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+            result.errors.append(RowError(path, line, "", f"malformed JSON ({reason})"))
+            result.fatal = True
+            return
+        result.rows += 1
         yield line, obj
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
@@ -179,14 +223,20 @@ def to_messages(obj, system_prompt: str | None = None) -> tuple[list[dict], str]
     return messages, shape
 
 
-def _text(obj: dict, key: str, where: str, required: bool = True, allow_empty: bool = False) -> str:
-    if key not in obj or obj[key] is None:
+def _text(obj, key, where: str, required: bool = True, allow_empty: bool = False) -> str:
+    """obj[key] as a string (obj: a row, a turn, or a history pair with key 0 or 1); raises _Bad."""
+    if (key not in obj if isinstance(obj, dict) else key >= len(obj)) or obj[key] is None:
         if required:
             raise _Bad(where, "missing")
         return ""
     value = obj[key]
     if not isinstance(value, str):
         raise _Bad(where, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:   # JSON's \ud800 escapes decode to lone surrogates
+        raise _Bad(where, f"holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}: "
+                          f"not valid Unicode") from None
     if required and not allow_empty and not value.strip():
         raise _Bad(where, "is empty")
     return value
@@ -204,6 +254,8 @@ def _from_alpaca(obj: dict) -> list[dict]:
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
             raise _Bad(f"history[{i}]", "must be a [question, answer] pair of non-empty strings")
+        for j in range(2):
+            _text(pair, j, f"history[{i}][{j}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     user = instruction + ("\n" + extra if extra.strip() else "")
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]

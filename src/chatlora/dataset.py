@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from chatlora import hub
 from chatlora.atomic import write_lines
-from chatlora.data import describe_errors, read_conversations
+from chatlora.data import describe_errors, read_conversations, read_data_bytes
 from chatlora.errors import UserError
 from chatlora.templates import IGNORE
 
@@ -73,8 +73,6 @@ def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Pa
                   use_cache: bool = True) -> Dataset:
     """Read, validate, tokenize and split; from the cache when nothing that matters has changed."""
     file = data_file(spec.path)
-    if not file.is_file():
-        raise UserError(f"data file {file} does not exist")
     key = _cache_key(file, spec, f"{fmt.name}{':parse-special' if fmt.parse_special else ''}", tokenizer_key)
     cache = hub.cache_root() / "tokenized" / f"{key}.safetensors"
     examples, report = _load_cache(cache) if use_cache else (None, None)
@@ -90,12 +88,14 @@ def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Pa
 
 def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | None):
     result = read_conversations(file, spec.system_prompt)
+    if result.rows == 0 and not result.errors:
+        raise UserError(f"{file} holds no rows (an empty file, or an empty JSON array)")
     if result.errors and (spec.on_error == "stop" or result.fatal):
         hint = "" if result.fatal else "\nFix them, or pass --on-error skip to leave these rows out."
         raise UserError(f"{file}: {len(result.errors)} bad row(s):\n{describe_errors(result.errors)}{hint}")
     if result.errors and rejects_path is not None:
-        write_lines(rejects_path, (json.dumps({"line": e.line, "error": str(e), "row": e.row},
-                                              ensure_ascii=False) for e in result.errors))
+        write_lines(rejects_path, (_json_line({"line": e.line, "error": str(e), "row": e.row}) for e in result.errors),
+                    overwrite=_is_rejects_file(rejects_path))
     dropped: Counter = Counter()
     truncated, examples, too_long = 0, [], []
     seen: Counter = Counter(json.dumps(c.messages, ensure_ascii=False, sort_keys=True)
@@ -124,6 +124,28 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
     report = _report(spec, fmt.name, result, examples, dropped, truncated,
                      duplicates=sum(n - 1 for n in seen.values()))
     return examples, report, not result.errors
+
+
+def _json_line(obj) -> str:
+    """One JSON line, non-ASCII kept readable; \\u escapes where the text holds a lone surrogate
+    (which UTF-8 cannot carry)."""
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(obj)
+    return line
+
+
+def _is_rejects_file(path: Path) -> bool:
+    """Whether `path` is a rejects file chatlora wrote (an earlier --on-error skip), which a new one
+    may replace; any other file is the user's and is not overwritten."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and set(first) == {"line", "error", "row"}
 
 
 def _report(spec, template, result, examples, dropped, truncated, duplicates) -> dict:
@@ -169,7 +191,7 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
 
 def _cache_key(file: Path, spec: DataSpec, template: str, tokenizer_key: str) -> str:
     parts = {
-        "version": CACHE_VERSION, "data": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "version": CACHE_VERSION, "data": hashlib.sha256(read_data_bytes(file)).hexdigest(),
         "tokenizer": tokenizer_key, "template": template, "system": spec.system_prompt,
         "max_seq_tokens": spec.max_seq_tokens, "on_overlength": spec.on_overlength,
     }
@@ -222,7 +244,8 @@ def format_report(report: dict) -> str:
     shapes = ", ".join(f"{k} {v}" for k, v in report["shapes"].items()) or "none"
     lines = [
         f"data            {report['file']}",
-        f"template        {report['template']}   system prompt: {report['system_prompt']!r}",
+        f"template        {report['template']}   system prompt: "
+        f"{repr(report['system_prompt']) if report['system_prompt'] else 'none'}",
         f"rows read       {report['rows_read']}  ({shapes})",
         f"rows rejected   {report['rows_rejected']}",
         f"examples kept   {report['examples_kept']}  (train {report.get('train_examples', '-')}, "

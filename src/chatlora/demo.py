@@ -25,6 +25,7 @@ from chatlora.model import load_model
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.train import train
 
+DEMO_NAME = "smollm2-huanhuan"   # the tuned model's name in chat, serve and export
 DEMO_ROWS = 320  # short rows: SmolLM2's tokenizer spends ~2 tokens per Chinese character
 MAX_ROW_CHARS = 40
 HELD_OUT_ROWS = 24
@@ -61,7 +62,7 @@ def run_demo(output: str | Path = "chatlora-demo", steps: int = 24, overwrite: b
     cfg = demo_config(data, steps)
     print(f"chatlora demo: LoRA on {DEMO_MODEL} (SmolLM2-135M-Instruct), {len(rows)} short huanhuan rows, "
           f"{steps} optimizer steps of 8 examples, on {'the GPU' if _cuda() else 'the CPU'}")
-    train(cfg, out / "run")
+    train(cfg, out / "run", name=DEMO_NAME)
 
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     held = [m["held_out_loss"] for m in metrics if m.get("held_out_loss") is not None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,16 @@ def generate_predictions(run_path: str, data: str, output: str, limit: int | Non
     return out
 
 
-def evaluate_run(run_path: str, data: str | None = None, limit: int | None = None) -> dict:
-    """Base vs tuned on the run's held-out split (or `data`); writes RUN/eval/report.{json,md,html}."""
+def evaluate_run(run_path: str, data: str | None = None, limit: int | None = None, output: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """Base vs tuned on the run's held-out split (or `data`); writes report.{json,md,html} into
+    `output` (default RUN/eval), refusing to replace an earlier report unless `overwrite`."""
     run = load_run(run_path)
+    out = Path(output) if output else run.dir / "eval"
+    earlier = [p.name for p in (out.glob("report.*") if out.is_dir() else [])]
+    if earlier and not overwrite:   # refused before the work, not after
+        raise UserError(f"{out} already holds a report ({', '.join(sorted(earlier))}); pass --overwrite to "
+                        f"replace it, or --output DIR for another place")
     cfg = run.cfg
     # The run's own data rules, so that its held-out split is exactly the one training left out.
     spec = DataSpec(data or cfg.data.path, run.system_prompt, cfg.data.max_seq_tokens, cfg.data.on_overlength, cfg.data.on_error,
@@ -122,6 +130,7 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
     sampling = Sampling.from_config(cfg.generate, temperature=0)
     models = {"base": load_model(run.base, cfg.model.dtype), "tuned": load_tuned_model(run)}
     report = {"run": str(run.dir), "adapter": str(run.adapter), "examples": len(examples),
+              "loss_curve": os.path.relpath(run.dir / "loss_curve.png", out.resolve() if out.exists() else out),
               "data": str(data_file(spec.path)), "max_new_tokens": sampling.max_new_tokens, "models": {},
               "samples": [{"prompt": s.messages[-1]["content"], "reference": s.reference} for s in samples]}
     for name, model in models.items():
@@ -133,7 +142,8 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
                                   "stop_share": sum(f == "stop" for _, f in preds) / len(preds)}
         for row, (p, _) in zip(report["samples"], preds):
             row[name] = p
-    write_report(run.dir / "eval", report)
+    write_report(out, report)
+    report["report_dir"] = str(out)
     return report
 
 
@@ -154,11 +164,20 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
     return [(label, fmt.format(m["base"][key]), fmt.format(m["tuned"][key])) for key, label, fmt in METRICS]
 
 
+def report_table(report: dict) -> str:
+    """The figures that matter, for the terminal."""
+    rows = [("", "base", "tuned")] + _rows(report)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b:>8}  {c:>8}" for a, b, c in rows]
+    return f"{report['examples']} examples, greedy replies of at most {report['max_new_tokens']} tokens\n" + \
+        "\n".join(lines)
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['run']}", "",
              f"{report['examples']} held-out examples from `{report['data']}`; greedy replies of at most "
              f"{report['max_new_tokens']} tokens. BLEU-4 (sacrebleu) and ROUGE F1 (rouge-score) on characters "
-             f"for Chinese, words otherwise.", "", "![loss curve](../loss_curve.png)", "",
+             f"for Chinese, words otherwise.", "", f"![loss curve]({report.get('loss_curve', '../loss_curve.png')})", "",
              "| metric | base | tuned |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(report)]
     lines += ["", "## Samples", ""]
@@ -179,7 +198,7 @@ table{{border-collapse:collapse;margin:12px 0}}td,th{{border:1px solid #ccc;padd
 img{{max-width:700px}}</style></head><body><h1>Evaluation of {e(report['run'])}</h1>
 <p>{report['examples']} examples from {e(report['data'])}; greedy replies of at most {report['max_new_tokens']} tokens.
 BLEU-4 (sacrebleu) and ROUGE F1 (rouge-score) on characters for Chinese, words otherwise.</p>
-<img src="../loss_curve.png" alt="loss curve"><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{table}</table>
+<img src="{e(report.get('loss_curve', '../loss_curve.png'))}" alt="loss curve"><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{table}</table>
 <h2>Samples</h2><table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>{samples}</table>
 </body></html>
 """

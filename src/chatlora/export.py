@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -155,15 +156,16 @@ def _add_tokenizer(writer, run) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
-def export_gguf(run_path: str | Path, output: str | Path, quant: str = "f16") -> Path:
-    """The merged model as one GGUF file (Llama architecture, tokenizer and chat template inside)."""
+def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: str = "f16") -> Path:
+    """The merged model as one GGUF file (Llama architecture, tokenizer and chat template inside);
+    by default NAME-QUANT.gguf here."""
     import gguf
 
     if quant not in GGUF_TYPES:
         raise UserError(f"--quant must be one of {', '.join(GGUF_TYPES)}")
-    output = Path(output)
-    refuse_existing(output)
     run = load_run(run_path)
+    output = Path(output or f"{ollama_name(run.name)}-{quant}.gguf")
+    refuse_existing(output)
     model = load_tuned_model(run, device="cpu", dtype="float32")
     merged = merge(model) if run.adapter is not None else model
     c = merged.config
@@ -173,7 +175,7 @@ def export_gguf(run_path: str | Path, output: str | Path, quant: str = "f16") ->
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
     tmp = output.with_name(f".{output.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch="llama")
-    writer.add_name(run.dir.name)
+    writer.add_name(run.name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -218,19 +220,30 @@ OLLAMA_TEMPLATES = {
 }
 
 
-def export_ollama(run_path: str | Path, output: str | Path, quant: str = "q8_0") -> Path:
-    """A directory with the GGUF and a Modelfile (template, stop tokens, system prompt, sampling)."""
-    output = Path(output)
-    refuse_existing(output)
+def ollama_name(name: str) -> str:
+    """A name `ollama create` takes: lower case letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "chatlora-model"
+
+
+def export_ollama(run_path: str | Path, output: str | Path | None = None, quant: str = "q8_0",
+                  name: str | None = None) -> tuple[Path, str]:
+    """A directory with the GGUF and a Modelfile (template, stop tokens, system prompt, sampling);
+    returns it and the name to give `ollama create` (default: the run's name)."""
     run = load_run(run_path)
+    name = ollama_name(name or run.name)
+    output = Path(output or f"{name}-ollama")
+    refuse_existing(output)
+    if run.system_prompt and '"""' in run.system_prompt:
+        # A Modelfile has no escape for it: the text after it would be read as more Modelfile lines.
+        raise UserError('the run\'s system prompt contains """, which an Ollama Modelfile cannot hold (the rest '
+                        'would be read as Modelfile commands); change the system prompt, or write the Modelfile '
+                        'by hand')
     if run.fmt.name == "index":
         template, stops = OLLAMA_TEMPLATES["index"], ["</s>", "reserved_0", "reserved_1", "<unk>"]
     elif "<|im_start|>" in (run.tok.chat_template or ""):
         template, stops = OLLAMA_TEMPLATES["chatml"], ["<|im_end|>", "<|im_start|>"]
     else:
         raise UserError("Ollama export knows Index's format and ChatML; this model's chat template is neither")
-    output.mkdir(parents=True)
-    export_gguf(run_path, output / "model.gguf", quant)
     g = run.cfg.generate
     lines = ["FROM ./model.gguf", f'TEMPLATE """{template}"""']
     if run.system_prompt:
@@ -238,5 +251,7 @@ def export_ollama(run_path: str | Path, output: str | Path, quant: str = "q8_0")
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER temperature {g.temperature}", f"PARAMETER top_k {g.top_k}", f"PARAMETER top_p {g.top_p}",
               f"PARAMETER repeat_penalty {g.repetition_penalty}", f"PARAMETER num_predict {g.max_new_tokens}"]
-    (output / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return output
+    with new_directory(output) as tmp:
+        export_gguf(run_path, tmp / "model.gguf", quant)
+        (tmp / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return output, name

@@ -73,13 +73,16 @@ class Run:
         return self.info.get("name") or self.dir.name
 
 
-def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict) -> None:
-    """The files that make `run` self-describing (written at the start of training)."""
+def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict, name: str | None = None) -> None:
+    """The files that make `run` self-describing (written at the start of training). `name`: what the
+    run is called when served and exported (default: the name it had, else its folder's name)."""
     run.mkdir(parents=True, exist_ok=True)
+    before = json.loads((run / "run.json").read_text(encoding="utf-8")) if (run / "run.json").is_file() else {}
     write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
                overwrite=True)
-    info = {"base_model": cfg.model.path, "base_dir": str(base.dir), "family": base.family,
-            "template": fmt.name, "stop_ids": fmt.stop_ids, "system_prompt": system_prompt_for(cfg)}
+    info = {"name": name or before.get("name") or run.resolve().name, "base_model": cfg.model.path,
+            "base_dir": str(base.dir), "family": base.family, "template": fmt.name, "stop_ids": fmt.stop_ids,
+            "system_prompt": system_prompt_for(cfg)}
     write_text(run / "run.json", json.dumps(info, indent=2, ensure_ascii=False), overwrite=True)
     write_text(run / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False), overwrite=True)
     (run / "tokenizer").mkdir(exist_ok=True)

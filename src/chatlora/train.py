@@ -144,12 +144,14 @@ def _fault(step: int, micro: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False,
+          name: str | None = None) -> Path:
     """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path.
+    `name`: what the run is called when served and exported (default: the folder's name).
     Launched by torchrun (WORLD_SIZE > 1), every process runs this with its share of each step."""
     ranks, device = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return _train(cfg, Path(output), resume, overwrite, ranks, device)
+        return _train(cfg, Path(output), resume, overwrite, ranks, device, name)
     finally:
         distributed.shutdown(ranks)
 
@@ -166,7 +168,7 @@ def _together(ranks, fn):
     return result
 
 
-def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str) -> Path:
+def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str, name: str | None) -> Path:
     started = time.perf_counter()
     main = ranks.main
     checkpoint = _together(ranks, lambda: prepare_run_dir(run, resume, overwrite, cfg) if main else None)
@@ -187,7 +189,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
                                      "data": _digest(ds.train)}, ranks)
     if main:
-        write_run_files(run, cfg, base, fmt, ds.report)
+        write_run_files(run, cfg, base, fmt, ds.report, name)
 
     model = attach(load_model(base, cfg.model.dtype, device), cfg.lora)
     if t.gradient_checkpointing:
