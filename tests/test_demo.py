@@ -14,3 +14,16 @@ def test_short_demo_held_out_loss_falls(tmp_path, smollm2_base, capsys):
     assert sample["prompt"] and isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
     out = capsys.readouterr().out
     assert "held-out loss   before" in out and "chatlora chat" in out
+
+
+def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path):
+    import pytest
+
+    from chatlora.errors import UserError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="holds thesis.tex; nothing was deleted"):
+        run_demo(mine, steps=1, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"

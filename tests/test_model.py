@@ -212,6 +212,8 @@ def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkey
     real_replace = atomic.os.replace
 
     def replace_after_a_rival(src, dst):
+        if not Path(dst).name.startswith("index-"):   # other atomic writes (the fingerprint memo) go through
+            return real_replace(src, dst)
         Path(dst).mkdir(parents=True)            # the rival's complete result lands first
         (Path(dst) / "config.json").write_text((Path(src) / "config.json").read_text())
         return real_replace(src, dst)             # now fails: directory not empty
@@ -219,3 +221,29 @@ def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkey
     monkeypatch.setattr(atomic.os, "replace", replace_after_a_rival)
     base = model_mod.prepare_base(str(source))
     assert (base.dir / "config.json").is_file() and not list(base.dir.parent.glob(".tmp-*"))
+
+
+def test_copies_of_the_same_model_share_one_conversion_and_the_cache_lists_and_cleans(tmp_path, sp_model_file,
+                                                                                      monkeypatch):
+    """The conversion is keyed on the files' content: a second clone (or virtual environment) with the
+    same files reuses it instead of adding another copy; `chatlora cache` lists where it came from
+    and `clean` removes conversions whose sources are gone."""
+    import shutil
+
+    from chatlora import cache, hub
+    from chatlora.cli import main
+    from conftest import make_index_dir
+
+    monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path / "cache"))
+    first = make_index_dir(tmp_path / "clone-a" / "Index-tiny", sp_model_file)
+    second = tmp_path / "clone-b" / "Index-tiny"
+    shutil.copytree(first, second)
+    a, b = prepare_base(str(first)), prepare_base(str(second))
+    assert a.dir == b.dir and len(list((hub.cache_root() / "converted").glob("index-*"))) == 1
+    listed = cache.describe()
+    assert str(first.resolve()) in listed and str(second.resolve()) in listed and "(in use)" in listed
+    changed = make_index_dir(tmp_path / "clone-c" / "Index-tiny", sp_model_file, rms_norm_eps=1e-5)
+    assert prepare_base(str(changed)).dir != a.dir   # other bytes: its own conversion
+    shutil.rmtree(tmp_path / "clone-c")
+    assert main(["cache", "clean"]) == 0
+    assert [c.dir for c in cache.conversions()] == [a.dir]   # the one whose source is gone went

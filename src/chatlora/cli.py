@@ -11,6 +11,7 @@
     chatlora eval RUN [--data D]
     chatlora download MODEL_ID [--source huggingface|modelscope]
     chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
+    chatlora cache [clean [--all]]                                  what the cache holds; clean it
 
 A user mistake (bad file, flag or path) prints one paragraph and exits with status 2, no traceback.
 """
@@ -221,6 +222,17 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from chatlora.cache import clean, describe
+
+    if args.action == "clean":
+        removed, freed = clean(everything=args.all)
+        print(f"removed {removed} cached item(s), {freed / 2 ** 20:,.0f} MiB freed")
+    else:
+        print(describe())
+    return 0
+
+
 def cmd_config(args) -> int:
     from chatlora.config import field_docs
 
@@ -332,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(default: %(default)s)")
     dl.add_argument("--revision", help="branch, tag or commit")
     dl.set_defaults(func=cmd_download)
+
+    ca = verbs.add_parser("cache", help="list what chatlora keeps in its cache (converted models, tokenized "
+                                        "data, downloads), or clean it")
+    ca.add_argument("action", nargs="?", choices=["list", "clean"], default="list",
+                    help="list (default), or clean: remove conversions whose sources are gone and tokenized data")
+    ca.add_argument("--all", action="store_true", help="with clean: every conversion too (rebuilt when needed)")
+    ca.set_defaults(func=cmd_cache)
 
     cfg = verbs.add_parser("config", help="print the resolved configuration with a line of doc per field")
     _config_args(cfg)

@@ -26,6 +26,7 @@ from chatlora.rundir import load_run, load_tuned_model
 from chatlora.train import train
 
 DEMO_NAME = "smollm2-huanhuan"   # the tuned model's name in chat, serve and export
+DEMO_ENTRIES = {"huanhuan-short.jsonl", "run", "demo_report.json"}   # what the demo writes into --output
 DEMO_ROWS = 320  # short rows: SmolLM2's tokenizer spends ~2 tokens per Chinese character
 MAX_ROW_CHARS = 40
 HELD_OUT_ROWS = 24
@@ -51,9 +52,15 @@ def run_demo(output: str | Path = "chatlora-demo", steps: int = 24, overwrite: b
              samples: int = SAMPLES) -> dict:
     """Run the demo; return (and write to OUTPUT/demo_report.json) what it prints."""
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; the demo writes a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} is not empty; pass --overwrite or another --output")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        if foreign:
+            raise UserError(f"--overwrite replaces an earlier demo's directory only, and {out} holds "
+                            f"{', '.join(foreign[:5])}; nothing was deleted. Choose another --output.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "huanhuan-short.jsonl"

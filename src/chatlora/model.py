@@ -16,6 +16,7 @@ remote code:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -27,11 +28,11 @@ from typing import Literal
 import torch
 
 from chatlora import hub
-from chatlora.atomic import new_directory
+from chatlora.atomic import new_directory, write_text
 from chatlora.errors import UserError
 from chatlora.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
-CONVERSION_VERSION = 2  # bump when a conversion's output changes, so old cached copies are redone
+CONVERSION_VERSION = 3  # bump when a conversion's output changes, so old cached copies are redone
 SOURCE_FILE = "chatlora_source.json"  # written into every converted directory: where it came from
 # Files copied unchanged from an Index download into its converted directory.
 INDEX_SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
@@ -53,10 +54,10 @@ def prepare_base(name: str) -> BaseModel:
         return BaseModel(name, _converted(path, [path], _convert_gguf, "hf"), "hf")
     config = _read_config(path)
     if is_index_config(config):
-        weights = _weight_files(path)
-        return BaseModel(name, _converted(path, weights, _convert_index, "index"), "index")
-    source = path / SOURCE_FILE
-    family = json.loads(source.read_text())["family"] if source.is_file() else "hf"
+        # Everything the conversion reads: the weights, config.json, and the files copied beside them.
+        inputs = _weight_files(path) + [path / f for f in ("config.json", *INDEX_SIDE_FILES) if (path / f).is_file()]
+        return BaseModel(name, _converted(path, inputs, _convert_index, "index"), "index")
+    family = read_source_record(path)["family"] if (path / SOURCE_FILE).is_file() else "hf"
     return BaseModel(name, path, family)
 
 
@@ -95,24 +96,72 @@ def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None):
 
 
 def _converted(source: Path, inputs: list[Path], convert, family: str) -> Path:
-    """The cached conversion of `source`, made once; keyed by path, sizes and mtimes of `inputs`."""
-    h = hashlib.sha256(f"{CONVERSION_VERSION}:{source.resolve()}".encode())
-    for p in inputs:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    target = hub.cache_root() / "converted" / f"{source.stem}-{h.hexdigest()[:16]}"
-    if target.is_dir():
-        return target
-    try:
-        with new_directory(target) as tmp:   # atomic: a directory at `target` is always complete
-            convert(source, tmp)
-            (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()),
-                                                       "family": family}, indent=2))
-    except (OSError, UserError):
-        if not target.is_dir():
-            raise
-        # another process (a second training rank, a parallel command) finished the same conversion first
+    """The cached conversion of `source`, made once, keyed by the content of `inputs`: another copy of
+    the same files (another clone, another virtual environment) finds the same conversion."""
+    target = hub.cache_root() / "converted" / f"{family}-{content_key(inputs)}"
+    if not target.is_dir():
+        try:
+            with new_directory(target) as tmp:   # atomic: a directory at `target` is always complete
+                convert(source, tmp)
+                (tmp / SOURCE_FILE).write_text(json.dumps({"family": family, "version": CONVERSION_VERSION,
+                                                           "sources": []}, indent=2))
+        except (OSError, UserError):
+            if not target.is_dir():
+                raise
+            # another process (a second training rank, a parallel command) finished the same conversion first
+    _note_source(target, source)
     return target
+
+
+def content_key(inputs: list[Path]) -> str:
+    """A hash of the files' bytes (and the conversion's version). Each file is hashed once: the result
+    is remembered in the cache under its path, size and modification time."""
+    memo_file = hub.cache_root() / "converted" / "fingerprints.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256(f"conversion {CONVERSION_VERSION}".encode())
+    fresh = False
+    for path in sorted(inputs, key=lambda p: p.name):
+        st = path.stat()
+        seen = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if seen not in memo:
+            if st.st_size > 2 ** 30:
+                print(f"chatlora: fingerprinting {path.name} ({st.st_size / 2 ** 30:.1f} GiB, once)", flush=True)
+            memo[seen], fresh = file_sha256(path), True
+        h.update(f"{path.name}:{memo[seen]}".encode())
+    if fresh:
+        write_text(memo_file, json.dumps(memo, indent=0), overwrite=True)
+    return h.hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _note_source(target: Path, source: Path) -> None:
+    """Record where a conversion came from (`chatlora cache` lists them; a conversion whose sources
+    are all gone can be cleaned)."""
+    record = read_source_record(target)
+    where = str(source.resolve())
+    if where not in record["sources"]:
+        record["sources"].append(where)
+        with contextlib.suppress(OSError, UserError):   # read-only cache: still usable
+            write_text(target / SOURCE_FILE, json.dumps(record, indent=2), overwrite=True)
+
+
+def read_source_record(directory: Path) -> dict:
+    try:
+        record = json.loads((directory / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        record = {}
+    sources = record.get("sources") or ([record["source"]] if record.get("source") else [])
+    return {"family": record.get("family", "hf"), "version": record.get("version"), "sources": sources}
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
