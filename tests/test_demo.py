@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from chatlora.demo import run_demo
 
 
+@pytest.mark.slow
 def test_short_demo_held_out_loss_falls(tmp_path, smollm2_base, capsys):
     report = run_demo(tmp_path / "demo", steps=4, samples=1)
     assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.1
@@ -17,8 +20,6 @@ def test_short_demo_held_out_loss_falls(tmp_path, smollm2_base, capsys):
 
 
 def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path):
-    import pytest
-
     from chatlora.errors import UserError
 
     mine = tmp_path / "mine"

@@ -48,6 +48,7 @@ def adapter(run):
     return load_file(str(run / "final" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, index_dir, data):
     cfg = load_config(overrides=SETTINGS + ["lora.dropout=0"],
                       flags={"model.path": str(index_dir), "data.path": str(data)})
@@ -64,6 +65,7 @@ def test_two_processes_train_like_one(tmp_path, index_dir, data):
     assert len([r for r in rows if "loss" in r]) == 4
 
 
+@pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path, index_dir, data):
     """Dropout 0.1: each rank's RNG state must come back from the checkpoint for the same masks
     (constant learning rate: stopping after 2 of 4 steps then resuming keeps the same schedule)."""
@@ -105,6 +107,7 @@ def test_ranks_with_different_data_stop_naming_it(tmp_path):
         assert "data differs between rank 0 and rank(s) [1]" in text and "configuration differs" not in text
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(tmp_path, index_dir, data):
     from chatlora.errors import UserError
 
@@ -114,6 +117,7 @@ def test_resume_with_another_process_count_is_refused(tmp_path, index_dir, data)
         train(cfg, tmp_path / "run", resume=True)
 
 
+@pytest.mark.slow
 def test_sharded_mode_trains_like_one_process_and_resumes(tmp_path, index_dir, data):
     """FSDP2 (train.distributed=shard): same losses and adapter as one process, the adapter in the
     usual PEFT format, and a sharded run's checkpoint resumes exactly (dropout off: the comparison
@@ -132,6 +136,7 @@ def test_sharded_mode_trains_like_one_process_and_resumes(tmp_path, index_dir, d
     assert losses(tmp_path / "halves") == two
 
 
+@pytest.mark.slow
 def test_two_nodes_through_the_rendezvous_train_like_one(tmp_path, index_dir, data):
     """The README's multi-node launch, as two "nodes" on this machine: two torchrun agents, one
     process each, meeting at a c10d rendezvous endpoint. Same losses and adapter as one process."""

@@ -53,6 +53,7 @@ def smol_run(tmp_path_factory, smollm2_base, huanhuan_rows):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_round_trip(tmp_path, smol_run):
     run = load_run(smol_run)
     ids = run.fmt.prompt([{"role": "user", "content": "What is the capital of France?"}])
@@ -73,6 +74,7 @@ def test_ollama_modelfile(tiny_run, tmp_path):
         export_ollama(tiny_run, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_run", "smol_run"])
 def test_gguf_runs_in_llama_cpp(which, request, tmp_path):
     """llama.cpp itself (llama-cpp-python; CI installs it) reads our GGUF: the same tokens for a text

@@ -57,6 +57,7 @@ def test_a_broken_kernel_is_caught(breakage):
     assert "relative error" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_decoder_with_the_kernels_equals_generate_under_the_interpreter():
     """The kernels composed into the decoder's one-token step (`DecodeModel.fused_step`): the
     Index-model cases of tests/test_fastdecode.py (greedy tokens equal `generate` over rows of

@@ -4,6 +4,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from chatlora.rundir import load_run, load_tuned_model
 from chatlora.serve import Limits, Server
@@ -19,6 +20,7 @@ def rss_mib() -> float:
     return 0.0
 
 
+@pytest.mark.slow
 def test_overload_gives_only_200_and_429_and_memory_stays_flat(tiny_run):
     run = load_run(tiny_run)
     server = Server(run, load_tuned_model(run, device="cpu"), Limits(queue_size=QUEUE))

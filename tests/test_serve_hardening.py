@@ -289,9 +289,7 @@ def test_a_port_in_use_is_said_before_the_model_loads(tiny_run):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "chatlora", "serve", str(tiny_run), "--port", str(port)],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
     assert "Loading weights" not in result.stderr and "Traceback" not in result.stderr
-    assert time.monotonic() - started < 60

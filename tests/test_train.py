@@ -195,6 +195,7 @@ def max_adapter_diff(a, b):
     return max((ta[k] - tb[k]).abs().max().item() for k in ta)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_accumulation_is_exact(index_dir, tiny_data, tmp_path):
     reference = tmp_path / "reference"
     assert cli_train(reference, index_dir, tiny_data).returncode == 0
@@ -212,6 +213,7 @@ def test_resume_after_sigkill_mid_accumulation_is_exact(index_dir, tiny_data, tm
     assert max_adapter_diff(reference / "final", run / "final") <= 1e-6
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_resumable_checkpoint(index_dir, tiny_data, tmp_path):
     run = tmp_path / "run"
     proc = cli_train(run, index_dir, tiny_data, "--max-steps", "100000", "--save-every", "0", wait=False)
