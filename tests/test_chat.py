@@ -67,3 +67,12 @@ def test_merged_chat_template_renders_chatloras_index_prompt(tiny_run, tmp_path)
                      [{"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"},
                       {"role": "user", "content": "问二"}]):
         assert run.tok.encode(template.render(messages=messages)) == run.fmt.prompt(messages)
+
+
+def test_a_run_without_an_adapter_says_it_is_the_base_model(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final", "checkpoint-*"))
+    with pytest.warns(UserWarning, match="no finished adapter nor a complete checkpoint yet: this is the base model"):
+        assert load_run(run).adapter is None

@@ -48,8 +48,11 @@ def test_skip_writes_rejects_beside_the_working_directory(index_dir, tmp_path):
     data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
     result = run_cli("data", "check", str(data), "--model", str(index_dir), "--on-error", "skip", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "rows rejected   1" in result.stdout
+    assert "rows rejected   1" in result.stdout and "rows read       2" in result.stdout
+    assert "system prompt: none" in result.stdout   # (it printed "None")
     assert json.loads((tmp_path / "bad.rejected.jsonl").read_text())["line"] == 2
+    again = run_cli("data", "check", str(data), "--model", str(index_dir), "--on-error", "skip", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr   # its own rejects file is replaced, not refused
 
 
 def test_bad_flag_and_bad_model_exit_2(tmp_path):

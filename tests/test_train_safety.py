@@ -133,6 +133,9 @@ def test_resuming_a_finished_run_does_nothing_or_continues(index_dir, tiny_data,
     straight = trained(index_dir, tiny_data, tmp_path / "straight", max_steps=4, **settings)
     run = trained(index_dir, tiny_data, tmp_path / "run", max_steps=2, **settings)
     before = (run / "final" / "adapter_model.safetensors").read_bytes()
+    said = capsys.readouterr().err   # what the first run said before and after its progress bar
+    assert said.index("held-out loss of the base model on") < said.index("training:")
+    assert "held-out loss at step 2:" in said
     train(config_for(index_dir, tiny_data, max_steps=2, **settings), run, resume=True)
     assert "nothing to do" in capsys.readouterr().err
     assert (run / "final" / "adapter_model.safetensors").read_bytes() == before and len(step_losses(run)) == 2

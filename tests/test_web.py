@@ -27,16 +27,21 @@ def site(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def page(site):
+def browser():
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "chromium is not installed (apt-get install chromium)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page()
-        page.goto(site[0])
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(site, browser):
+    page = browser.new_page()
+    page.goto(site[0])
+    return page
 
 
 def api_reply(site, system: str, user: str) -> str:
@@ -68,3 +73,17 @@ def test_page_chats_with_edited_system_prompt_and_controls(page, site):
     assert page.locator(".msg.assistant").inner_text() == reply  # greedy: the same reply again
     page.click("#clear")
     assert page.locator(".msg").count() == 0
+
+
+def test_the_page_works_whatever_the_system_prompt(tiny_run, browser):
+    """A system prompt holding '<!--<script>' put the page's script into a state where it never ran."""
+    run = load_run(tiny_run)
+    hostile = "<!--<script>alert(1)</script>\u2028</script>"
+    run.info = dict(run.info, system_prompt=hostile)
+    with running(Server(run, load_tuned_model(run, device="cpu"), Limits())) as url:
+        page = browser.new_page()
+        page.goto(url)
+        assert page.input_value("#system") == hostile   # the script ran and filled the form
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "4")
+        assert isinstance(send(page, "你好"), str) and page.locator(".msg.error").count() == 0
