@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -62,6 +63,15 @@ def no_space(e: BaseException, path: Path, needed_bytes: int | None = None) -> U
     need = f"; about {_mib(needed_bytes)} are needed" if needed_bytes else ""
     return UserError(f"no space left writing {path} ({free}{need}). Free some space (or choose another "
                      f"place for it) and try again; nothing half-written was left behind.")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _mib(n: int) -> str:

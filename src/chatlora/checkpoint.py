@@ -19,7 +19,6 @@ is not finite is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from chatlora.atomic import new_directory
+from chatlora.atomic import file_sha256, new_directory
 from chatlora.distributed import like
 from chatlora.errors import UserError
 from chatlora.lora import save_adapter
@@ -96,16 +95,8 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep_la
 
 
 def _fingerprints(directory: Path) -> dict[str, dict]:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MARKER}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def damage(path: Path) -> str | None:
@@ -126,7 +117,7 @@ def damage(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != want["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, {want['bytes']} were written"
-        if _sha256(file) != want["sha256"]:
+        if file_sha256(file) != want["sha256"]:
             return f"{name} does not hold what was written (checksum)"
     return None
 

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from chatlora import hub
-from chatlora.atomic import new_directory, write_text
+from chatlora.atomic import file_sha256, new_directory, write_text
 from chatlora.errors import UserError
 from chatlora.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
@@ -134,14 +134,6 @@ def content_key(inputs: list[Path]) -> str:
     if fresh:
         write_text(memo_file, json.dumps(memo, indent=0), overwrite=True)
     return h.hexdigest()[:24]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _note_source(target: Path, source: Path) -> None:
