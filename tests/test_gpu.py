@@ -227,3 +227,13 @@ def test_warm_up_captures_what_serving_meets(index_dir):
     list(BatchGeneration(model, [[1, 2, 3]], [], [s], max_rows=4,
                          admit=lambda room: later.pop() if later else []))
     assert captured() == before
+
+
+def test_worker_on_cuda_survives_a_failing_step_and_cuts_replies_on_shutdown(tiny_run):
+    """The serving thread over the captured decoder (continuous batching): see
+    test_serve_hardening.worker_faults_and_cut, which runs the same on CPU with the uncaptured decoder."""
+    from chatlora.rundir import load_run, load_tuned_model
+    from test_serve_hardening import worker_faults_and_cut
+
+    run = load_run(tiny_run)
+    worker_faults_and_cut(run, load_tuned_model(run, device="cuda", dtype="float32"))

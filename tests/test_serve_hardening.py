@@ -293,3 +293,76 @@ def test_a_port_in_use_is_said_before_the_model_loads(tiny_run):
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
     assert "Loading weights" not in result.stderr and "Traceback" not in result.stderr
+
+
+def worker_faults_and_cut(run, model) -> None:
+    """The generation thread over the decoder (continuous batching): a step that raises fails only
+    the requests of that batch; the next request is generated as `generate` would; `cut` (SIGTERM's
+    path) ends running and queued requests with finish reason "shutdown" (4 rows: 2 of 6 wait)."""
+    import asyncio
+
+    import chatlora.generate as generate
+    from chatlora.generate import Sampling, generate_ids
+    from chatlora.worker import Job, Worker
+
+    prompt = run.fmt.prompt([{"role": "user", "content": "你是谁？"}])
+    long, short = (Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0) for n in (150, 20))
+
+    async def reply(worker, job):
+        worker.submit(job)
+        text = ""
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                text += value
+            else:
+                return kind, value, job.generated, text
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        worker = Worker(model, run.tok, [], queue_size=8, max_batch=4)
+        new = lambda s=long: Job(prompt, s, [], loop, time.monotonic() + 120)  # noqa: E731
+        decoder = generate.static_decoder(model)
+        assert worker.ready.wait(600)   # the warm-up steps are not the ones that fail
+        step, calls = decoder.advance, {"n": 0}
+
+        def failing_once():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("a step failed")
+            return step()
+
+        decoder.advance = failing_once
+        failed = await asyncio.gather(*(reply(worker, new()) for _ in range(2)))
+        decoder.advance = step
+        assert [f[0] for f in failed] == ["error", "error"] and worker.alive
+        whole = await reply(worker, new(short))
+        running = [asyncio.ensure_future(reply(worker, new())) for _ in range(6)]
+        while sum(j.generated > 0 for j in list(worker.active)) < 2:
+            await asyncio.sleep(0.01)
+        worker.cut(0.0)
+        ended = await asyncio.gather(*running)
+        worker.close()
+        return whole, ended
+
+    whole, ended = asyncio.run(scenario())
+    assert whole[:3] == ("done", "length", 20)
+    assert whole[3] == run.tok.decode(generate_ids(model, prompt, [], short)[0]).rstrip("\ufffd")
+    assert [e[1] for e in ended] == ["shutdown"] * 6 and max(e[2] for e in ended) < 150
+
+
+def test_worker_faults_and_shutdown_cut_with_the_batching_decoder(tiny_run, monkeypatch):
+    """On CPU with the decoder uncaptured (the GPU's path without CUDA graphs; test_gpu runs it
+    captured)."""
+    import chatlora.generate as generate
+    import chatlora.worker as worker
+    from chatlora.fastdecode import StaticDecoder
+    from chatlora.rundir import load_run, load_tuned_model
+
+    run = load_run(tiny_run)
+    model = load_tuned_model(run, device="cpu")
+    model.merge_adapter()
+    decoder = StaticDecoder(model.get_base_model(), graphs=False)
+    for module in (generate, worker):
+        monkeypatch.setattr(module, "static_decoder", lambda m: decoder)
+    worker_faults_and_cut(run, model)

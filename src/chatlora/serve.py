@@ -255,8 +255,8 @@ def build_app(server: Server, api_key: str | None = None, hosts: frozenset | Non
         if not worker.alive:
             return JSONResponse({"status": "unavailable", "reason": "the generation thread is not running"},
                                 status_code=503)
-        return {"status": "draining" if server.draining else "ok", "queued": worker.pending(),
-                "failed_batches": worker.failures}
+        return {"status": "draining" if server.draining else "ok", "ready": worker.ready.is_set(),
+                "queued": worker.pending(), "failed_batches": worker.failures}
 
     @app.get("/v1/models")
     async def models():

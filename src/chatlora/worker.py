@@ -129,6 +129,7 @@ class Worker:
         self.cut_after: float | None = None   # time.monotonic() after which every job ends ("shutdown")
         self.active: set[Job] = set()          # jobs taken from the queue and not ended
         self.failures = 0                      # batches that ended in an error
+        self.ready = threading.Event()         # set once the decoder is warmed up and jobs are taken
         self.thread = threading.Thread(target=self._loop, name="chatlora-generate", daemon=True)
         self.thread.start()
 
@@ -159,6 +160,7 @@ class Worker:
     def _loop(self) -> None:
         """Generate the jobs waiting now (up to max_batch) together, taking in later ones as they come."""
         self._warm_up()
+        self.ready.set()
         while (job := self.jobs.get()) is not None:
             batch = [job] + self._take(self.max_batch - 1)
             try:
