@@ -343,6 +343,7 @@ def worker_faults_and_cut(run, model) -> None:
         worker.cut(0.0)
         ended = await asyncio.gather(*running)
         worker.close()
+        worker.thread.join(60)   # the decoder is the thread's until it has stopped
         return whole, ended
 
     whole, ended = asyncio.run(scenario())

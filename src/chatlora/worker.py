@@ -169,8 +169,10 @@ class Worker:
                 self.failures += 1
                 log.exception("generation failed")
                 message = f"generation failed ({type(e).__name__}); the server goes on"
-                for failed in list(self.active) + batch:
-                    failed.fail(message)
+            else:
+                message = "generation ended without finishing this request"   # a bug; still answered
+            for job in list(self.active) + batch:   # each request gets its last event, whatever happened
+                job.fail(message)
             self.active.clear()
         self.closed = True
 
