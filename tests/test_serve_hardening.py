@@ -367,3 +367,27 @@ def test_worker_faults_and_shutdown_cut_with_the_batching_decoder(tiny_run, monk
     for module in (generate, worker):
         monkeypatch.setattr(module, "static_decoder", lambda m: decoder)
     worker_faults_and_cut(run, model)
+
+
+def test_the_servers_logs_hold_back_a_flood_of_one_message():
+    """With the server's logging (uvicorn's handlers, and a root handler for asyncio's own errors),
+    a message repeated 10,000 times, with its traceback, is written 5 times and then counted."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, uvicorn
+from chatlora.httpguard import limit_repeats
+uvicorn.Config(lambda scope, receive, send: None, log_level="info")   # configures uvicorn's logging
+limit_repeats()
+for name in ("uvicorn.error", "asyncio", "chatlora.serve"):
+    for _ in range(10_000):
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            logging.getLogger(name).exception("accept failed")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("accept failed") == 15, result.stderr[-2000:]
+    assert result.stderr.count("Traceback") == 15
