@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from chatlora.config import load_config  # noqa: E402
-from chatlora.generate import BatchGeneration, Generation, Sampling  # noqa: E402
-from chatlora.lora import attach  # noqa: E402
-from chatlora.model import load_model, prepare_base  # noqa: E402
+from chatlora.decode.engine import BatchGeneration, Generation, Sampling  # noqa: E402
+from chatlora.models.load import load_model, prepare_base  # noqa: E402
+from chatlora.models.lora import attach  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -72,14 +72,14 @@ def logits_agreement(model, prompt: list[int], tokens: list[int], device: str) -
     where greedy picks can flip."""
     from transformers import DynamicCache
 
-    from chatlora.fastdecode import static_decoder
+    from chatlora.decode.static import static_decoder
 
     n = len(prompt)
     with torch.inference_mode():
         full = model(input_ids=torch.tensor([prompt + tokens[:-1]], device=device)).logits[0, n - 1:].float()
         dec = static_decoder(model)
         if dec is None:  # CPU smoke run: the same decoder, uncaptured
-            from chatlora.fastdecode import StaticDecoder
+            from chatlora.decode.static import StaticDecoder
 
             if hasattr(model, "merge_adapter"):
                 model.merge_adapter()
@@ -188,7 +188,7 @@ def main() -> None:
                                 "chatlora_ttft_s": ttft, "rows_identical_to_generate_on_merged_model": same_rows,
                                 "earliest_divergence": first_diff, "same_as_unmerged_seed": tokens == seed_tokens})
     results["logits_agreement_batch1"] = logits_agreement(model, prompts[0], ours[1][2][0], args.device)
-    from chatlora.fastdecode import static_decoder
+    from chatlora.decode.static import static_decoder
 
     dec = static_decoder(model)
     results["triton_decode_kernels"] = bool(dec and dec.kernels)

@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from chatlora.config import load_config  # noqa: E402
-from chatlora.fastdecode import static_decoder  # noqa: E402
-from chatlora.generate import BatchGeneration, Sampling  # noqa: E402
-from chatlora.lora import attach  # noqa: E402
-from chatlora.model import load_model, prepare_base  # noqa: E402
+from chatlora.decode.engine import BatchGeneration, Sampling  # noqa: E402
+from chatlora.decode.static import static_decoder  # noqa: E402
+from chatlora.models.load import load_model, prepare_base  # noqa: E402
+from chatlora.models.lora import attach  # noqa: E402
 
 
 def timed(fn, n: int) -> float:

@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from chatlora.batches import StepPlan, micro_batches  # noqa: E402
 from chatlora.config import load_config  # noqa: E402
-from chatlora.dataset import dataset_for_config  # noqa: E402
-from chatlora.fastpath import pass_shape  # noqa: E402
-from chatlora.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.model import load_model  # noqa: E402
-from chatlora.train import fast_step  # noqa: E402
+from chatlora.data.dataset import dataset_for_config  # noqa: E402
+from chatlora.models.load import load_model  # noqa: E402
+from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
+from chatlora.train.fused import pass_shape  # noqa: E402
+from chatlora.train.loop import fast_step  # noqa: E402
+from chatlora.train.steps import StepPlan, micro_batches  # noqa: E402
 
 MIB = 2 ** 20
 

@@ -30,12 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from chatlora.config import load_config  # noqa: E402
-from chatlora.fastdecode import static_decoder  # noqa: E402
-from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
-from chatlora.serve import Limits, Server, in_background  # noqa: E402
-from chatlora.train import train  # noqa: E402
 from load_clients import client_group, percentile, start_processes  # noqa: E402  (bench/: light, for the client processes)
+
+from chatlora.config import load_config  # noqa: E402
+from chatlora.decode.static import static_decoder  # noqa: E402
+from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
+from chatlora.serve.app import Limits, Server, in_background  # noqa: E402
+from chatlora.train.loop import train  # noqa: E402
+
 
 def round_of(url: str, clients: int, requests: int, max_tokens: int, processes, count: int,
              sampled: bool = False) -> dict:

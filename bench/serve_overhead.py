@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-import chatlora.worker as worker  # noqa: E402
-from chatlora.rundir import load_tuned_model  # noqa: E402
-from chatlora.serve import Limits, Server, in_background  # noqa: E402
 from serve_load import short_run  # noqa: E402  (bench/, the script's own folder)
+
+import chatlora.serve.worker as worker  # noqa: E402
+from chatlora.rundir import load_tuned_model  # noqa: E402
+from chatlora.serve.app import Limits, Server, in_background  # noqa: E402
 
 CLIENTS = r'''
 import json, sys, time

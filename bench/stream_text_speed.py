@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from chatlora.tokenizer import TextStream, load_index_tokenizer  # noqa: E402
+from chatlora.models.tokenizer import TextStream, load_index_tokenizer  # noqa: E402
 
 
 class WholeDecode:

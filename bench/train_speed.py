@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from chatlora.batches import StepPlan, pack  # noqa: E402
 from chatlora.config import load_config  # noqa: E402
-from chatlora.dataset import dataset_for_config  # noqa: E402
-from chatlora.lora import attach  # noqa: E402
-from chatlora.model import load_model  # noqa: E402
-from chatlora.train import accumulate_gradients, train  # noqa: E402
+from chatlora.data.dataset import dataset_for_config  # noqa: E402
+from chatlora.models.load import load_model  # noqa: E402
+from chatlora.models.lora import attach  # noqa: E402
+from chatlora.train.loop import accumulate_gradients, train  # noqa: E402
+from chatlora.train.steps import StepPlan, pack  # noqa: E402
 
 
 def seed_config(model_dir: str, preset: str | None = None, **train):
@@ -133,7 +133,7 @@ def in_subprocess(args, name: str) -> dict:
 def first_step_losses(cfg, examples) -> dict:
     """The reference's loss, the plain peft path's and the fast path's (graphs) on the same first
     optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
-    from chatlora.fastpath import FastStep
+    from chatlora.train.fused import FastStep
 
     base, tok, _, _ = dataset_for_config(cfg)
     cfg.lora.dropout = 0.0

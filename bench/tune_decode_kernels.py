@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from chatlora import kernels  # noqa: E402
+from chatlora.decode import kernels  # noqa: E402
 
 HIDDEN, INTER, VOCAB, LAYERS, HEADS, HEAD_DIM = 2048, 5888, 65029, 36, 16, 128
 EPS = 1e-6

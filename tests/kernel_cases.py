@@ -1,4 +1,4 @@
-"""The Triton decode kernels (chatlora/kernels.py) against the torch operations they replace: one
+"""The Triton decode kernels (chatlora/decode/kernels.py) against the torch operations they replace: one
 check for both runs, compiled on a GPU (tests/test_gpu.py, fp32 and bf16) and on CPU under Triton's
 interpreter (tests/test_kernels.py, fp32). Errors are relative (norm of the difference over the norm
 of the reference) and must stay under `tol`."""
@@ -6,7 +6,7 @@ of the reference) and must stay under `tol`."""
 import torch
 import torch.nn.functional as F
 
-from chatlora import kernels
+from chatlora.decode import kernels
 
 # one configuration of each of `linear`'s code paths besides its defaults: small blocks so that the
 # test shapes take several programs and several loop iterations, with a masked tail

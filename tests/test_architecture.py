@@ -46,9 +46,10 @@ def test_module_size_budget():
 
 def test_pyflakes_finds_nothing():
     """Undefined names, unused imports and the like: a NameError on an error path is a real bug."""
+    import io
+
     from pyflakes.api import checkPath
     from pyflakes.reporter import Reporter
-    import io
 
     out = io.StringIO()
     root = PACKAGE.parents[1]

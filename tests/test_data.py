@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from chatlora.data import read_conversations
-from chatlora.dataset import DataSpec, build_dataset, split_held_out
+from chatlora.data.dataset import DataSpec, build_dataset, split_held_out
+from chatlora.data.rows import read_conversations
 from chatlora.errors import UserError
+from chatlora.models.tokenizer import tokenizer_fingerprint
 from chatlora.templates import IGNORE, chat_format
-from chatlora.tokenizer import tokenizer_fingerprint
 
 
 def write(tmp_path, name, text, encoding="utf-8"):
@@ -189,7 +189,7 @@ def test_cache_is_used_and_keyed_by_system_prompt(tmp_path, index_tok, index_dir
 
 
 def test_held_out_split_is_seeded_and_disjoint():
-    from chatlora.dataset import Example
+    from chatlora.data.dataset import Example
 
     examples = [Example([i], [i], i) for i in range(100)]
     train, held = split_held_out(examples, 0.1, seed=7)

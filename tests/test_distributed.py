@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from chatlora.config import load_config
-from chatlora.train import train
+from chatlora.train.loop import train
 
 SETTINGS = ["train.max_steps=4", "train.learning_rate=0.01", "train.examples_per_step=8",
             "train.micro_batch_examples=4", "train.eval_every=0", "data.held_out_fraction=0.05"]
@@ -81,8 +81,8 @@ def test_two_process_resume_is_exact(tmp_path, index_dir, data):
 def _agreement_worker(rank, port, out_dir):
     import torch.distributed as dist
 
-    from chatlora.distributed import Ranks, check_agreement
     from chatlora.errors import UserError
+    from chatlora.train.distributed import Ranks, check_agreement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -5,7 +5,12 @@ import json
 import pytest
 
 from chatlora.errors import UserError
-from chatlora.evaluate import evaluate_run, generate_predictions, metric_tokens, text_metrics
+from chatlora.evaluate import (
+    evaluate_run,
+    generate_predictions,
+    metric_tokens,
+    text_metrics,
+)
 
 
 def test_metric_tokens_are_characters_for_chinese_words_otherwise():
@@ -62,7 +67,7 @@ def test_stop_share_exposes_the_tutorials_end_of_reply_defect(index_dir, huanhua
     """Trained with `index`, the model learns to end replies with </s>; trained with the tutorial's
     `self-llm` tokens (<unk> after each reply, inference stopping on </s> only), it never stops."""
     from chatlora.config import load_config
-    from chatlora.train import train
+    from chatlora.train.loop import train
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:48]))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from chatlora.decode.engine import Sampling, generate_ids
 from chatlora.errors import UserError
 from chatlora.export import export_gguf, export_ollama
-from chatlora.generate import Sampling, generate_ids
 from chatlora.rundir import load_run, load_tuned_model
 
 # Relative logit error allowed for each weight type (f16/bf16 rounding; q8_0's 8-bit blocks).
@@ -41,7 +41,7 @@ def smol_run(tmp_path_factory, smollm2_base, huanhuan_rows):
     import json
 
     from chatlora.config import load_config
-    from chatlora.train import train
+    from chatlora.train.loop import train
 
     root = tmp_path_factory.mktemp("smol")
     data = root / "d.jsonl"

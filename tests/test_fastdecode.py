@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-import chatlora.generate as generate
-from chatlora.fastdecode import StaticDecoder
-from chatlora.generate import BatchGeneration, Sampling
-from chatlora.model import load_model, prepare_base
+import chatlora.decode.engine as generate
+from chatlora.decode.engine import BatchGeneration, Sampling
+from chatlora.decode.static import StaticDecoder
+from chatlora.models.load import load_model, prepare_base
 
 
 @pytest.fixture(params=["index", "smollm2"])
@@ -38,10 +38,10 @@ def hf_greedy(model, prompt, n):
 def test_static_decoder_greedy_equals_generate(model, monkeypatch):
     """Rows of different lengths (left padding, dummy rows up to the batch bucket of 4), a cache
     bucket, and steps across several attention buckets (ATTEND_BUCKET lowered to 8)."""
-    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
-    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
-    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
-    monkeypatch.setattr("chatlora.kernels.ATTENTION_CHUNK", 8)   # with the kernels: chunks merged
+    monkeypatch.setattr("chatlora.decode.static.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.decode.static.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.decode.static.PREFILL_BUCKET", 4)
+    monkeypatch.setattr("chatlora.decode.kernels.ATTENTION_CHUNK", 8)   # with the kernels: chunks merged
     decoder = make_decoder(model)
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
@@ -89,9 +89,9 @@ def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
     """Picks on the decoder, a step ahead of the host (`StaticDecoder.advance`, batcher.py): same
     tokens and finish reasons as the plain loop, with a repetition penalty, per-row limits, a stop
     id met mid-way and a row dropped by `should_stop`."""
-    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
-    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
-    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
+    monkeypatch.setattr("chatlora.decode.static.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.decode.static.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.decode.static.PREFILL_BUCKET", 4)
     prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
     limits = [Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.3) for n in (14, 9, 20)]
 
@@ -119,7 +119,7 @@ def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
 def test_failing_kernels_leave_the_torch_operations(model, monkeypatch, capsys):
     """Where the Triton kernels cannot compile or disagree, the decoder says so and decodes with
     torch operations (same tokens as `generate`)."""
-    import chatlora.kernels as kernels
+    import chatlora.decode.kernels as kernels
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
@@ -138,9 +138,9 @@ def test_requests_joining_a_running_batch_equal_their_own_generation(model, monk
     """Continuous batching (batcher.py): requests admitted while others decode, rows leaving, the
     cache growing in rows (1 -> 4) and columns (a long request) and shrinking again, a seeded
     sampling row among greedy ones. Every request's tokens equal its generation alone."""
-    monkeypatch.setattr("chatlora.fastdecode.ATTEND_BUCKET", 8)
-    monkeypatch.setattr("chatlora.fastdecode.CACHE_BUCKET", 16)
-    monkeypatch.setattr("chatlora.fastdecode.PREFILL_BUCKET", 4)
+    monkeypatch.setattr("chatlora.decode.static.ATTEND_BUCKET", 8)
+    monkeypatch.setattr("chatlora.decode.static.CACHE_BUCKET", 16)
+    monkeypatch.setattr("chatlora.decode.static.PREFILL_BUCKET", 4)
     decoder = make_decoder(model)
     monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     greedy = lambda n: Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.3)  # noqa: E731

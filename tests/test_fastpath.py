@@ -4,16 +4,16 @@ The CUDA-graph replay of the same pass is compared with its eager run in tests/t
 
 import pytest
 import torch
-
-from chatlora.batches import pack
-from chatlora.config import load_config
-from chatlora.fastpath import FastStep, host_row, unsupported_reason
-from chatlora.lora import attach, trainable_parameters
-from chatlora.model import load_model, prepare_base
-from chatlora.templates import IGNORE
-from chatlora.train import accumulate_gradients
 from conftest import make_index_dir
 from test_train import examples_for
+
+from chatlora.config import load_config
+from chatlora.models.load import load_model, prepare_base
+from chatlora.models.lora import attach, trainable_parameters
+from chatlora.templates import IGNORE
+from chatlora.train.fused import FastStep, host_row, unsupported_reason
+from chatlora.train.loop import accumulate_gradients
+from chatlora.train.steps import pack
 
 
 def lora_model(index_dir, targets=None, dropout=0.0, rslora=False):
@@ -138,7 +138,7 @@ def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhua
 
     from safetensors.torch import load_file
 
-    from chatlora.train import train
+    from chatlora.train.loop import train
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:40]), encoding="utf-8")
@@ -158,7 +158,7 @@ def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhua
 
 def test_fast_path_on_request_without_support_is_an_error(tmp_path, smollm2_base):
     from chatlora.errors import UserError
-    from chatlora.train import fast_step
+    from chatlora.train.loop import fast_step
 
     cfg = load_config(overrides=["train.fast_path=graphs"])
     model, _ = lora_model_for(smollm2_base)
@@ -209,7 +209,7 @@ def test_flat_clipping_equals_torch(index_dir, index_tok, huanhuan_rows):
 
 def test_stored_masks_are_dropout(index_dir):
     """Bit-packed masks keep each element with probability 1 - p, independently, and scale by 1/(1-p)."""
-    from chatlora.fastpath import _apply_mask
+    from chatlora.train.fused import _apply_mask
 
     model, _ = lora_model(index_dir, dropout=0.25)
     net = FastStep(model, "cpu").net
@@ -235,7 +235,7 @@ def test_checkpointed_pass_equals_peft_without_dropout(index_dir, index_tok, hua
 
 
 def test_buckets_bound_padding_and_shapes():
-    from chatlora.fastpath import bucket
+    from chatlora.train.fused import bucket
 
     sizes = range(1, 8193)
     assert all(bucket(n, 128) >= n and bucket(n, 128) % 128 == 0 for n in sizes)
@@ -248,7 +248,7 @@ def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
     never beyond it: every pass fits its shape, and a token bucket has at most 8 supervised sizes."""
     from types import SimpleNamespace
 
-    from chatlora.fastpath import BUCKET_SUPERVISED, pass_shape
+    from chatlora.train.fused import BUCKET_SUPERVISED, pass_shape
 
     shapes = set()
     for n in range(2, 3000, 37):

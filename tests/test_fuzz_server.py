@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from chatlora.serve import Limits, Server, in_background
 from test_serve import chat_body
+
+from chatlora.serve.app import Limits, Server, in_background
 
 REQUESTS = 2400
 PATHS = ["/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions", "/", "/", "/v1/models",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from chatlora.generate import Sampling, generate_ids, next_token
-from chatlora.model import load_model, prepare_base
+from chatlora.decode.engine import Sampling, generate_ids, next_token
+from chatlora.models.load import load_model, prepare_base
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_sampling_filters():
 def test_rows_sampled_together_draw_what_they_draw_alone():
     """RowSampler: rows with their own temperature, top-k (one of them none), top-p and generator
     pick the same ids together as one by one (`draw`), over many draws."""
-    from chatlora.sampling import RowSampler, draw
+    from chatlora.decode.sampling import RowSampler, draw
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
     settings = [Sampling(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.0),
@@ -95,7 +95,7 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
 
 def test_batched_greedy_equals_one_at_a_time(smollm2_base, smollm2_tok):
-    from chatlora.generate import BatchGeneration
+    from chatlora.decode.engine import BatchGeneration
     from chatlora.templates import chat_format
 
     model = load_model(smollm2_base, device="cpu")
@@ -114,7 +114,7 @@ def test_batched_greedy_equals_one_at_a_time(smollm2_base, smollm2_tok):
 
 
 def test_batched_row_can_be_dropped(tiny_model):
-    from chatlora.generate import BatchGeneration
+    from chatlora.decode.engine import BatchGeneration
 
     prompts = [[0, 17, 230, 3, 999, 42, 4], [0, 5, 3, 6, 4]]
     s = Sampling(max_new_tokens=10, temperature=0)
@@ -125,7 +125,7 @@ def test_batched_row_can_be_dropped(tiny_model):
 
 def test_batched_sampling_follows_each_rows_own_settings(smollm2_base, smollm2_tok):
     """Rows with their own temperature, top-k/p, penalty and seed sample as they would alone."""
-    from chatlora.generate import BatchGeneration
+    from chatlora.decode.engine import BatchGeneration
     from chatlora.templates import chat_format
 
     model = load_model(smollm2_base, device="cpu")

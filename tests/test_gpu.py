@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from chatlora.batches import pack, pad
 from chatlora.config import load_config
-from chatlora.lora import attach, trainable_parameters
-from chatlora.model import load_model, prepare_base
-from chatlora.train import accumulate_gradients, train
+from chatlora.models.load import load_model, prepare_base
+from chatlora.models.lora import attach, trainable_parameters
+from chatlora.train.loop import accumulate_gradients, train
+from chatlora.train.steps import pack, pad
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -58,7 +58,7 @@ def test_train_and_chat_on_cuda_in_bf16(index_dir, huanhuan_rows, tmp_path):
 
 
 def test_batched_generation_on_cuda_equals_single(index_dir):
-    from chatlora.generate import BatchGeneration, Sampling, generate_ids
+    from chatlora.decode.engine import BatchGeneration, Sampling, generate_ids
 
     model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
     prompts = [[0, 17, 230, 3, 999, 42, 4], [0, 5, 3, 6, 4], [3, 77, 78, 79, 80, 81, 82, 83, 4]]
@@ -74,8 +74,9 @@ def test_batched_generation_on_cuda_equals_single(index_dir):
 def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
     """Captured CUDA-graph passes (several bucket shapes, several replays with new data) give the
     eager fused pass's loss and gradients, which give the plain peft model's."""
-    from chatlora.fastpath import FastStep
     from test_train import examples_for
+
+    from chatlora.train.fused import FastStep
 
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 32, 0)]
     results = {}
@@ -105,8 +106,9 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
     """Each captured shape's memory goes back to the shared graph pool: after the first capture,
     capturing more shapes leaves allocated memory flat (a fresh warm-up stream per capture kept a
     cuBLAS workspace each: +64 MiB per shape at full size)."""
-    from chatlora.fastpath import FastStep
     from test_train import examples_for
+
+    from chatlora.train.fused import FastStep
 
     fast = FastStep(lora_model(index_dir, "bfloat16"), "cuda", graphs=True, checkpoint=True)
     after = []
@@ -119,7 +121,7 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
 
 
 def test_training_uses_graphs_by_default_on_cuda(index_dir, huanhuan_rows, tmp_path):
-    from chatlora.train import fast_step
+    from chatlora.train.loop import fast_step
 
     cfg = load_config(flags={"model.path": str(index_dir)})
     model = lora_model(index_dir, "bfloat16")
@@ -136,8 +138,8 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
     greedy tokens for the first 20 steps, and teacher-forced logits within 1e-5 of one full forward
     over the whole sequence. (Over longer runs greedy picks of a random tiny model can flip at
     near-ties from rounding alone, as transformers' own incremental decoding does: bench/NOTES.md.)"""
-    from chatlora.fastdecode import static_decoder
-    from chatlora.generate import BatchGeneration, Sampling
+    from chatlora.decode.engine import BatchGeneration, Sampling
+    from chatlora.decode.static import static_decoder
 
     model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
     prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
@@ -176,8 +178,8 @@ def test_requests_join_a_running_captured_batch_on_cuda(index_dir):
     """Float32, captured steps and kernels: requests admitted while others decode (the cache growing
     from 1 to 4 rows and shrinking back, and growing in columns) give transformers' greedy tokens for
     their first 20 steps, as in the test above; a seeded sampling row gives what it gives alone."""
-    from chatlora.fastdecode import static_decoder
-    from chatlora.generate import BatchGeneration, Sampling, generate_ids
+    from chatlora.decode.engine import BatchGeneration, Sampling, generate_ids
+    from chatlora.decode.static import static_decoder
 
     model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
     greedy = lambda n: Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0)  # noqa: E731
@@ -213,8 +215,8 @@ def test_requests_join_a_running_captured_batch_on_cuda(index_dir):
 def test_warm_up_captures_what_serving_meets(index_dir):
     """After `warm_up(4)`, requests of up to 64 prompt tokens joining and leaving a batch of up to 4
     rows, with replies reaching the cache's last attention bucket, capture nothing new."""
-    from chatlora.fastdecode import static_decoder
-    from chatlora.generate import BatchGeneration, Sampling
+    from chatlora.decode.engine import BatchGeneration, Sampling
+    from chatlora.decode.static import static_decoder
 
     model = load_model(prepare_base(str(index_dir)), "bfloat16", "cuda")
     decoder = static_decoder(model)
@@ -232,8 +234,9 @@ def test_warm_up_captures_what_serving_meets(index_dir):
 def test_worker_on_cuda_survives_a_failing_step_and_cuts_replies_on_shutdown(tiny_run):
     """The serving thread over the captured decoder (continuous batching): see
     test_serve_hardening.worker_faults_and_cut, which runs the same on CPU with the uncaptured decoder."""
-    from chatlora.rundir import load_run, load_tuned_model
     from test_serve_hardening import worker_faults_and_cut
+
+    from chatlora.rundir import load_run, load_tuned_model
 
     run = load_run(tiny_run)
     worker_faults_and_cut(run, load_tuned_model(run, device="cuda", dtype="float32"))

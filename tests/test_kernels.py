@@ -24,7 +24,7 @@ CHECK = textwrap.dedent(f"""
     import torch
     sys.path.insert(0, {TESTS!r})
     import kernel_cases
-    from chatlora import kernels
+    from chatlora.decode import kernels
 
     assert kernels.available(torch.device("cpu"))
     BREAK = None

@@ -5,10 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from test_serve import running
 
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve import Limits, Server
-from test_serve import running
+from chatlora.serve.app import Limits, Server
 
 CLIENTS, REQUESTS, QUEUE = 16, 300, 4
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from chatlora import hub
-from chatlora.errors import UserError
-from chatlora.model import load_model, pick_dtype, prepare_base
 from conftest import REMOTE_CODE_MARKER, make_index_dir
+
+from chatlora.errors import UserError
+from chatlora.models import hub
+from chatlora.models.load import load_model, pick_dtype, prepare_base
 
 
 def reference_index_logits(index_dir, ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_index_logits_match_reference_normhead_forward(index_dir):
 def test_index_remote_code_never_runs(index_dir):
     base = prepare_base(str(index_dir))
     load_model(base, dtype="float32", device="cpu")
-    from chatlora.model import load_tokenizer
+    from chatlora.models.load import load_tokenizer
 
     load_tokenizer(base).encode("hello")
     assert not (index_dir / REMOTE_CODE_MARKER).exists()
@@ -204,9 +204,10 @@ def test_download_goes_to_cache_without_remote_code(monkeypatch):
 def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkeypatch):
     """Two processes converting the same model at once (two training ranks): the one that finishes
     second finds the directory in place and uses it instead of failing."""
-    import chatlora.atomic as atomic
-    import chatlora.model as model_mod
     from conftest import make_index_dir
+
+    import chatlora.atomic as atomic
+    import chatlora.models.load as model_mod
 
     source = make_index_dir(tmp_path / "Index-race", sp_model_file)
     real_replace = atomic.os.replace
@@ -230,9 +231,11 @@ def test_copies_of_the_same_model_share_one_conversion_and_the_cache_lists_and_c
     and `clean` removes conversions whose sources are gone."""
     import shutil
 
-    from chatlora import cache, hub
-    from chatlora.cli import main
     from conftest import make_index_dir
+
+    from chatlora import cache
+    from chatlora.cli import main
+    from chatlora.models import hub
 
     monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path / "cache"))
     first = make_index_dir(tmp_path / "clone-a" / "Index-tiny", sp_model_file)

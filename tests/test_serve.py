@@ -9,12 +9,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from chatlora.decode.engine import Sampling, generate_ids
 from chatlora.errors import UserError
-from chatlora.generate import Sampling, generate_ids
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.httpguard import check_bind, resolve_api_key
-from chatlora.serve import Limits, Server, build_app, in_background
-from chatlora.worker import StopStrings
+from chatlora.serve.app import Limits, Server, build_app, in_background
+from chatlora.serve.guard import check_bind, resolve_api_key
+from chatlora.serve.worker import StopStrings
 
 KEY = "test-key-123456"
 
@@ -316,8 +316,8 @@ def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
 def test_a_request_joins_a_running_generation(loaded, monkeypatch):
     """With the decoder (a GPU's path; here uncaptured on CPU), a request that arrives while another
     generates joins it: it ends first although it came second, and both replies are unchanged."""
-    import chatlora.generate as generate
-    from chatlora.fastdecode import StaticDecoder
+    import chatlora.decode.engine as generate
+    from chatlora.decode.static import StaticDecoder
 
     run = loaded[0]
     model = load_tuned_model(run, device="cpu")   # its own copy: the adapter is merged for the decoder
@@ -425,7 +425,7 @@ class Exploding(torch.nn.Module):
 
 
 def test_a_failing_batch_answers_500_and_the_worker_serves_the_next(loaded, monkeypatch):
-    import chatlora.worker as worker
+    import chatlora.serve.worker as worker
 
     run, model = loaded
     bad = run.tok.encode("毒")[-1]

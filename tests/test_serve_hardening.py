@@ -9,12 +9,11 @@ import time
 
 import httpx
 import pytest
+from test_serve import KEY, Slow, chat_body, local_client, make_client
 
 from chatlora.errors import UserError
-
-from chatlora.httpguard import RepeatFilter, host_name, resolve_api_key
-from chatlora.serve import Limits, Server, build_app, chat_page, in_background
-from test_serve import KEY, Slow, chat_body, local_client, make_client
+from chatlora.serve.app import Limits, Server, build_app, chat_page, in_background
+from chatlora.serve.guard import RepeatFilter, host_name, resolve_api_key
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,7 @@ def test_a_body_that_does_not_arrive_gets_408(loaded):
 def test_half_sent_requests_and_connection_floods_cannot_starve_the_server(loaded, caplog):
     run, model = loaded
     limits = Limits(header_timeout_s=0.5, max_connections=20)
-    with caplog.at_level(logging.WARNING, logger="chatlora.serve"), in_background(Server(run, model, limits)) as url:
+    with caplog.at_level(logging.WARNING, logger="chatlora.serve.guard"), in_background(Server(run, model, limits)) as url:
         sockets = []
         for _ in range(60):
             s = raw_socket(url)
@@ -301,9 +300,9 @@ def worker_faults_and_cut(run, model) -> None:
     path) ends running and queued requests with finish reason "shutdown" (4 rows: 2 of 6 wait)."""
     import asyncio
 
-    import chatlora.generate as generate
-    from chatlora.generate import Sampling, generate_ids
-    from chatlora.worker import Job, Worker
+    import chatlora.decode.engine as generate
+    from chatlora.decode.engine import Sampling, generate_ids
+    from chatlora.serve.worker import Job, Worker
 
     prompt = run.fmt.prompt([{"role": "user", "content": "你是谁？"}])
     long, short = (Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0) for n in (150, 20))
@@ -355,9 +354,9 @@ def worker_faults_and_cut(run, model) -> None:
 def test_worker_faults_and_shutdown_cut_with_the_batching_decoder(tiny_run, monkeypatch):
     """On CPU with the decoder uncaptured (the GPU's path without CUDA graphs; test_gpu runs it
     captured)."""
-    import chatlora.generate as generate
-    import chatlora.worker as worker
-    from chatlora.fastdecode import StaticDecoder
+    import chatlora.decode.engine as generate
+    import chatlora.serve.worker as worker
+    from chatlora.decode.static import StaticDecoder
     from chatlora.rundir import load_run, load_tuned_model
 
     run = load_run(tiny_run)
@@ -377,10 +376,10 @@ def test_the_servers_logs_hold_back_a_flood_of_one_message():
 
     script = """
 import logging, uvicorn
-from chatlora.httpguard import limit_repeats
+from chatlora.serve.guard import limit_repeats
 uvicorn.Config(lambda scope, receive, send: None, log_level="info")   # configures uvicorn's logging
 limit_repeats()
-for name in ("uvicorn.error", "asyncio", "chatlora.serve"):
+for name in ("uvicorn.error", "asyncio", "chatlora.serve.guard"):
     for _ in range(10_000):
         try:
             raise OSError(24, "Too many open files")

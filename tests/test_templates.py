@@ -183,7 +183,7 @@ def test_user_defined_special_pieces_are_spelled_in_bytes(tmp_path):
     encode_text then spells that occurrence in byte pieces (same characters, no special id)."""
     import sentencepiece as spm
 
-    from chatlora.tokenizer import INDEX_SPECIAL_TOKENS, SentencePieceTokenizer
+    from chatlora.models.tokenizer import INDEX_SPECIAL_TOKENS, SentencePieceTokenizer
 
     lines = ["hello world, a reserved_0 and more text", "the quick brown fox 你好"] * 50
     spm.SentencePieceTrainer.train(

@@ -74,7 +74,7 @@ def test_streamed_text_is_the_whole_decode(which, index_tok, smollm2_tok):
     an emoji in byte fallback, runs of spaces, a leading space) and for random ids."""
     import random
 
-    from chatlora.tokenizer import TextStream
+    from chatlora.models.tokenizer import TextStream
 
     tok = index_tok if which == "index" else smollm2_tok
     rng = random.Random(0)

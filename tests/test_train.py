@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatlora.batches import pack, pad
-from chatlora.checkpoint import latest_checkpoint
 from chatlora.config import load_config
 from chatlora.errors import UserError
-from chatlora.lora import attach, trainable_parameters
-from chatlora.model import load_model, prepare_base
+from chatlora.models.load import load_model, prepare_base
+from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE, chat_format
-from chatlora.train import accumulate_gradients, train
+from chatlora.train.checkpoint import latest_checkpoint
+from chatlora.train.loop import accumulate_gradients, train
+from chatlora.train.steps import pack, pad
 
 
 def config_for(index_dir, data, **train):
@@ -28,7 +28,7 @@ def config_for(index_dir, data, **train):
 
 
 def examples_for(index_tok, rows):
-    from chatlora.dataset import Example
+    from chatlora.data.dataset import Example
 
     fmt = chat_format("index", index_tok)
     out = []
@@ -130,7 +130,7 @@ def test_saved_adapter_loads_in_plain_peft_with_same_logits(index_dir, tiny_data
 
 
 def test_nan_stops_run_and_no_non_finite_tensor_is_written(index_dir, tiny_data, tmp_path, monkeypatch):
-    from chatlora import train as train_module
+    from chatlora.train import loop as train_module
 
     calls = {"n": 0}
     real = train_module.loss_sum
@@ -239,9 +239,12 @@ def test_sigterm_writes_a_resumable_checkpoint(index_dir, tiny_data, tmp_path):
 
 
 def test_schedules_match_transformers(tmp_path):
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import (
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
-    from chatlora.train import lr_at
+    from chatlora.train.loop import lr_at
 
     param = torch.nn.Parameter(torch.zeros(1))
     for schedule, ref_fn in (("linear", get_linear_schedule_with_warmup), ("cosine", get_cosine_schedule_with_warmup)):
@@ -283,8 +286,8 @@ def test_unknown_lora_target_is_a_clear_error(index_dir, tiny_data, tmp_path):
 
 
 def test_micro_batches_respect_example_and_token_caps():
-    from chatlora.batches import micro_batches
-    from chatlora.dataset import Example
+    from chatlora.data.dataset import Example
+    from chatlora.train.steps import micro_batches
 
     examples = [Example([0] * n, [0] * n, i) for i, n in enumerate([100, 300, 50, 400, 10, 10])]
     groups = micro_batches(examples, size=16, max_tokens=450)
@@ -294,7 +297,7 @@ def test_micro_batches_respect_example_and_token_caps():
 
 
 def test_head_on_supervised_positions_equals_full_logits(index_dir, index_tok, huanhuan_rows, monkeypatch):
-    from chatlora import batches
+    from chatlora.train import steps as batches
 
     model = fresh_lora_model(index_dir)
     examples = examples_for(index_tok, huanhuan_rows[20:26])

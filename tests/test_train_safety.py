@@ -7,13 +7,13 @@ import os
 import stat
 
 import pytest
+from test_train import config_for, step_losses
 
-from chatlora.checkpoint import latest_checkpoint
 from chatlora.config import load_config
 from chatlora.errors import UserError
 from chatlora.rundir import load_run
-from chatlora.train import train
-from test_train import config_for, step_losses
+from chatlora.train.checkpoint import latest_checkpoint
+from chatlora.train.loop import train
 
 
 def trained(index_dir, data, run, **settings):
@@ -79,7 +79,7 @@ def test_non_finite_and_absurd_settings_are_refused(setting):
 
 
 def test_final_is_never_written_with_non_finite_weights(index_dir, tiny_data, tmp_path, monkeypatch):
-    from chatlora import train as train_module
+    from chatlora.train import loop as train_module
 
     monkeypatch.setattr(train_module, "lr_at", lambda step, total, cfg: float("inf"))   # past the config check
     run = tmp_path / "run"

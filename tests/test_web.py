@@ -5,10 +5,10 @@ import os
 import shutil
 
 import pytest
+from test_serve import local_client, running
 
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve import Limits, Server, build_app
-from test_serve import local_client, running
+from chatlora.serve.app import Limits, Server, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),

@@ -16,8 +16,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatlora import hub
-from chatlora.model import CONVERSION_VERSION, read_source_record
+from chatlora.models import hub
+from chatlora.models.load import CONVERSION_VERSION, read_source_record
 
 
 @dataclass

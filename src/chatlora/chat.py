@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from chatlora.generate import Generation, Sampling
+from chatlora.decode.engine import Generation, Sampling
+from chatlora.models.tokenizer import TextStream
 from chatlora.rundir import Run, load_run, load_tuned_model
-from chatlora.tokenizer import TextStream
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt), /exit"
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from chatlora import __version__
 from chatlora.errors import UserError
 
-
 # Flags that set a config field, with the field they set; their help is the field's own line of
 # documentation and default (config.py), so it is written once.
 CONFIG_FLAGS = {"--model": "model.path", "--template": "model.template", "--system": "data.system_prompt",
@@ -100,7 +99,7 @@ def _load(args, data: str | None = None, base=None):
 
 def cmd_data_check(args) -> int:
     from chatlora.atomic import write_text
-    from chatlora.dataset import dataset_for_config, dump_examples, format_report
+    from chatlora.data.dataset import dataset_for_config, dump_examples, format_report
 
     cfg = _load(args, args.data)
     if args.dump:  # refuse before the work, not after
@@ -120,7 +119,7 @@ def cmd_data_check(args) -> int:
 
 def cmd_train(args) -> int:
     from chatlora.rundir import read_config
-    from chatlora.train import Interrupted, train
+    from chatlora.train.loop import Interrupted, train
 
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args.nproc)
@@ -176,8 +175,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from chatlora.httpguard import resolve_api_key
-    from chatlora.serve import Limits, serve
+    from chatlora.serve.app import Limits, serve
+    from chatlora.serve.guard import resolve_api_key
 
     key = resolve_api_key(args.api_key, args.api_key_file)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
@@ -215,7 +214,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from chatlora.hub import download
+    from chatlora.models.hub import download
 
     path = download(args.model_id, args.source, args.revision)
     print(f"downloaded {args.model_id} to {path}")

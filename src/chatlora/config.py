@@ -31,6 +31,7 @@ BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside th
 # The system prompt the seed tutorial trains the bundled dataset with.
 HUANHUAN_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 PRESETS = Path(__file__).parent / "presets"  # named YAML configs: `--preset lowmem`
+ASSETS = Path(__file__).parent / "assets"    # the bundled dataset, the chat page
 
 
 def doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):

@@ -17,13 +17,13 @@ import shutil
 from pathlib import Path
 
 from chatlora.config import HUANHUAN_SYSTEM_PROMPT, load_config
-from chatlora.dataset import data_file
+from chatlora.data.dataset import data_file
+from chatlora.decode.engine import Sampling, generate_ids
 from chatlora.errors import UserError
-from chatlora.generate import Sampling, generate_ids
-from chatlora.hub import DEMO_MODEL
-from chatlora.model import load_model
+from chatlora.models.hub import DEMO_MODEL
+from chatlora.models.load import load_model
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.train import train
+from chatlora.train.loop import train
 
 DEMO_NAME = "smollm2-huanhuan"   # the tuned model's name in chat, serve and export
 DEMO_ENTRIES = {"huanhuan-short.jsonl", "run", "demo_report.json"}   # what the demo writes into --output
@@ -89,7 +89,7 @@ def _cuda() -> bool:
 
 def _samples(run_dir: Path, rows: list[dict], count: int) -> list[dict]:
     """Held-out prompts answered greedily by the base model and by the tuned one."""
-    from chatlora.dataset import dataset_for_config
+    from chatlora.data.dataset import dataset_for_config
 
     run = load_run(run_dir)
     _, _, _, ds = dataset_for_config(run.cfg)  # the same split training used (from the cache)

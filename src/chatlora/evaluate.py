@@ -23,14 +23,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from chatlora.atomic import refuse_existing, write_lines, write_text
-from chatlora.batches import held_out_loss
-from chatlora.data import read_conversations
-from chatlora.dataset import DataSpec, build_dataset, data_file
+from chatlora.data.dataset import DataSpec, build_dataset, data_file
+from chatlora.data.rows import read_conversations
+from chatlora.decode.engine import BatchGeneration, Sampling
 from chatlora.errors import UserError
-from chatlora.generate import BatchGeneration, Sampling
-from chatlora.model import load_model
+from chatlora.models.load import load_model
+from chatlora.models.tokenizer import tokenizer_fingerprint
 from chatlora.rundir import Run, load_run, load_tuned_model
-from chatlora.tokenizer import tokenizer_fingerprint
+from chatlora.train.steps import held_out_loss
 
 CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 BATCH = 16

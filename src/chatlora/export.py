@@ -26,9 +26,9 @@ import torch
 
 from chatlora.atomic import new_directory, refuse_existing
 from chatlora.errors import UserError
-from chatlora.lora import merge
+from chatlora.models.lora import merge
+from chatlora.models.tokenizer import TOKENIZER_FILES
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.tokenizer import TOKENIZER_FILES
 
 # Index's official layout (index-model.md): <unk>{system}, reserved_0{user}reserved_1, the reply bare;
 # nothing between turns, and the generation prompt ends at reserved_1.

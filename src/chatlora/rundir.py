@@ -30,13 +30,12 @@ from pathlib import Path
 import yaml
 
 from chatlora.atomic import write_lines, write_text
-from chatlora.checkpoint import MARKER, damage, latest_checkpoint
 from chatlora.config import Config, config_from_dict, system_prompt_for
 from chatlora.errors import UserError
-from chatlora.model import BaseModel, load_model, load_tokenizer, prepare_base
+from chatlora.models.load import BaseModel, load_model, load_tokenizer, prepare_base
+from chatlora.models.tokenizer import TOKENIZER_FILES
 from chatlora.templates import chat_format
-from chatlora.tokenizer import TOKENIZER_FILES
-
+from chatlora.train.checkpoint import MARKER, damage, latest_checkpoint
 
 # Changing any of these would change what a resumed run computes; resuming refuses it.
 RESUME_FIXED = ("model.path", "model.template", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
@@ -131,7 +130,7 @@ def load_run(path: str | Path) -> Run:
 
 def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = None):
     """Base + the run's adapter (unmerged, peft), in eval mode."""
-    from chatlora.lora import load_adapter
+    from chatlora.models.lora import load_adapter
 
     model = load_model(run.base, dtype or run.cfg.model.dtype, device)
     if run.adapter is None:

@@ -27,18 +27,33 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chatlora import distributed
-from chatlora.batches import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
-from chatlora.checkpoint import (NonFiniteError, check_finite, checkpoint_step, latest_checkpoint,
-                                 load_checkpoint, save_checkpoint)
 from chatlora.config import Config
-from chatlora.distributed import Ranks
-from chatlora.dataset import dataset_for_config
+from chatlora.data.dataset import dataset_for_config
 from chatlora.errors import UserError
-from chatlora.fastpath import FastStep, unsupported_reason
-from chatlora.lora import attach, trainable_parameters
-from chatlora.model import load_model
+from chatlora.models.load import load_model
+from chatlora.models.lora import attach, trainable_parameters
 from chatlora.rundir import Metrics, plot_losses, prepare_run_dir, write_run_files
+from chatlora.train import distributed
+from chatlora.train.checkpoint import (
+    NonFiniteError,
+    check_finite,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from chatlora.train.distributed import Ranks
+from chatlora.train.fused import FastStep, unsupported_reason
+from chatlora.train.steps import (
+    StepPlan,
+    held_out_loss,
+    loss_sum,
+    micro_batches,
+    pack,
+    pad,
+    supervised_count,
+)
+
 
 class Interrupted(Exception):
     """Training stopped on a signal after writing a checkpoint; `code` is the exit status."""

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from chatlora.batches import micro_batches, supervised_count, targets_of
 from chatlora.templates import IGNORE
+from chatlora.train.steps import micro_batches, supervised_count, targets_of
 
 BUCKET_TOKENS = 128
 BUCKET_SUPERVISED = 64

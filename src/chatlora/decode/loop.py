@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chatlora.fastdecode import MAX_BATCH
-from chatlora.sampling import RowSampler, Sampling, penalize
+from chatlora.decode.sampling import RowSampler, Sampling, penalize
+from chatlora.decode.static import MAX_BATCH
 
 READBACK_SLOTS = 8   # pinned host buffers for picks in flight (at most 3 are)
 

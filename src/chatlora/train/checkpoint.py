@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from chatlora.atomic import file_sha256, new_directory
-from chatlora.distributed import like
 from chatlora.errors import UserError
-from chatlora.lora import save_adapter
+from chatlora.models.lora import save_adapter
+from chatlora.train.distributed import like
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")

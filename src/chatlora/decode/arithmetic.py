@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatlora import kernels
-from chatlora.fastpath import fuse_weights, rope_tables, rotate
+from chatlora.decode import kernels
+from chatlora.train.fused import fuse_weights, rope_tables, rotate
 
 
 class DecodeModel:

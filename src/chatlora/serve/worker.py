@@ -26,11 +26,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from chatlora.fastdecode import static_decoder
-from chatlora.generate import BatchGeneration, Sampling
-from chatlora.tokenizer import TextStream
+from chatlora.decode.engine import BatchGeneration, Sampling
+from chatlora.decode.static import static_decoder
+from chatlora.models.tokenizer import TextStream
 
-log = logging.getLogger("chatlora.worker")
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):

@@ -33,9 +33,9 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from chatlora.decodemodel import DecodeModel
-from chatlora.fastpath import architecture_reason
-from chatlora.sampling import penalize
+from chatlora.decode.arithmetic import DecodeModel
+from chatlora.decode.sampling import penalize
+from chatlora.train.fused import architecture_reason
 
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
 CACHE_BUCKET = 512      # cache length: prompt + new tokens, rounded up (few sizes: few captures)

@@ -40,7 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from chatlora.errors import UserError
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
-log = logging.getLogger("chatlora.serve")
+log = logging.getLogger(__name__)
 
 
 async def send_error(send, status: int, message: str, kind: str = "invalid_request_error", param=None,

@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,13 +31,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chatlora.config import sampling_problems
-from chatlora.generate import Sampling
-from chatlora.httpguard import (LOOPBACK_NAMES, Guard, check_bind, connection_limit, guarded_protocol,
-                                limit_repeats, listen)
-from chatlora.worker import Job, QueueFull, Worker
+from chatlora.config import ASSETS, sampling_problems
+from chatlora.decode.engine import Sampling
+from chatlora.serve.guard import (
+    LOOPBACK_NAMES,
+    Guard,
+    check_bind,
+    connection_limit,
+    guarded_protocol,
+    limit_repeats,
+    listen,
+)
+from chatlora.serve.worker import Job, QueueFull, Worker
 
-PAGE = Path(__file__).parent / "assets" / "chat.html"
+PAGE = ASSETS / "chat.html"
 
 
 @dataclass

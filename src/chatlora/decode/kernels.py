@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from chatlora.fastpath import rotate
+from chatlora.train.fused import rotate
 
 try:
     import triton

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from chatlora.batcher import Batcher, Request, left_padded
-from chatlora.fastdecode import static_decoder
-from chatlora.sampling import NONE_SEEN, Sampling, draw, next_token, penalize
+from chatlora.decode.loop import Batcher, Request, left_padded
+from chatlora.decode.sampling import NONE_SEEN, Sampling, draw, next_token, penalize
+from chatlora.decode.static import static_decoder
 
 __all__ = ["BatchGeneration", "Generation", "Sampling", "draw", "generate_ids", "next_token"]
 

@@ -25,10 +25,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from chatlora import hub
 from chatlora.atomic import write_lines
-from chatlora.data import describe_errors, read_conversations, read_data_bytes
+from chatlora.data.rows import describe_errors, read_conversations, read_data_bytes
 from chatlora.errors import UserError
+from chatlora.models import hub
 from chatlora.templates import IGNORE
 
 CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: message text encoded as text)
@@ -62,10 +62,10 @@ class Dataset:
 
 def data_file(path: str) -> Path:
     """The file behind a data path; 'huanhuan' is the dataset shipped with chatlora."""
-    from chatlora.config import BUNDLED_DATA
+    from chatlora.config import ASSETS, BUNDLED_DATA
 
     if path == BUNDLED_DATA:
-        return Path(__file__).parent / "assets" / "huanhuan.json"
+        return ASSETS / "huanhuan.json"
     return Path(path).expanduser()
 
 
@@ -263,9 +263,9 @@ def dataset_for_config(cfg, rejects_path: Path | None = None):
     """The base model's tokenizer and chat format, and the dataset, as a config describes them.
     Returns (base, tok, fmt, dataset)."""
     from chatlora.config import system_prompt_for
-    from chatlora.model import load_tokenizer, prepare_base
+    from chatlora.models.load import load_tokenizer, prepare_base
+    from chatlora.models.tokenizer import tokenizer_fingerprint
     from chatlora.templates import chat_format
-    from chatlora.tokenizer import tokenizer_fingerprint
 
     base = prepare_base(cfg.model.path)
     tok = load_tokenizer(base)
