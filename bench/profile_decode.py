@@ -1,6 +1,5 @@
-"""Where a decode step's time goes: the captured step with on-device greedy picks alone, a step with
-host-side inputs (`StaticDecoder.step`, as `teacher_forced` uses it), and `BatchGeneration`'s whole
-greedy per-token loop, plus the kernels of one replayed step.
+"""Where a decode step's time goes: the captured step with on-device greedy picks alone, and
+`BatchGeneration`'s whole greedy per-token loop, plus the kernels of one replayed step.
 
     python bench/make_index_model.py /tmp/idx
     python bench/profile_decode.py /tmp/idx --batch 1 16
@@ -35,21 +34,21 @@ def timed(fn, n: int) -> float:
     return (time.perf_counter() - began) / n
 
 
+def start(dec, ids, columns: int) -> None:
+    """Rows of `ids` [B, W] joined into a fresh cache with room for `columns` more tokens."""
+    rows, width = ids.shape
+    dec.reset(rows, dec.join_width(width) + columns)
+    ones = torch.ones_like(ids)
+    dec.join(list(range(rows)), ids, ones, torch.arange(width, device=ids.device).expand(rows, -1))
+
+
 def profile(model, batch: int, steps: int) -> dict:
     dec = static_decoder(model)
-    prompt = 8
-    ids = torch.randint(5, 3000, (batch, prompt), device="cuda")
-    ones = torch.ones(batch, prompt, dtype=torch.long, device="cuda")
-    positions = torch.arange(prompt, device="cuda").expand(batch, -1)
-    dec.start(ids, ones, positions, 2 * steps + 16)
-    tokens = torch.full((batch,), 7, device="cuda")
-    pos = torch.full((batch,), prompt, device="cuda")
-    dec.step(tokens, pos)   # captures this attention bucket (host picks)
-    for _ in range(2):   # captures the step with device picks
+    start(dec, torch.randint(5, 3000, (batch, 8), device="cuda"), 2 * steps + 16)
+    for _ in range(2):   # captures the step (device picks) at this attention bucket
         dec.advance()
-    graph, _ = dec.state["graphs"][(128, True)]
+    graph = dec.state.graphs[128].graph
     replay = timed(graph.replay, steps)
-    step = timed(lambda: dec.step(tokens, pos), steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             graph.replay()
@@ -71,7 +70,7 @@ def profile(model, batch: int, steps: int) -> dict:
     torch.cuda.synchronize()
     loop = (time.perf_counter() - began) / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
-    return {"batch": batch, "replay_ms": replay * 1e3, "host_pick_step_ms": step * 1e3, "generation_ms_per_token": loop * 1e3,
+    return {"batch": batch, "replay_ms": replay * 1e3, "generation_ms_per_token": loop * 1e3,
             "kernels_per_step": count, "kernel_busy_ms": busy,
             "top": [(name, n / 5, t / 5 / 1000) for name, (n, t) in top]}
 
@@ -102,11 +101,9 @@ def steady_loop(model, batch: int, tokens: int = 110) -> dict:
             stamps.append(time.perf_counter())
     sampling = per_token(stamps)
     ids = torch.tensor(prompts, device="cuda")
-    ones = torch.ones_like(ids)
-    positions = torch.arange(ids.shape[1], device="cuda").expand(batch, -1)
 
     def bare(n):   # the decoder's steps alone, queued back to back, read back once
-        dec.start(ids, ones, positions, n + 2)
+        start(dec, ids, n + 2)
         torch.cuda.synchronize()
         began = time.perf_counter()
         with torch.inference_mode():
@@ -145,10 +142,9 @@ def main() -> None:
         print(f"\nbatch {r['batch']}: top kernels of one replayed step (count, ms)")
         for name, n, ms in r["top"]:
             print(f"  {n:>6.0f} {ms:>7.3f}  {name}")
-    print(f"\n{'batch':>5}{'replay ms':>11}{'host-pick step ms':>19}{'loop ms/token':>15}{'kernels':>9}"
-          f"{'kernel busy ms':>16}")
+    print(f"\n{'batch':>5}{'replay ms':>11}{'loop ms/token':>15}{'kernels':>9}{'kernel busy ms':>16}")
     for r in rows:
-        print(f"{r['batch']:>5}{r['replay_ms']:>11.3f}{r['host_pick_step_ms']:>19.3f}{r['generation_ms_per_token']:>15.3f}"
+        print(f"{r['batch']:>5}{r['replay_ms']:>11.3f}{r['generation_ms_per_token']:>15.3f}"
               f"{r['kernels_per_step']:>9.0f}{r['kernel_busy_ms']:>16.3f}")
     print(f"\n{'batch':>5}{'BatchGeneration ms/token':>26}{'steps alone ms':>16}{'sampled ms/token':>18}"
           f"{'GPU idle':>10}   (steady state)")

@@ -21,7 +21,7 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.fused import FastStep, host_row, pass_shape  # noqa: E402
+from chatlora.train.fused import FusedStep, host_row, pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main():
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     plan = StepPlan(len(ds.train), 16, 42)
-    fast = FastStep(model, "cuda", graphs=True)
+    fast = FusedStep(model, "cuda", graphs=True)
     steps = [[ds.train[j] for j in plan.indices(i)] for i in range(40)]
     for ex in steps:  # capture every bucket these steps need
         fast.zero_grad()

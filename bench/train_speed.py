@@ -133,7 +133,7 @@ def in_subprocess(args, name: str) -> dict:
 def first_step_losses(cfg, examples) -> dict:
     """The reference's loss, the plain peft path's and the fast path's (graphs) on the same first
     optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
-    from chatlora.train.fused import FastStep
+    from chatlora.train.fused import FusedStep
 
     base, tok, _, _ = dataset_for_config(cfg)
     cfg.lora.dropout = 0.0
@@ -154,7 +154,7 @@ def first_step_losses(cfg, examples) -> dict:
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = model(**{k: v.cuda() for k, v in batch.items()}).loss.float().item()
             total, count = total + loss * n, count + n
-    fast = FastStep(model, "cuda", graphs=True)
+    fast = FusedStep(model, "cuda", graphs=True)
     fast.zero_grad()
     graphs = [fast.accumulate(step, 16, 2048).item() for _ in range(2)]  # capture, then a replay
     return {"reference": total / count, "plain": plain, "graphs_captured": graphs[0], "graphs_replayed": graphs[1]}

@@ -156,7 +156,7 @@ def test_requests_joining_a_running_batch_equal_their_own_generation(model, monk
 
     def watch_fit(rows, columns):
         moved = fit(rows, columns)
-        shapes.append((decoder.batch, decoder.state["cap"]))
+        shapes.append((decoder.batch, decoder.state.cap))
         return moved
 
     def admit(room):

@@ -11,7 +11,7 @@ from chatlora.config import load_config
 from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE
-from chatlora.train.fused import FastStep, host_row, unsupported_reason
+from chatlora.train.fused import FusedStep, host_row, unsupported_reason
 from chatlora.train.loop import accumulate_gradients
 from chatlora.train.steps import pack
 
@@ -39,7 +39,7 @@ def reference_and_fast(model, examples, micro_batch_examples=16, max_tokens=None
     ref_loss = accumulate_gradients(model, examples, micro_batch_examples, lambda ex: pack(ex)).item()
     ref = {n: p.grad.clone() for n, p in trainable_parameters(model)}
     model.zero_grad(set_to_none=True)
-    fast = FastStep(model, "cpu")
+    fast = FusedStep(model, "cpu")
     fast.zero_grad()
     loss = fast.accumulate(examples, micro_batch_examples, max_tokens).item()
     return ref_loss, ref, loss, {n: p.grad.clone() for n, p in trainable_parameters(model)}
@@ -76,7 +76,7 @@ def test_peft_parameters_stay_live_views(index_dir, index_tok, huanhuan_rows):
     pass computes, and the eager model (evaluation, saving) sees the same weights."""
     model, _ = lora_model(index_dir)
     examples = examples_for(index_tok, huanhuan_rows[:8])
-    fast = FastStep(model, "cpu")
+    fast = FusedStep(model, "cpu")
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-2)
     fast.zero_grad()
@@ -95,18 +95,18 @@ def test_dropout_is_active_and_per_module(index_dir, index_tok, huanhuan_rows):
     group (q, k, v) draws its own mask: feeding identical adapters gives different updates."""
     model, cfg = lora_model(index_dir, dropout=0.5)
     examples = examples_for(index_tok, huanhuan_rows[:8])
-    fast = FastStep(model, "cpu")
+    fast = FusedStep(model, "cpu")
     losses = []
     for _ in range(2):
         fast.zero_grad()
         losses.append(fast.accumulate(examples, 16, None).item())
     assert losses[0] != losses[1] and all(torch.isfinite(torch.tensor(losses)))
     net = fast.net
-    group = net.layers[0][2][0]
+    group = net.layers[0].projections["qkv"]
     assert group.stacked and len(group.adapters) == 3
     w = net.adapter_weights(torch.ones(net.flat.numel()))  # all adapter entries equal: updates differ only by mask
-    x = torch.randn(7, net.hidden)
-    y = net._linear(group, x, w) - x @ group.weight.t()
+    x = torch.randn(7, net.arch.hidden)
+    y = net._linear(group, x, w) - x @ group.base.weight.t()
     q, k, v = y.chunk(3, dim=1)
     assert not torch.allclose(q, k) and not torch.allclose(k, v)
 
@@ -158,12 +158,12 @@ def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhua
 
 def test_fast_path_on_request_without_support_is_an_error(tmp_path, smollm2_base):
     from chatlora.errors import UserError
-    from chatlora.train.loop import fast_step
+    from chatlora.train.loop import fused_step
 
     cfg = load_config(overrides=["train.fast_path=graphs"])
     model, _ = lora_model_for(smollm2_base)
     with pytest.raises(UserError, match="fast_path=graphs"):
-        fast_step(model, cfg, "cpu")
+        fused_step(model, cfg, "cpu")
 
 
 def lora_model_for(base):
@@ -177,7 +177,7 @@ def test_checkpointed_pass_replays_dropout(index_dir, index_tok, huanhuan_rows):
     the same (stored, bit-packed) masks."""
     model, _ = lora_model(index_dir, dropout=0.1)
     examples = examples_for(index_tok, huanhuan_rows[:10])
-    fast = FastStep(model, "cpu")
+    fast = FusedStep(model, "cpu")
     fast.net.packed_dropout = True  # both runs draw stored masks; only the checkpointed one recomputes
     results = []
     for checkpoint in (False, True):
@@ -193,7 +193,7 @@ def test_checkpointed_pass_replays_dropout(index_dir, index_tok, huanhuan_rows):
 
 def test_flat_clipping_equals_torch(index_dir, index_tok, huanhuan_rows):
     model, _ = lora_model(index_dir)
-    fast = FastStep(model, "cpu")
+    fast = FusedStep(model, "cpu")
     fast.zero_grad()
     fast.accumulate(examples_for(index_tok, huanhuan_rows[:8]), 16, None)
     params = [p for _, p in trainable_parameters(model)]
@@ -212,15 +212,15 @@ def test_stored_masks_are_dropout(index_dir):
     from chatlora.train.fused import _apply_mask
 
     model, _ = lora_model(index_dir, dropout=0.25)
-    net = FastStep(model, "cpu").net
+    net = FusedStep(model, "cpu").net
     drops = net._draw_masks(net.layers[0], 128, torch.device("cpu"))
-    x = torch.ones(3, 128, net.hidden)
-    y = _apply_mask(x, drops[0][0], 0.25)   # the stacked q/k/v group
+    x = torch.ones(3, 128, net.arch.hidden)
+    y = _apply_mask(x, drops["qkv"][0], 0.25)   # the stacked q/k/v group
     kept = (y != 0).float()
     assert kept.mean().item() == pytest.approx(0.75, abs=0.01)
     assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.75)]
     assert (kept[0] != kept[1]).float().mean().item() == pytest.approx(2 * 0.75 * 0.25, abs=0.01)
-    assert len(drops) == 4 and all(d is not None for d in drops)
+    assert len(drops) == 4 and all(d is not None for d in drops.values())
 
 
 def test_checkpointed_pass_equals_peft_without_dropout(index_dir, index_tok, huanhuan_rows):
@@ -228,7 +228,7 @@ def test_checkpointed_pass_equals_peft_without_dropout(index_dir, index_tok, hua
     examples = examples_for(index_tok, huanhuan_rows[:12])
     ref_loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex)).item()
     ref = {n: p.grad.clone() for n, p in trainable_parameters(model)}
-    fast = FastStep(model, "cpu", checkpoint=True)
+    fast = FusedStep(model, "cpu", checkpoint=True)
     fast.zero_grad()
     loss = fast.accumulate(examples, 16, None).item()
     assert_same(ref_loss, ref, loss, {n: p.grad.clone() for n, p in trainable_parameters(model)})

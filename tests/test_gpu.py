@@ -76,13 +76,13 @@ def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, hua
     eager fused pass's loss and gradients, which give the plain peft model's."""
     from test_train import examples_for
 
-    from chatlora.train.fused import FastStep
+    from chatlora.train.fused import FusedStep
 
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 32, 0)]
     results = {}
     for mode in ("peft", "eager", "graphs", "graphs+checkpoint"):
         model = lora_model(index_dir, dtype)
-        fast = None if mode == "peft" else FastStep(model, "cuda", graphs=mode != "eager",
+        fast = None if mode == "peft" else FusedStep(model, "cuda", graphs=mode != "eager",
                                                     checkpoint=mode == "graphs+checkpoint")
         out = []
         for examples in steps:
@@ -108,9 +108,9 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
     cuBLAS workspace each: +64 MiB per shape at full size)."""
     from test_train import examples_for
 
-    from chatlora.train.fused import FastStep
+    from chatlora.train.fused import FusedStep
 
-    fast = FastStep(lora_model(index_dir, "bfloat16"), "cuda", graphs=True, checkpoint=True)
+    fast = FusedStep(lora_model(index_dir, "bfloat16"), "cuda", graphs=True, checkpoint=True)
     after = []
     for n in (4, 8, 12, 16, 24):  # a new bucket shape each
         fast.accumulate(examples_for(index_tok, huanhuan_rows[:n]), 32, None)
@@ -121,14 +121,14 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
 
 
 def test_training_uses_graphs_by_default_on_cuda(index_dir, huanhuan_rows, tmp_path):
-    from chatlora.train.loop import fast_step
+    from chatlora.train.loop import fused_step
 
     cfg = load_config(flags={"model.path": str(index_dir)})
     model = lora_model(index_dir, "bfloat16")
-    step = fast_step(model, cfg, "cuda")
+    step = fused_step(model, cfg, "cuda")
     assert step is not None and step.graphs
     cfg = load_config(preset="lowmem", flags={"model.path": str(index_dir)})
-    step = fast_step(lora_model(index_dir, "bfloat16"), cfg, "cuda")
+    step = fused_step(lora_model(index_dir, "bfloat16"), cfg, "cuda")
     assert step is not None and step.graphs and step.checkpoint
 
 
@@ -221,7 +221,7 @@ def test_warm_up_captures_what_serving_meets(index_dir):
     model = load_model(prepare_base(str(index_dir)), "bfloat16", "cuda")
     decoder = static_decoder(model)
     decoder.warm_up(4)
-    captured = lambda: {key: set(s["graphs"]) for key, s in decoder._states.items()}  # noqa: E731
+    captured = lambda: {key: set(s.graphs) for key, s in decoder._states.items()}  # noqa: E731
     before = captured()
     assert {(b, 512) for b in (1, 2, 4)} <= set(before)
     s = Sampling(max_new_tokens=440, temperature=0, repetition_penalty=1.0)

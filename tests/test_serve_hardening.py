@@ -355,7 +355,6 @@ def test_worker_faults_and_shutdown_cut_with_the_batching_decoder(tiny_run, monk
     """On CPU with the decoder uncaptured (the GPU's path without CUDA graphs; test_gpu runs it
     captured)."""
     import chatlora.decode.engine as generate
-    import chatlora.serve.worker as worker
     from chatlora.decode.static import StaticDecoder
     from chatlora.rundir import load_run, load_tuned_model
 
@@ -363,8 +362,7 @@ def test_worker_faults_and_shutdown_cut_with_the_batching_decoder(tiny_run, monk
     model = load_tuned_model(run, device="cpu")
     model.merge_adapter()
     decoder = StaticDecoder(model.get_base_model(), graphs=False)
-    for module in (generate, worker):
-        monkeypatch.setattr(module, "static_decoder", lambda m: decoder)
+    monkeypatch.setattr(generate, "static_decoder", lambda m: decoder)
     worker_faults_and_cut(run, model)
 
 

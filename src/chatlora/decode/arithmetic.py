@@ -19,27 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from chatlora.decode import kernels
-from chatlora.train.fused import fuse_weights, rope_tables, rotate
+from chatlora.models.arch import Architecture, block, fused_layers, rotate
 
 
 class DecodeModel:
-    def __init__(self, lm):
-        c = lm.config
-        self.lm = lm
-        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
-        self.hidden, self.eps = c.hidden_size, c.rms_norm_eps
-        self.vocab = lm.lm_head.weight.shape[0]
-        rotary = lm.model.rotary_emb
-        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+    def __init__(self, lm, use_kernels: bool = True):
+        self.lm, self.arch = lm, Architecture.of(lm)
+        self.vocab = self.arch.vocab
         self.device = next(lm.parameters()).device
         self.dtype = lm.model.embed_tokens.weight.dtype
-        self.layers = [(l.input_layernorm.weight, l.post_attention_layernorm.weight,
-                        fuse_weights([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-                        l.self_attn.o_proj.weight, fuse_weights([l.mlp.gate_proj, l.mlp.up_proj]),
-                        l.mlp.down_proj.weight)
-                       for l in lm.model.layers]
-        self.kernels = kernels.available(self.device) and self._kernels_work()
+        self.layers = fused_layers(lm)
+        self.kernels = use_kernels and kernels.available(self.device) and self._kernels_work()
 
     def _kernels_work(self) -> bool:
         """Runs the Triton kernels once (compiling them) against their torch references: the
@@ -50,19 +40,18 @@ class DecodeModel:
             g = torch.Generator().manual_seed(0)
             rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
             pairs = self._elementwise_pairs(rand)
-            n1, n2, wqkv, wo, wgu, wd = self.layers[0]
+            first, arch, eps = self.layers[0], self.arch, self.arch.eps
+            n1, wqkv, wo, wgu, wd = first.attn_norm, first.qkv.weight, first.o.weight, first.gate_up.weight, first.down.weight
             head, final = self.lm.lm_head.weight, self.lm.model.norm.weight
-            norm = lambda x, w: F.rms_norm(x, (x.shape[1],), w, self.eps)  # noqa: E731
             for rows in (1, 2):
-                h, a, gu = rand(rows, self.hidden), rand(rows, wo.shape[1]), rand(rows, wgu.shape[0])
-                inter = wd.shape[1]
-                pairs += [(kernels.linear(h, wqkv, norm=n1, eps=self.eps), norm(h, n1) @ wqkv.t()),
+                h, a, gu = rand(rows, arch.hidden), rand(rows, wo.shape[1]), rand(rows, wgu.shape[0])
+                pairs += [(kernels.linear(h, wqkv, norm=n1, eps=eps), arch.norm(h, n1) @ wqkv.t()),
                           (kernels.linear(a, wo, residual=h.clone()), h + a @ wo.t()),
-                          (kernels.linear(gu, wd, gated=True), (F.silu(gu[:, :inter]) * gu[:, inter:]) @ wd.t()),
-                          (kernels.linear(h, head, norm=final, eps=self.eps, out_dtype=torch.float32),
-                           norm(h, final) @ head.t())]
-            hd = self.head_dim
-            q, kc, vc = rand(2, self.heads, 1, hd), rand(2, self.kv_heads, 40, hd), rand(2, self.kv_heads, 40, hd)
+                          (kernels.linear(gu, wd, gated=True), arch.activation(gu) @ wd.t()),
+                          (kernels.linear(h, head, norm=final, eps=eps, out_dtype=torch.float32),
+                           arch.norm(h, final) @ head.t())]
+            hd = arch.head_dim
+            q, kc, vc = rand(2, arch.heads, 1, hd), rand(2, arch.kv_heads, 40, hd), rand(2, arch.kv_heads, 40, hd)
             valid = torch.arange(40, device=self.device)[None] < torch.tensor([[30], [9]], device=self.device)
             want = self.attention(q, kc, vc, 32, self.additive(valid[:, None, None, :32]))
             pairs.append((kernels.decode_attention(q, kc, vc, valid, 32, hd ** -0.5), want.reshape(2, -1)))
@@ -78,27 +67,24 @@ class DecodeModel:
 
     def _elementwise_pairs(self, rand) -> list:
         """(kernel output, torch reference) for RMSNorm, RoPE + the cache write and SiLU*mul."""
-        nq, nkv, hd = 2, 1, self.head_dim
+        nq, nkv, hd = 2, 1, self.arch.head_dim
         y, cos, sin, w = rand(2, (nq + 2 * nkv) * hd), rand(2, hd), rand(2, hd), rand((nq + 2 * nkv) * hd)
         slot = torch.tensor([3, 1], device=self.device)   # each row's column
         caches = [torch.zeros(2, 2, nkv, 4, hd, dtype=self.dtype, device=self.device) for _ in range(2)]
         q, ref_q = (rope(y, cos, sin, slot, *c, nq, nkv) for rope, c in
                     zip((kernels.rope_to_cache, kernels.rope_to_cache_reference), caches))
-        half = y.shape[1] // 2
         return [(q, ref_q), (caches[0], caches[1]),
-                (kernels.rms_norm(y, w, self.eps), F.rms_norm(y, (y.shape[1],), w, self.eps)),
-                (kernels.silu_mul(y), F.silu(y[:, :half]) * y[:, half:])]
+                (kernels.rms_norm(y, w, self.arch.eps), self.arch.norm(y, w)),
+                (kernels.silu_mul(y), self.arch.activation(y))]
 
     def additive(self, allowed):
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def attention(self, q, kc, vc, attend: int, mask) -> torch.Tensor:
         """SDPA of q [B, nq, T, hd] over the first `attend` cache columns; [B, T, nq, hd] out."""
-        keys, values = kc[:, :, :attend], vc[:, :, :attend]
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim ** -0.5).transpose(1, 2)
+        keys, values = self.arch.expand_kv(kc[:, :, :attend], vc[:, :, :attend])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              scale=self.arch.head_dim ** -0.5).transpose(1, 2)
 
     def fused(self, batch: int) -> bool:
         return self.kernels and batch <= kernels.LINEAR_ROWS
@@ -108,39 +94,40 @@ class DecodeModel:
         (kernels.py): q/k/v with RMSNorm in front; RoPE + the cache write; attention over the valid
         cache columns; o adding into the residual; gate/up with RMSNorm in front; down with SiLU*mul
         in front adding into the residual. The head takes the final RMSNorm and writes fp32 logits."""
-        nq, nkv, hd, b = self.heads, self.kv_heads, self.head_dim, s["batch"]
-        cos, sin = rope_tables(s["positions"][:, None], self.inv_freq, self.rope_scale, self.dtype)
+        arch, b = self.arch, s.batch
+        nq, nkv, hd, eps = arch.heads, arch.kv_heads, arch.head_dim, arch.eps
+        cos, sin = arch.rope(s.positions[:, None], self.dtype)
         cos, sin = cos.reshape(b, hd), sin.reshape(b, hd)
-        h = F.embedding(s["tokens"], self.lm.model.embed_tokens.weight)
+        h = F.embedding(s.tokens, self.lm.model.embed_tokens.weight)
         ours = kernels.attention_wins(b, attend)
-        mask = None if ours else self.additive(s["valid"][:, None, None, :attend])
-        for i, (n1, n2, wqkv, wo, wgu, wd) in enumerate(self.layers):
-            kc, vc = s["k"][i], s["v"][i]
-            y = kernels.linear(h, wqkv, norm=n1, eps=self.eps)
-            q = kernels.rope_to_cache(y, cos, sin, s["slot"], kc, vc, nq, nkv)
+        mask = None if ours else self.additive(s.valid[:, None, None, :attend])
+        for i, layer in enumerate(self.layers):
+            kc, vc = s.k[i], s.v[i]
+            y = kernels.linear(h, layer.qkv.weight, norm=layer.attn_norm, eps=eps)
+            q = kernels.rope_to_cache(y, cos, sin, s.slot, kc, vc, nq, nkv)
             if ours:
-                a = kernels.decode_attention(q, kc, vc, s["valid"], attend, hd ** -0.5)
+                a = kernels.decode_attention(q, kc, vc, s.valid, attend, hd ** -0.5)
             else:
                 a = self.attention(q, kc, vc, attend, mask).reshape(b, nq * hd)
-            kernels.linear(a, wo, residual=h)
-            gu = kernels.linear(h, wgu, norm=n2, eps=self.eps)
-            kernels.linear(gu, wd, gated=True, residual=h)
-        return kernels.linear(h, self.lm.lm_head.weight, norm=self.lm.model.norm.weight, eps=self.eps,
+            kernels.linear(a, layer.o.weight, residual=h)
+            gu = kernels.linear(h, layer.gate_up.weight, norm=layer.mlp_norm, eps=eps)
+            kernels.linear(gu, layer.down.weight, gated=True, residual=h)
+        return kernels.linear(h, self.lm.lm_head.weight, norm=self.lm.model.norm.weight, eps=eps,
                               out_dtype=torch.float32)
 
     def prefill(self, s, index, ids, positions, mask) -> torch.Tensor:
         """Prompts [J, W] of the rows `index` through the model, their keys and values written at
         columns [0, W) of those rows, attention within each prompt (`mask` additive [J, 1, W, W])."""
         j, t = ids.shape
-        nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)   # [J, W, hd]
+        nq = self.arch.heads
+        cos, sin = self.arch.rope(positions, self.dtype)   # [J, W, hd]
 
         def attention(i, y):
-            qk = rotate(y[:, :(nq + nkv) * hd].view(j, t, nq + nkv, hd), cos[:, :, None], sin[:, :, None])
-            q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
-            v = y[:, (nq + nkv) * hd:].view(j, t, nkv, hd).transpose(1, 2)
-            s["k"][i][index, :, :t] = k
-            s["v"][i][index, :, :t] = v
+            qk, v = self.arch.split_qkv(y.view(j, t, -1))
+            qk = rotate(qk, cos[:, :, None], sin[:, :, None])
+            q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), v.transpose(1, 2)
+            s.k[i][index, :, :t] = k
+            s.v[i][index, :, :t] = v
             return self.attention(q, k, v, t, mask)
 
         return self._forward(ids, attention, elementwise=False)
@@ -148,38 +135,37 @@ class DecodeModel:
     def unfused_step(self, s, attend: int) -> torch.Tensor:
         """A one-token step with cuBLAS projections (more rows than the fused step takes, or no
         kernels), Triton RMSNorm, RoPE + the cache write and SiLU*mul where they work."""
-        b, nq, nkv, hd = s["batch"], self.heads, self.kv_heads, self.head_dim
-        cos, sin = rope_tables(s["positions"][:, None], self.inv_freq, self.rope_scale, self.dtype)
+        b, nq, nkv, hd = s.batch, self.arch.heads, self.arch.kv_heads, self.arch.head_dim
+        cos, sin = self.arch.rope(s.positions[:, None], self.dtype)
         cos, sin = cos.reshape(b, hd), sin.reshape(b, hd)
-        mask = self.additive(s["valid"][:, None, None, :attend])
+        mask = self.additive(s.valid[:, None, None, :attend])
         rope = kernels.rope_to_cache if self.kernels else kernels.rope_to_cache_reference
 
         def attention(i, y):
-            q = rope(y, cos, sin, s["slot"], s["k"][i], s["v"][i], nq, nkv)
-            return self.attention(q, s["k"][i], s["v"][i], attend, mask)
+            q = rope(y, cos, sin, s.slot, s.k[i], s.v[i], nq, nkv)
+            return self.attention(q, s.k[i], s.v[i], attend, mask)
 
-        return self._forward(s["tokens"][:, None], attention, elementwise=self.kernels)
+        return self._forward(s.tokens[:, None], attention, elementwise=self.kernels)
 
     def _forward(self, ids, attention, elementwise: bool) -> torch.Tensor:
         """Rows [B, T] through the layers, `attention(layer, y)` turning the fused q/k/v projection y
         into the attention output [B, T, nq, hd]; logits of the last position (fp32). `elementwise`:
         Triton RMSNorm and SiLU*mul (one-token steps)."""
         b, t = ids.shape
-        h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, self.hidden)
-        norm = ((lambda x, w: kernels.rms_norm(x, w, self.eps)) if elementwise
-                else (lambda x, w: F.rms_norm(x, (self.hidden,), w, self.eps)))
-        for i, (n1, n2, wqkv, wo, wgu, wd) in enumerate(self.layers):
-            a = attention(i, norm(h, n1) @ wqkv.t())
-            # in place: out-of-place addmm first copies h into its output (a kernel per call)
-            h = h.addmm_(a.reshape(b * t, self.heads * self.head_dim), wo.t())
-            gu = norm(h, n2) @ wgu.t()
-            if elementwise:
-                act = kernels.silu_mul(gu)
-            else:
-                gate, up = gu.chunk(2, dim=-1)
-                act = F.silu(gate) * up
-            h = h.addmm_(act, wd.t())
-        h = F.rms_norm(h.view(b, t, -1)[:, -1], (self.hidden,), self.lm.model.norm.weight, self.eps)
+        arch = self.arch
+        h = F.embedding(ids, self.lm.model.embed_tokens.weight).view(b * t, arch.hidden)
+        norm = (lambda x, w: kernels.rms_norm(x, w, arch.eps)) if elementwise else None
+        activation = kernels.silu_mul if elementwise else None
+
+        def linear(name, x, residual=None):
+            # the residual add in place: out-of-place addmm first copies h into its output (a kernel a call)
+            weight = getattr(layer, name).weight.t()
+            return x @ weight if residual is None else residual.addmm_(x, weight)
+
+        for i, layer in enumerate(self.layers):
+            h = block(arch, h, layer, lambda y: attention(i, y).reshape(b * t, arch.heads * arch.head_dim),
+                      linear, norm, activation)
+        h = arch.norm(h.view(b, t, -1)[:, -1], self.lm.model.norm.weight)
         # weight @ h.T: with an odd vocabulary (Index: 65,029) the [B, vocab] output's rows are
         # misaligned and cuBLAS falls back to a slow kernel (measured at batch 16: 0.31 ms of 3.4)
         return (self.lm.lm_head.weight @ h.t()).t().float()

@@ -26,8 +26,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from chatlora.decode import engine
 from chatlora.decode.engine import BatchGeneration, Sampling
-from chatlora.decode.static import static_decoder
 from chatlora.models.tokenizer import TextStream
 
 log = logging.getLogger(__name__)
@@ -180,16 +180,13 @@ class Worker:
         """On a GPU: the decoder's captures for 1..max_batch rows, before the first request needs them
         (jobs submitted meanwhile wait in the queue)."""
         try:
-            decoder = static_decoder(self.model)
-            if decoder is None:
-                return
-            began = time.monotonic()
-            decoder.warm_up(self.max_batch)
+            seconds = engine.warm_up(self.model, self.max_batch)
         except Exception:   # serving still works; requests capture what they need when they need it
             log.exception("warming up the decoder failed")
             return
-        print(f"chatlora: the decoder is ready for {self.max_batch} concurrent requests "
-              f"({time.monotonic() - began:.1f} s of CUDA graph captures)", flush=True)
+        if seconds is not None:
+            print(f"chatlora: the decoder is ready for {self.max_batch} concurrent requests "
+                  f"({seconds:.1f} s of CUDA graph captures)", flush=True)
 
     def _take(self, room: int) -> list[Job]:
         """Up to `room` waiting jobs, without blocking (none once close() was called)."""

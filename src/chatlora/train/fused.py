@@ -16,7 +16,7 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
     per pass instead of thousands.
 
-    step = FastStep(peft_model, device, graphs=True)
+    step = FusedStep(peft_model, device, graphs=True)
     step.zero_grad()
     loss = step.accumulate(examples, max_tokens=2048)   # gradients land in the peft parameters' .grad
 
@@ -34,36 +34,19 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate
+from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
 from chatlora.train.steps import micro_batches, supervised_count, targets_of
 
 BUCKET_TOKENS = 128
 BUCKET_SUPERVISED = 64
 HEAD_CHUNK = 128  # supervised positions per vocabulary projection when checkpointing (logits' memory)
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-TARGETS = {name for _, names in GROUPS for name in names}
 ADAPTER = "default"
 
 
-def architecture_reason(lm) -> str | None:
-    """None when a functional Llama forward (this module's, fastdecode's) computes the transformers
-    model `lm`'s function, else why it cannot."""
-    c = lm.config
-    if c.model_type != "llama":
-        return f"model type {c.model_type!r} (the fast paths cover Llama-architecture models)"
-    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        return "the model has linear-layer biases"
-    if getattr(c, "hidden_act", "silu") != "silu":
-        return f"activation {c.hidden_act!r}"
-    rope = getattr(lm.model.rotary_emb, "rope_type", "default")
-    if rope.startswith("dynamic") or rope == "longrope":
-        return f"RoPE type {rope!r} depends on the sequence length"
-    return None
-
-
 def unsupported_reason(model, lora_cfg) -> str | None:
-    """None when the fast path computes exactly this model's function, else why it cannot."""
+    """None when the fused pass computes exactly this peft model's function, else why it cannot."""
     lm = model.get_base_model()
     reason = architecture_reason(lm)
     if reason:
@@ -80,49 +63,64 @@ def unsupported_reason(model, lora_cfg) -> str | None:
 
 
 @dataclass
-class _Group:
-    """Linear modules reading the same input: one fused base weight, their adapters."""
-    weight: torch.Tensor          # [sum of outs, in], the concatenated base weights
-    outs: list[int]
-    adapters: list[tuple]         # (module index, A chunk, B chunk, r, dropout p)
-    stacked: bool                 # every module adapted, same r and out: batched GEMMs
+class Adapter:
+    """One LoRA module of a fused projection."""
+    module: int       # its place among the projection's modules (output order)
+    a_chunk: int      # its A and B weights' chunks of the flat buffer (or the stacked group's)
+    b_chunk: int
+    rank: int
+    dropout: float
 
 
-class FastLlama:
-    """Functional forward of a peft-wrapped Llama over one packed row (see the module docstring)."""
+@dataclass
+class AdaptedProjection:
+    """A fused projection and the LoRA adapters of its modules. `stacked`: every module adapted with
+    the same rank, output width and dropout, so their updates run as batched GEMMs."""
+    base: Projection
+    adapters: list[Adapter]
+    stacked: bool
+
+
+@dataclass
+class AdaptedLayer:
+    layer: Layer
+    projections: dict[str, AdaptedProjection]   # "qkv", "o", "gate_up", "down" (models.arch.PROJECTIONS)
+
+
+@dataclass
+class Captured:
+    """One bucket shape's pass, captured: its input buffer, the graph, the loss it leaves."""
+    row: torch.Tensor
+    graph: object
+    loss: torch.Tensor
+
+
+class FusedForward:
+    """The loss of a peft-wrapped model over one packed row, computed functionally from the model's
+    own weights on the architecture's layer (models/arch.py); see the module docstring."""
 
     def __init__(self, model):
         lm = model.get_base_model()
-        c = lm.config
-        self.lm = lm
-        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
-        self.hidden, self.eps = c.hidden_size, c.rms_norm_eps
-        rotary = lm.model.rotary_emb
-        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+        self.lm, self.arch = lm, Architecture.of(lm)
         self.a_params: list[torch.nn.Parameter] = []
         self.b_params: list[torch.nn.Parameter] = []
         self.a_sizes: list[int] = []   # the flat buffer's chunks: per adapter, or per stacked group
         self.b_sizes: list[int] = []
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
-        self.layers = []
-        for layer in lm.model.layers:
-            groups = [self._group([getattr(getattr(layer, parent), n) for n in names]) for parent, names in GROUPS]
-            self.layers.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, groups))
-        self.dtype = self.layers[0][2][0].weight.dtype
+        self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name)) for name in
+                                            ("qkv", "o", "gate_up", "down")}) for layer in fused_layers(lm)]
+        self.dtype = self.layers[0].layer.qkv.weight.dtype
         self._flatten()
 
-    def _group(self, modules) -> _Group:
-        weight = fuse_weights(modules)
-        outs = [getattr(m, "base_layer", m).weight.shape[0] for m in modules]
-        found = [(i, m) for i, m in enumerate(modules) if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
+    def _adapted(self, base: Projection) -> AdaptedProjection:
+        found = [(i, m) for i, m in enumerate(base.modules) if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
         found = [(i, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight, _dropout_p(m)) for i, m in found]
         for _, a, b, _ in found:
             self.a_params.append(a)
             self.b_params.append(b)
-        self.scale = next((m.scaling[ADAPTER] for m in modules if hasattr(m, "scaling")), self.scale)
-        stacked = (len(found) == len(modules) > 1 and len(set(outs)) == 1
+        self.scale = next((m.scaling[ADAPTER] for m in base.modules if hasattr(m, "scaling")), self.scale)
+        stacked = (len(found) == len(base.modules) > 1 and len(set(base.outs)) == 1
                    and len({a.shape for _, a, _, _ in found}) == 1 and len({p for *_, p in found}) == 1)
         if stacked:  # one chunk for all the group's A's, one for its B's: [n, r, in] and [n, out, r] views
             self.a_sizes.append(sum(a.numel() for _, a, _, _ in found))
@@ -132,8 +130,8 @@ class FastLlama:
             if not stacked:
                 self.a_sizes.append(a.numel())
                 self.b_sizes.append(b.numel())
-            adapters.append((i, len(self.a_sizes) - 1, len(self.b_sizes) - 1, a.shape[0], p))
-        return _Group(weight, outs, adapters, stacked)
+            adapters.append(Adapter(i, len(self.a_sizes) - 1, len(self.b_sizes) - 1, a.shape[0], p))
+        return AdaptedProjection(base, adapters, stacked)
 
     def _flatten(self) -> None:
         """One flat leaf tensor holds every adapter weight (A's, then B's); the peft parameters become
@@ -161,7 +159,8 @@ class FastLlama:
         dropout masks are then drawn up front and kept bit-packed (1 bit per element), so the recompute
         applies the same masks without replaying RNG state (which would not survive graph capture)."""
         w = self.adapter_weights(self.flat)
-        rope = self._rope(positions)
+        cos, sin = self.arch.rope(positions, self.dtype)
+        rope = cos[:, None, :], sin[:, None, :]
         same = segments[:, None] == segments[None, :]
         causal = torch.ones_like(same).tril_()
         mask = torch.zeros(same.shape, dtype=self.dtype, device=ids.device).masked_fill_(~(same & causal), float("-inf"))
@@ -181,21 +180,21 @@ class FastLlama:
         return sum(head(xc, tc) for xc, tc in zip(x.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)))
 
     def _head(self, x, targets):
-        logits = F.rms_norm(x, (self.hidden,), self.lm.model.norm.weight, self.eps) @ self.lm.lm_head.weight.t()
+        logits = self.arch.norm(x, self.lm.model.norm.weight) @ self.lm.lm_head.weight.t()
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
-    def _draw_masks(self, layer, t: int, device) -> list[list[torch.Tensor] | None]:
+    def _draw_masks(self, layer: AdaptedLayer, t: int, device) -> dict[str, list[torch.Tensor] | None]:
         """Bit-packed keep masks for every adapter input of `layer` (per stacked group, or per adapter)."""
-        out = []
-        for g in layer[2]:
-            if not g.adapters or not g.adapters[0][4]:
-                out.append(None)
+        out = {}
+        for name, g in layer.projections.items():
+            if not g.adapters or not g.adapters[0].dropout:
+                out[name] = None
                 continue
-            d_in = g.weight.shape[1]
+            d_in = g.base.weight.shape[1]
             sizes = [len(g.adapters) * t * d_in] if g.stacked else [t * d_in] * len(g.adapters)
-            p = g.adapters[0][4]
-            out.append([((torch.rand(n // 8, 8, device=device) >= p).to(torch.uint8) * _bits(device))
-                        .sum(-1, dtype=torch.uint8) for n in sizes])
+            p = g.adapters[0].dropout
+            out[name] = [((torch.rand(n // 8, 8, device=device) >= p).to(torch.uint8) * _bits(device))
+                         .sum(-1, dtype=torch.uint8) for n in sizes]
         return out
 
     def adapter_weights(self, flat):
@@ -206,80 +205,46 @@ class FastLlama:
         chunks = w.split(self.a_sizes + self.b_sizes)
         return chunks[:len(self.a_sizes)], chunks[len(self.a_sizes):]
 
-    def _rope(self, positions):
-        """cos and signed sin ([T, 1, head_dim]) for `rotate`."""
-        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
-        return cos[:, None, :], sin[:, None, :]
+    def _layer(self, h, layer: AdaptedLayer, w, rope, mask, drops=None):
+        arch, t = self.arch, h.shape[0]
 
-    def _layer(self, h, layer, w, rope, mask, drops=(None,) * 4):
-        norm1, norm2, (qkv, o, gate_up, down) = layer
-        t, hd, nq, nkv = h.shape[0], self.head_dim, self.heads, self.kv_heads
-        y = self._linear(qkv, F.rms_norm(h, (self.hidden,), norm1, self.eps), w, drops[0])
-        qk = y[:, :(nq + nkv) * hd].reshape(t, nq + nkv, hd)
-        qk = rotate(qk, *rope)
-        q = qk[:, :nq].transpose(0, 1)[None]
-        k = qk[:, nq:].transpose(0, 1)[None]
-        v = y[:, (nq + nkv) * hd:].reshape(t, nkv, hd).transpose(0, 1)[None]
-        if nkv != nq:
-            k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
-        h = h + self._linear(o, a[0].transpose(0, 1).reshape(t, nq * hd), w, drops[1])
-        gu = self._linear(gate_up, F.rms_norm(h, (self.hidden,), norm2, self.eps), w, drops[2])
-        gate, up = gu.split(gate_up.outs, dim=1)
-        return h + self._linear(down, F.silu(gate) * up, w, drops[3])
+        def attend(y):
+            qk, v = arch.split_qkv(y)
+            qk = rotate(qk, *rope)
+            q, k = qk[:, :arch.heads].transpose(0, 1)[None], qk[:, arch.heads:].transpose(0, 1)[None]
+            k, v = arch.expand_kv(k, v.transpose(0, 1)[None])
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=arch.head_dim ** -0.5)
+            return a[0].transpose(0, 1).reshape(t, arch.heads * arch.head_dim)
 
-    def _linear(self, g: _Group, x, w, drop=None):
+        def linear(name, x, residual=None):
+            y = self._linear(layer.projections[name], x, w, drops[name] if drops else None)
+            return y if residual is None else residual + y
+
+        return block(arch, h, layer.layer, attend, linear)
+
+    def _linear(self, g: AdaptedProjection, x, w, drop=None):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
         bit-packed masks to apply instead of drawing new ones)."""
-        y = x @ g.weight.t()
+        y = x @ g.base.weight.t()
         if not g.adapters:
             return y
         t, d_in = x.shape
         wa, wb = w
         if g.stacked:
-            n, (_, ai, bi, r, p) = len(g.adapters), g.adapters[0]
-            d_out = g.outs[0]
-            a, b = wa[ai].view(n, r, d_in), wb[bi].view(n, d_out, r)
+            n, first = len(g.adapters), g.adapters[0]
+            d_out, r, p = g.base.outs[0], first.rank, first.dropout
+            a, b = wa[first.a_chunk].view(n, r, d_in), wb[first.b_chunk].view(n, d_out, r)
             xs = x.expand(n, t, d_in)
             xs = xs if not p else F.dropout(xs, p, True) if drop is None else _apply_mask(xs, drop[0], p)
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))    # [n, T, out]
             return (y.view(t, n, d_out) + delta.transpose(0, 1)).view(t, n * d_out)
-        parts = list(y.split(g.outs, dim=1))
-        for k, (i, ai, bi, r, p) in enumerate(g.adapters):
-            a, b = wa[ai].view(r, d_in), wb[bi].view(g.outs[i], r)
+        parts = list(y.split(g.base.outs, dim=1))
+        for k, ad in enumerate(g.adapters):
+            a, b = wa[ad.a_chunk].view(ad.rank, d_in), wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank)
+            p = ad.dropout
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
-            parts[i] = torch.addmm(parts[i], xi @ a.t(), b.t())
+            parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def rope_tables(positions, inv_freq, scale: float, dtype):
-    """cos and sin for `positions` ([...] -> [..., head_dim]), as transformers' Llama rotary embedding
-    computes them; sin carries rotate_half's signs (-sin on the first half) for `rotate`."""
-    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-    half = sin.shape[-1] // 2
-    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-
-
-def rotate(x, cos, sin):
-    """RoPE over the last dimension: x * cos + rotate_half(x) * sin, computed as the two halves
-    swapped times the signed sin (`rope_tables`): the same values, one operation fewer."""
-    return torch.addcmul(x * cos, x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2), sin)
-
-
-def fuse_weights(modules) -> torch.Tensor:
-    """The base weights of linear `modules` reading the same input, concatenated ([sum of outs, in]);
-    each module's weight becomes a view into it, so nothing is held twice and whatever reads or
-    updates the modules (saving, `merge_adapter`) sees the fused tensor."""
-    bases = [getattr(m, "base_layer", m) for m in modules]
-    weight = torch.cat([b.weight.detach() for b in bases])
-    start = 0
-    for b in bases:
-        n = b.weight.shape[0]
-        b.weight.data = weight[start:start + n]
-        start += n
-    return weight
 
 
 @lru_cache(maxsize=None)  # made once per device, before any graph capture (no host copy while capturing)
@@ -336,18 +301,18 @@ def host_row(examples, tokens: int, supervised: int) -> torch.Tensor:
     return torch.tensor(ids + pos + seg + sup + sup_tgt, dtype=torch.long)
 
 
-class FastStep:
-    """Forward + backward of one optimizer step's examples through `FastLlama`, pass by pass,
+class FusedStep:
+    """Forward + backward of one optimizer step's examples through `FusedForward`, pass by pass,
     with the loss normalization of `train.accumulate_gradients` (sum / supervised tokens of the step).
     `graphs=True` (CUDA) captures each bucket shape once and replays it; `checkpoint=True` recomputes
     each layer in backward (memory for speed)."""
 
     def __init__(self, model, device, graphs: bool = False, checkpoint: bool = False):
-        self.net = FastLlama(model)
+        self.net = FusedForward(model)
         self.device = torch.device(device)
         self.graphs, self.checkpoint = graphs, checkpoint
         self.divisor = torch.ones((), device=self.device)
-        self._captured: dict[tuple[int, int], tuple] = {}
+        self._captured: dict[tuple[int, int], Captured] = {}
         self._pool = None
         self._side = None
 
@@ -373,10 +338,10 @@ class FastStep:
             tokens, sup = pass_shape(chunk)
             row = host_row(chunk, tokens, sup)
             if self.graphs:
-                static, graph, loss = self._graph(tokens, sup, row)
-                static.copy_(row.pin_memory(), non_blocking=True)
-                graph.replay()
-                part = loss.clone()
+                captured = self._graph(tokens, sup, row)
+                captured.row.copy_(row.pin_memory(), non_blocking=True)
+                captured.graph.replay()
+                part = captured.loss.clone()
             else:
                 part = self._forward_backward(row.to(self.device), tokens, sup)
             total = total + part
@@ -389,7 +354,7 @@ class FastStep:
         loss.backward()
         return loss.detach()
 
-    def _graph(self, tokens: int, sup: int, row: torch.Tensor):
+    def _graph(self, tokens: int, sup: int, row: torch.Tensor) -> Captured:
         """The captured pass for this bucket shape (captured on first use: eager warm-up passes, two
         for the first shape and one after, then capture; the gradients they added are restored)."""
         key = (tokens, sup)
@@ -410,6 +375,6 @@ class FastStep:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = self._forward_backward(static, tokens, sup)
             self.net.flat.grad.copy_(saved)
-            self._captured[key] = (static, graph, loss)
+            self._captured[key] = Captured(static, graph, loss)
         return self._captured[key]
 

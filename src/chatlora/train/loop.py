@@ -43,7 +43,7 @@ from chatlora.train.checkpoint import (
     save_checkpoint,
 )
 from chatlora.train.distributed import Ranks
-from chatlora.train.fused import FastStep, unsupported_reason
+from chatlora.train.fused import FusedStep, unsupported_reason
 from chatlora.train.steps import (
     StepPlan,
     held_out_loss,
@@ -133,9 +133,9 @@ class _PlainStep:
 
 
 class _FusedStep:
-    """`_PlainStep`'s interface over the fused pass (`fastpath.FastStep`)."""
+    """`_PlainStep`'s interface over the fused pass (`fused.FusedStep`)."""
 
-    def __init__(self, fast: FastStep, t, ranks: Ranks):
+    def __init__(self, fast: FusedStep, t, ranks: Ranks):
         self.fast, self.t, self.ranks = fast, t, ranks
 
     def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             f"no complete checkpoint in {run}; starting from step 0")
     metrics = Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
-    fast = None if sharded else fast_step(model, cfg, device)
+    fast = None if sharded else fused_step(model, cfg, device)
     stepper = _FusedStep(fast, t, ranks) if fast else _PlainStep(model, params, t, collate, ranks, sharded)
 
     def evaluate(step: int) -> None:
@@ -342,7 +342,7 @@ def _digest(examples) -> str:
     return h.hexdigest()
 
 
-def fast_step(model, cfg: Config, device: str) -> FastStep | None:
+def fused_step(model, cfg: Config, device: str) -> FusedStep | None:
     """The fused training pass when `train.fast_path` asks for it and the model allows it, else None."""
     t = cfg.train
     mode = t.fast_path
@@ -358,6 +358,6 @@ def fast_step(model, cfg: Config, device: str) -> FastStep | None:
             raise UserError(f"train.fast_path={t.fast_path} is not available: {reason}")
         print(f"chatlora: the fast training path does not cover this run ({reason}); using the plain peft model")
         return None
-    step = FastStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
+    step = FusedStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
     step.zero_grad()
     return step

@@ -1,0 +1,170 @@
+"""The decoder architecture that chatlora's fast paths compute, described once: the fused training
+pass (train/fused.py) and the decoder (decode/arithmetic.py) both build on this module and neither
+owns it.
+
+    arch = Architecture.of(lm)          # the shape and RoPE, read once from the config
+    layers = fused_layers(lm)           # per layer: the two norms and the four fused projections
+    cos, sin = arch.rope(positions, dtype)
+    h = block(arch, h, layers[0], attend, linear)   # one layer, with the caller's projections and attention
+
+`unsupported_reason(lm)` says why a model is not one of these (the caller then keeps transformers'
+own forward). A layer is: RMSNorm -> fused q/k/v projection -> RoPE on q and k -> attention -> o
+projection added to the residual -> RMSNorm -> fused gate/up projection -> SiLU(gate) * up -> down
+projection added to the residual. `PROJECTIONS` says which of the model's linear modules make each
+fused projection; a model family is a small difference to these (a bias, a norm), not another copy
+of the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Each fused projection: the parent module of its linear layers, and their names in output order.
+PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+               "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+TARGETS = {name for _, names in PROJECTIONS.values() for name in names}   # the modules LoRA may adapt
+
+
+def unsupported_reason(lm) -> str | None:
+    """None when this module's layer computes the transformers model `lm`'s function, else why not."""
+    c = lm.config
+    if c.model_type != "llama":
+        return f"model type {c.model_type!r} (the fast paths cover Llama-architecture models)"
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        return "the model has linear-layer biases"
+    if getattr(c, "hidden_act", "silu") != "silu":
+        return f"activation {c.hidden_act!r}"
+    rope = getattr(lm.model.rotary_emb, "rope_type", "default")
+    if rope.startswith("dynamic") or rope == "longrope":
+        return f"RoPE type {rope!r} depends on the sequence length"
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """The shape of a supported model and its RoPE, read once from its config."""
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    inv_freq: torch.Tensor    # RoPE's inverse frequencies [head_dim / 2] (fp32), as the model computes them
+    rope_scale: float         # the rotary embedding's attention scaling (1 for default RoPE)
+
+    @classmethod
+    def of(cls, lm) -> "Architecture":
+        c, rotary = lm.config, lm.model.rotary_emb
+        heads = c.num_attention_heads
+        return cls(hidden=c.hidden_size, heads=heads, kv_heads=c.num_key_value_heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                   vocab=lm.lm_head.weight.shape[0], eps=c.rms_norm_eps, inv_freq=rotary.inv_freq.float(),
+                   rope_scale=float(getattr(rotary, "attention_scaling", 1.0)))
+
+    @property
+    def qk_width(self) -> int:
+        """Columns of the fused q/k/v projection's output that hold q and k."""
+        return (self.heads + self.kv_heads) * self.head_dim
+
+    def norm(self, x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    @staticmethod
+    def activation(gate_up):
+        """SiLU(gate) * up over the fused gate/up projection's output."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope(self, positions, dtype):
+        """cos and signed sin for `positions` ([...] -> [..., head_dim]): see `rope_tables`."""
+        return rope_tables(positions, self.inv_freq, self.rope_scale, dtype)
+
+    def split_qkv(self, y):
+        """The fused q/k/v projection's output [..., width] as q and k together [..., heads + kv_heads,
+        head_dim] (RoPE rotates both at once) and v [..., kv_heads, head_dim]."""
+        return (y[..., :self.qk_width].unflatten(-1, (self.heads + self.kv_heads, self.head_dim)),
+                y[..., self.qk_width:].unflatten(-1, (self.kv_heads, self.head_dim)))
+
+    def expand_kv(self, k, v):
+        """Grouped-query attention: each key/value head repeated for its query heads (dim 1)."""
+        if self.kv_heads == self.heads:
+            return k, v
+        rep = self.heads // self.kv_heads
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+@dataclass
+class Projection:
+    """One fused projection: the base weights of `modules` (linear layers reading the same input)
+    concatenated; each module's weight is a view into `weight`."""
+    weight: torch.Tensor     # [sum of outs, in]
+    modules: list            # the model's modules (peft LoRA layers where adapted), in output order
+    outs: list[int]
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+
+
+def fused_layers(lm) -> list[Layer]:
+    """Every decoder layer of `lm` with its projections fused (see `fuse_weights`)."""
+    layers = []
+    for layer in lm.model.layers:
+        parts = {}
+        for name, (parent, names) in PROJECTIONS.items():
+            modules = [getattr(getattr(layer, parent), n) for n in names]
+            parts[name] = Projection(fuse_weights(modules), modules,
+                                     [getattr(m, "base_layer", m).weight.shape[0] for m in modules])
+        layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, **parts))
+    return layers
+
+
+def block(arch: Architecture, h, layer: Layer, attend, linear, norm=None, activation=None):
+    """One decoder layer over rows `h` [..., hidden]:
+        h <- h + o(attend(qkv(norm(h))));  h <- h + down(activation(gate_up(norm(h))))
+    `linear(name, x, residual=None)` computes x @ the projection's weight.T (+ `residual`): plain
+    (decoding, in place), or with each module's LoRA update (training). `attend(y)` turns the q/k/v
+    projection's output into the attention output [..., heads * head_dim]. `norm` and `activation`
+    default to the torch operations; the decoder passes its Triton ones for one-token steps."""
+    norm, activation = norm or arch.norm, activation or arch.activation
+    h = linear("o", attend(linear("qkv", norm(h, layer.attn_norm))), residual=h)
+    return linear("down", activation(linear("gate_up", norm(h, layer.mlp_norm))), residual=h)
+
+
+def rope_tables(positions, inv_freq, scale: float, dtype):
+    """cos and sin for `positions` ([...] -> [..., head_dim]), as transformers' Llama rotary embedding
+    computes them; sin carries rotate_half's signs (-sin on the first half) for `rotate`."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x, cos, sin):
+    """RoPE over the last dimension: x * cos + rotate_half(x) * sin, computed as the two halves
+    swapped times the signed sin (`rope_tables`): the same values, one operation fewer."""
+    return torch.addcmul(x * cos, x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2), sin)
+
+
+def fuse_weights(modules) -> torch.Tensor:
+    """The base weights of linear `modules` reading the same input, concatenated ([sum of outs, in]);
+    each module's weight becomes a view into it, so nothing is held twice and whatever reads or
+    updates the modules (saving, `merge_adapter`) sees the fused tensor."""
+    bases = [getattr(m, "base_layer", m) for m in modules]
+    weight = torch.cat([b.weight.detach() for b in bases])
+    start = 0
+    for b in bases:
+        n = b.weight.shape[0]
+        b.weight.data = weight[start:start + n]
+        start += n
+    return weight
