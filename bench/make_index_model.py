@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from conftest import INDEX_TOKENIZER_CONFIG, TINY_INDEX, train_sentencepiece  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+from chatlora.testing import INDEX_TOKENIZER_CONFIG, TINY_INDEX, train_sentencepiece  # noqa: E402
 
 INDEX_1_9B = dict(TINY_INDEX, hidden_size=2048, intermediate_size=5888, num_hidden_layers=36,
                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,

@@ -32,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from load_clients import client_group, percentile, start_processes  # noqa: E402  (bench/: light, for the client processes)
 
-from chatlora.config import load_config  # noqa: E402
+from chatlora.config import (
+    ServeConfig,  # noqa: E402
+    load_config,  # noqa: E402
+)
 from chatlora.decode.static import static_decoder  # noqa: E402
 from chatlora.rundir import load_run, load_tuned_model  # noqa: E402
-from chatlora.serve.app import Limits, Server, in_background  # noqa: E402
+from chatlora.serve.app import Server, in_background  # noqa: E402
 from chatlora.train.loop import train  # noqa: E402
 
 
@@ -83,7 +86,7 @@ def main() -> None:
         head = (model.get_base_model() if hasattr(model, "get_base_model") else model).lm_head.weight
         with torch.no_grad():
             head[vocab:] = 0
-    server = Server(run, model, Limits(queue_size=256, max_batch=16))
+    server = Server(run, model, ServeConfig(queue_size=256, max_batch=16))
     spawn = multiprocessing.get_context("spawn")   # no CUDA state in the clients
     with in_background(server) as url, ProcessPoolExecutor(args.processes, mp_context=spawn) as processes:
         start_processes(processes, args.processes)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 from serve_load import short_run  # noqa: E402  (bench/, the script's own folder)
 
 import chatlora.serve.worker as worker  # noqa: E402
+from chatlora.config import ServeConfig  # noqa: E402
 from chatlora.rundir import load_tuned_model  # noqa: E402
-from chatlora.serve.app import Limits, Server, in_background  # noqa: E402
+from chatlora.serve.app import Server, in_background  # noqa: E402
 
 CLIENTS = r'''
 import json, sys, time
@@ -88,7 +89,7 @@ def main() -> None:
     model = load_tuned_model(run, device="cpu")
     ids = [i for i in run.tok.encode("嬛嬛朕今日政务繁忙你陪朕说说话") if run.tok.decode([i]).strip()]
     worker.BatchGeneration = free_generation(ids)
-    server = Server(run, model, Limits(queue_size=256, max_batch=16, max_tokens_cap=args.max_tokens))
+    server = Server(run, model, ServeConfig(queue_size=256, max_batch=16, max_tokens_cap=args.max_tokens))
     rows = []
     with in_background(server) as url:
         subprocess.run([sys.executable, "-c", CLIENTS, url, "1", "8"], check=True, capture_output=True)  # warm-up

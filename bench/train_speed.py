@@ -144,7 +144,7 @@ def first_step_losses(cfg, examples) -> dict:
             torch.nn.init.normal_(p, std=0.01)
     model.eval()
     step = [examples[i] for i in StepPlan(len(examples), 16, cfg.train.seed).indices(0)]
-    plain = accumulate_gradients(model, step, 16, lambda ex: pack(ex, "cuda"), -1, 2048).item()
+    plain = accumulate_gradients(model, step, 16, lambda ex: pack(ex, "cuda"), 2048).item()
     collate = _seq2seq_collator(tok.pad_id)
     total, count = 0.0, 0
     with torch.no_grad():

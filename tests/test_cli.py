@@ -24,6 +24,10 @@ def test_data_check_bundled_with_index_tokenizer(index_dir, tmp_path, capsys):
     assert len(rows) == data["examples_kept"]
     first = rows[0]
     assert len(first["input_ids"]) == len(first["labels"]) and first["input_ids"][0] == 0
+    lines = [int(r["source"].rsplit(":", 1)[1]) for r in rows]   # the data's order, each row's own line
+    assert lines == sorted(lines) and rows[0]["source"].endswith("huanhuan.json:2")
+    assert {r["split"] for r in rows} == {"train", "held_out"}
+    assert sum(r["split"] == "held_out" for r in rows) == data["held_out_examples"]
     assert first["labels"][-1] == 2 and first["input_ids"][-1] == 2 and IGNORE in first["labels"]
 
 

@@ -2,14 +2,7 @@
 
 import pytest
 
-from chatlora.config import (
-    HUANHUAN_SYSTEM_PROMPT,
-    Config,
-    config_from_dict,
-    field_docs,
-    load_config,
-    system_prompt_for,
-)
+from chatlora.config import HUANHUAN_SYSTEM_PROMPT, Config, config_from_dict, field_docs, load_config, system_prompt_for
 from chatlora.errors import UserError
 
 

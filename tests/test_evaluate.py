@@ -5,12 +5,8 @@ import json
 import pytest
 
 from chatlora.errors import UserError
-from chatlora.evaluate import (
-    evaluate_run,
-    generate_predictions,
-    metric_tokens,
-    text_metrics,
-)
+from chatlora.evaluate import evaluate_run, metric_tokens, text_metrics
+from chatlora.predict import generate_predictions
 
 
 def test_metric_tokens_are_characters_for_chinese_words_otherwise():

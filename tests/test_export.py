@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from chatlora.decode.engine import Sampling, generate_ids
 from chatlora.errors import UserError
-from chatlora.export import export_gguf, export_ollama
+from chatlora.export import export_gguf, export_ollama, merge_run
 from chatlora.rundir import load_run, load_tuned_model
 
 # Relative logit error allowed for each weight type (f16/bf16 rounding; q8_0's 8-bit blocks).
@@ -114,3 +114,23 @@ def test_a_system_prompt_that_would_inject_modelfile_lines_is_refused(tiny_run, 
     with pytest.raises(UserError, match='contains """'):
         export_ollama(run, tmp_path / "ollama")
     assert not (tmp_path / "ollama").exists()
+
+
+def test_a_run_in_the_tutorials_format_is_exported_with_that_format(index_dir, tiny_data, tmp_path):
+    """The exported chat template follows the run's format, not the base model's family."""
+    import json
+
+    import jinja2
+
+    from chatlora.config import load_config
+    from chatlora.train.loop import train
+
+    cfg = load_config(overrides=["train.max_steps=1"], flags={"model.path": str(index_dir), "data.path": str(tiny_data),
+                                                              "model.template": "self-llm"})
+    train(cfg, tmp_path / "run")
+    out = merge_run(tmp_path / "run", tmp_path / "merged")
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    run = load_run(tmp_path / "run")
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "问"}]
+    assert run.tok.encode(jinja2.Environment().from_string(template).render(messages=messages)) == run.fmt.prompt(messages)
+    assert "reserved_0user" in template

@@ -4,13 +4,13 @@ The CUDA-graph replay of the same pass is compared with its eager run in tests/t
 
 import pytest
 import torch
-from conftest import make_index_dir
-from test_train import examples_for
+from helpers import examples_for
 
 from chatlora.config import load_config
 from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE
+from chatlora.testing import make_index_dir
 from chatlora.train.fused import FusedStep, host_row, unsupported_reason
 from chatlora.train.loop import accumulate_gradients
 from chatlora.train.steps import pack

@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_serve import chat_body
+from helpers import chat_body
 
-from chatlora.serve.app import Limits, Server, in_background
+from chatlora.config import ServeConfig
+from chatlora.serve.app import Server, in_background
 
 REQUESTS = 2400
 PATHS = ["/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions", "/", "/", "/v1/models",
@@ -83,7 +84,7 @@ def test_random_and_malformed_requests_get_no_5xx_and_the_worker_lives(tiny_run)
     from chatlora.rundir import load_run, load_tuned_model
 
     run = load_run(tiny_run)
-    server = Server(run, load_tuned_model(run, device="cpu"), Limits(max_tokens_cap=4, queue_size=64))
+    server = Server(run, load_tuned_model(run, device="cpu"), ServeConfig(max_tokens_cap=4, queue_size=64))
     rng = random.Random(20261130)
     requests = [odd_request(rng) for _ in range(REQUESTS)]
     statuses: Counter = Counter()

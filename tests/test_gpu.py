@@ -27,7 +27,7 @@ def lora_model(index_dir, dtype):
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_packed_equals_padded_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
-    from test_train import examples_for
+    from helpers import examples_for
 
     model = lora_model(index_dir, dtype)
     examples = examples_for(index_tok, huanhuan_rows[:8])
@@ -74,7 +74,7 @@ def test_batched_generation_on_cuda_equals_single(index_dir):
 def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
     """Captured CUDA-graph passes (several bucket shapes, several replays with new data) give the
     eager fused pass's loss and gradients, which give the plain peft model's."""
-    from test_train import examples_for
+    from helpers import examples_for
 
     from chatlora.train.fused import FusedStep
 
@@ -91,7 +91,7 @@ def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, hua
                 loss = fast.accumulate(examples, 16, 300).item()   # 300 tokens: 3-4 passes per step
             else:
                 model.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), -1, 300).item()
+                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
             grads = torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])
             out.append((loss, grads))
         results[mode] = out
@@ -106,7 +106,7 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
     """Each captured shape's memory goes back to the shared graph pool: after the first capture,
     capturing more shapes leaves allocated memory flat (a fresh warm-up stream per capture kept a
     cuBLAS workspace each: +64 MiB per shape at full size)."""
-    from test_train import examples_for
+    from helpers import examples_for
 
     from chatlora.train.fused import FusedStep
 
@@ -168,10 +168,10 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_decode_kernels_equal_the_torch_operations(dtype, tol):
     """kernels.py compiled, against the torch operations the decoder uses without them
-    (tests/kernel_cases.py: RoPE + cache write, RMSNorm, SiLU*mul, linear's paths, attention)."""
-    import kernel_cases
+    (tests/helpers.py: RoPE + cache write, RMSNorm, SiLU*mul, linear's paths, attention)."""
+    from helpers import check_kernels
 
-    kernel_cases.check("cuda", dtype, tol, head_dim=64)
+    check_kernels("cuda", dtype, tol, head_dim=64)
 
 
 def test_requests_join_a_running_captured_batch_on_cuda(index_dir):
@@ -234,7 +234,7 @@ def test_warm_up_captures_what_serving_meets(index_dir):
 def test_worker_on_cuda_survives_a_failing_step_and_cuts_replies_on_shutdown(tiny_run):
     """The serving thread over the captured decoder (continuous batching): see
     test_serve_hardening.worker_faults_and_cut, which runs the same on CPU with the uncaptured decoder."""
-    from test_serve_hardening import worker_faults_and_cut
+    from helpers import worker_faults_and_cut
 
     from chatlora.rundir import load_run, load_tuned_model
 

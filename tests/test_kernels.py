@@ -1,5 +1,5 @@
 """The Triton decode kernels (kernels.py) against the torch operations they replace, on CPU under
-Triton's interpreter, in float32 (tests/kernel_cases.py; tests/test_gpu.py runs the same check
+Triton's interpreter, in float32 (tests/helpers.py; tests/test_gpu.py runs the same check
 compiled on a GPU, in bf16 too).
 
 The interpreter is chosen when the kernels are defined, so the check runs in its own process with
@@ -23,12 +23,12 @@ CHECK = textwrap.dedent(f"""
     import sys
     import torch
     sys.path.insert(0, {TESTS!r})
-    import kernel_cases
+    from helpers import check_kernels
     from chatlora.decode import kernels
 
     assert kernels.available(torch.device("cpu"))
     BREAK = None
-    kernel_cases.check("cpu", torch.float32, 1e-5, head_dim=16)
+    check_kernels("cpu", torch.float32, 1e-5, head_dim=16)
     print("kernels match")
 """)
 

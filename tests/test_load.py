@@ -5,10 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_serve import running
+from helpers import running
 
+from chatlora.config import ServeConfig
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve.app import Limits, Server
+from chatlora.serve.app import Server
 
 CLIENTS, REQUESTS, QUEUE = 16, 300, 4
 
@@ -23,7 +24,7 @@ def rss_mib() -> float:
 @pytest.mark.slow
 def test_overload_gives_only_200_and_429_and_memory_stays_flat(tiny_run):
     run = load_run(tiny_run)
-    server = Server(run, load_tuned_model(run, device="cpu"), Limits(queue_size=QUEUE))
+    server = Server(run, load_tuned_model(run, device="cpu"), ServeConfig(queue_size=QUEUE))
     body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0.7}
     statuses: Counter = Counter()
     memory = []

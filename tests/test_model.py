@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REMOTE_CODE_MARKER, make_index_dir
 
 from chatlora.errors import UserError
 from chatlora.models import hub
 from chatlora.models.load import load_model, pick_dtype, prepare_base
+from chatlora.testing import REMOTE_CODE_MARKER, make_index_dir
 
 
 def reference_index_logits(index_dir, ids: torch.Tensor) -> torch.Tensor:
@@ -204,10 +204,9 @@ def test_download_goes_to_cache_without_remote_code(monkeypatch):
 def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkeypatch):
     """Two processes converting the same model at once (two training ranks): the one that finishes
     second finds the directory in place and uses it instead of failing."""
-    from conftest import make_index_dir
-
     import chatlora.atomic as atomic
     import chatlora.models.load as model_mod
+    from chatlora.testing import make_index_dir
 
     source = make_index_dir(tmp_path / "Index-race", sp_model_file)
     real_replace = atomic.os.replace
@@ -231,11 +230,10 @@ def test_copies_of_the_same_model_share_one_conversion_and_the_cache_lists_and_c
     and `clean` removes conversions whose sources are gone."""
     import shutil
 
-    from conftest import make_index_dir
-
     from chatlora import cache
     from chatlora.cli import main
     from chatlora.models import hub
+    from chatlora.testing import make_index_dir
 
     monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path / "cache"))
     first = make_index_dir(tmp_path / "clone-a" / "Index-tiny", sp_model_file)

@@ -1,54 +1,20 @@
 """`chatlora serve`: the OpenAI API (with the official client), the tutorial endpoint, keys and limits."""
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
+from helpers import KEY, Slow, chat_body, free_port, local_client, make_client, running
 
+from chatlora.config import ServeConfig
 from chatlora.decode.engine import Sampling, generate_ids
 from chatlora.errors import UserError
-from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve.app import Limits, Server, build_app, in_background
+from chatlora.rundir import load_tuned_model
+from chatlora.serve.app import Server, build_app
 from chatlora.serve.guard import check_bind, resolve_api_key
 from chatlora.serve.worker import StopStrings
-
-KEY = "test-key-123456"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_run):
-    run = load_run(tiny_run)
-    return run, load_tuned_model(run, device="cpu")
-
-
-class Slow(torch.nn.Module):
-    """A model that takes ~20 ms a token, so that a disconnect or a deadline lands mid-reply."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
-
-    def forward(self, *a, **k):
-        time.sleep(0.02)
-        return self.inner(*a, **k)
-
-
-def local_client(app) -> TestClient:
-    """An in-process client that calls the server by a loopback name, as a local browser does."""
-    return TestClient(app, base_url="http://127.0.0.1:8000")
-
-
-def make_client(loaded, key=None, **limits):
-    run, model = loaded
-    return local_client(build_app(Server(run, model, Limits(**limits)), key))
-
-
-def chat_body(**extra):
-    return {"messages": [{"role": "user", "content": "你是谁？"}], "temperature": 0, "max_tokens": 8, **extra}
 
 
 def test_chat_completion_equals_plain_greedy_generate(loaded):
@@ -202,7 +168,7 @@ def test_a_megabyte_stop_string_costs_no_more_than_the_text():
 
 def test_full_queue_answers_429_with_retry_after(loaded):
     run, model = loaded
-    server = Server(run, model, Limits(queue_size=1, max_batch=1))
+    server = Server(run, model, ServeConfig(queue_size=1, max_batch=1))
     gate, held = threading.Event(), threading.Event()
     original = server.worker._run_batch
     server.worker._run_batch = lambda batch: (held.set(), gate.wait(10), original(batch))[2]  # hold the worker busy
@@ -229,21 +195,10 @@ def test_full_queue_answers_429_with_retry_after(loaded):
 # ---------------------------------------------------------------- a real server and the official client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def running(server: Server, key: str | None = None):
-    """A real uvicorn server for `server` on a free loopback port, in a thread; yields its URL."""
-    return in_background(server, key)
-
-
 @pytest.fixture(scope="module")
 def live_server(loaded):
     run, model = loaded
-    with running(Server(run, model, Limits()), KEY) as url:
+    with running(Server(run, model, ServeConfig()), KEY) as url:
         yield url
 
 
@@ -269,7 +224,7 @@ def test_client_disconnect_stops_generation(loaded):
 
     run, model = loaded
 
-    server = Server(run, Slow(model), Limits())
+    server = Server(run, Slow(model), ServeConfig())
     finished = []
     original = server.worker._run_batch
     server.worker._run_batch = lambda batch: (finished.extend(batch), original(batch))[1]
@@ -286,7 +241,7 @@ def test_client_disconnect_stops_generation(loaded):
 
 def test_concurrent_requests_are_batched_with_unchanged_replies(loaded):
     run, model = loaded
-    server = Server(run, model, Limits())
+    server = Server(run, model, ServeConfig())
     questions = ["你是谁？", "皇上驾到！", "今日天气很好，我们去御花园走走吧。"]
     with local_client(build_app(server)) as client:
         alone = [client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": q}],
@@ -388,7 +343,7 @@ def test_serve_process_logs_no_prompt_or_key_and_stops_on_sigterm(tiny_run, tmp_
 def test_deadline_ends_a_long_generation(loaded):
     run, model = loaded
 
-    with local_client(build_app(Server(run, Slow(model), Limits(deadline_s=0.3)))) as client:
+    with local_client(build_app(Server(run, Slow(model), ServeConfig(deadline_s=0.3)))) as client:
         started = time.time()
         body = client.post("/v1/chat/completions", json=chat_body(max_tokens=200, temperature=1.0, seed=0)).json()
     assert time.time() - started < 3
@@ -448,7 +403,7 @@ def test_a_failing_batch_answers_500_and_the_worker_serves_the_next(loaded, monk
 
 def test_health_is_503_once_the_worker_is_gone(loaded):
     run, model = loaded
-    server = Server(run, model, Limits())
+    server = Server(run, model, ServeConfig())
     with local_client(build_app(server)) as client:
         assert client.get("/health").status_code == 200
         server.worker.close()

@@ -196,3 +196,47 @@ def test_user_defined_special_pieces_are_spelled_in_bytes(tmp_path):
     ids = tok.encode_text(text)
     assert not {3, 4} & set(ids) and tok.decode(ids) == tok.sp.decode(tok.sp.encode(text))
     assert tok.encode_text("hello world") == tok.sp.encode("hello world")
+
+
+# ---------------------------------------------------------------- the templates exports write
+
+
+def exported_renders(fmt, messages):
+    """The format's Jinja template (rendered as transformers does) and its Ollama template (Go's
+    rules, tests/helpers.py) for a conversation ending with a user message, as text."""
+    import jinja2
+    from helpers import render_go_template
+
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    rest = messages[1:] if system is not None else messages
+    jinja = jinja2.Environment().from_string(fmt.jinja_template()).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    return jinja, render_go_template(fmt.ollama_template(), system, rest)
+
+
+MULTI_TURN = conv("问一", "答一", "问二", "答二", "问三")
+
+
+@pytest.mark.parametrize("name", ["index", "self-llm"])
+def test_exported_templates_render_the_formats_own_prompt(index_tok, name):
+    """Index's official format, multi-turn: both exported templates tokenize to the prompt ids. The
+    tutorial's format is exact for a single turn (its training and its inference are single-turn);
+    with history, its text layout is kept, but a text template cannot keep the tutorial's token
+    boundaries (it tokenized the prompt and each reply apart)."""
+    fmt = chat_format(name, index_tok)
+    for messages in ([MULTI_TURN] if name == "index" else [conv("问一"), conv("问一", system=None)]):
+        for text in exported_renders(fmt, messages):
+            assert index_tok.encode(text) == fmt.prompt(messages), (name, text)
+    if name == "self-llm":
+        jinja, ollama = exported_renders(fmt, MULTI_TURN)
+        assert jinja == ollama == (f"<unk>system{SYSTEM}reserved_0user问一reserved_1assistant答一<unk>"
+                                   "reserved_0user问二reserved_1assistant答二<unk>reserved_0user问三reserved_1assistant")
+    assert fmt.ollama_stops() == (["</s>", "reserved_0", "reserved_1", "<unk>"] if name == "index" else ["</s>"])
+
+
+def test_exported_templates_render_chatmls_prompt(smollm2_tok):
+    fmt = chat_format("auto", smollm2_tok)
+    for messages in (MULTI_TURN, conv("Hi", "Hello!", "How are you?")):
+        for text in exported_renders(fmt, messages):
+            assert smollm2_tok.encode(text) == fmt.prompt(messages)
+    assert fmt.ollama_stops() == ["<|im_end|>", "<|im_start|>"]

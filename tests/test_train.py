@@ -1,62 +1,21 @@
 """The training loop: loss semantics, exact resume, interruption, NaN, checkpoints, config drift."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from helpers import cli_train, config_for, examples_for, fresh_lora_model, max_adapter_diff, run_step, step_losses
 from safetensors.torch import load_file
 
 from chatlora.config import load_config
 from chatlora.errors import UserError
 from chatlora.models.load import load_model, prepare_base
-from chatlora.models.lora import attach, trainable_parameters
-from chatlora.templates import IGNORE, chat_format
+from chatlora.templates import IGNORE
 from chatlora.train.checkpoint import latest_checkpoint
-from chatlora.train.loop import accumulate_gradients, train
+from chatlora.train.loop import train
 from chatlora.train.steps import pack, pad
-
-
-def config_for(index_dir, data, **train):
-    overrides = [f"train.{k}={v}" for k, v in train.items()]
-    return load_config(overrides=overrides, flags={"model.path": str(index_dir), "data.path": str(data),
-                                                   "data.system_prompt": "现在你要扮演皇帝身边的女人--甄嬛"})
-
-
-def examples_for(index_tok, rows):
-    from chatlora.data.dataset import Example
-
-    fmt = chat_format("index", index_tok)
-    out = []
-    for r in rows:
-        ids, labels = fmt.render([{"role": "user", "content": r["instruction"]},
-                                  {"role": "assistant", "content": r["output"]}])
-        out.append(Example(ids, labels, 0))
-    return out
-
-
-def fresh_lora_model(index_dir, dropout=0.0, seed=0):
-    torch.manual_seed(seed)
-    cfg = load_config(overrides=[f"lora.dropout={dropout}"])
-    model = attach(load_model(prepare_base(str(index_dir)), "float32", "cpu"), cfg.lora)
-    for name, p in trainable_parameters(model):  # B starts at zero: give it values so grads flow everywhere
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.train()
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in trainable_parameters(model)}
-
-
-def run_step(model, examples, micro, collate):
-    model.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, examples, micro, collate)
-    return loss.item(), grads(model)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(index_dir, index_tok, huanhuan_rows):
@@ -173,28 +132,6 @@ def test_resume_with_different_config_is_refused(index_dir, tiny_data, tmp_path)
 # ---------------------------------------------------------------- real processes: kill, SIGTERM, resume
 
 
-def cli_train(run, index_dir, data, *extra, env=None, wait=True):
-    args = [sys.executable, "-m", "chatlora", "train", "--model", str(index_dir), "--data", str(data),
-            "--system", "现在你要扮演皇帝身边的女人--甄嬛", "--output", str(run), "--examples-per-step", "4",
-            "--micro-batch-examples", "2", "--save-every", "2", "--eval-every", "0", "--max-steps", "12",
-            "--set", "train.learning_rate=0.002", *extra]
-    env = dict(os.environ, **(env or {}))
-    if not wait:
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-
-
-def step_losses(run):
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def max_adapter_diff(a, b):
-    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    assert ta.keys() == tb.keys()
-    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_accumulation_is_exact(index_dir, tiny_data, tmp_path):
     reference = tmp_path / "reference"
@@ -202,7 +139,7 @@ def test_resume_after_sigkill_mid_accumulation_is_exact(index_dir, tiny_data, tm
     # Killed before micro-batch 1 of step 9 (0-based 8): mid-epoch (8 steps an epoch, dropout on),
     # mid-accumulation, after checkpoint-8 and before checkpoint-10.
     run = tmp_path / "killed"
-    killed = cli_train(run, index_dir, tiny_data, env={"CHATLORA_FAULT": "kill:8:1"})
+    killed = cli_train(run, index_dir, tiny_data, kill_at=(8, 1))
     assert killed.returncode == -signal.SIGKILL
     assert latest_checkpoint(run).name == "checkpoint-8" and not (run / "final").exists()
     resumed = cli_train(run, index_dir, tiny_data, "--resume")
@@ -239,10 +176,7 @@ def test_sigterm_writes_a_resumable_checkpoint(index_dir, tiny_data, tmp_path):
 
 
 def test_schedules_match_transformers(tmp_path):
-    from transformers import (
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     from chatlora.train.loop import lr_at
 

@@ -7,7 +7,7 @@ import os
 import stat
 
 import pytest
-from test_train import config_for, step_losses
+from helpers import config_for, step_losses
 
 from chatlora.config import load_config
 from chatlora.errors import UserError

@@ -5,10 +5,11 @@ import os
 import shutil
 
 import pytest
-from test_serve import local_client, running
+from helpers import local_client, running
 
+from chatlora.config import ServeConfig
 from chatlora.rundir import load_run, load_tuned_model
-from chatlora.serve.app import Limits, Server, build_app
+from chatlora.serve.app import Server, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
@@ -21,7 +22,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def site(tiny_run):
     run = load_run(tiny_run)
-    server = Server(run, load_tuned_model(run, device="cpu"), Limits())
+    server = Server(run, load_tuned_model(run, device="cpu"), ServeConfig())
     with running(server) as url:
         yield url, server
 
@@ -45,7 +46,7 @@ def page(site, browser):
 
 
 def api_reply(site, system: str, user: str) -> str:
-    with local_client(build_app(Server(site[1].run, site[1].worker.model, Limits()))) as client:
+    with local_client(build_app(Server(site[1].run, site[1].worker.model, ServeConfig()))) as client:
         body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
                 "temperature": 0, "max_tokens": 12}
         return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
@@ -80,7 +81,7 @@ def test_the_page_works_whatever_the_system_prompt(tiny_run, browser):
     run = load_run(tiny_run)
     hostile = "<!--<script>alert(1)</script>\u2028</script>"
     run.info = dict(run.info, system_prompt=hostile)
-    with running(Server(run, load_tuned_model(run, device="cpu"), Limits())) as url:
+    with running(Server(run, load_tuned_model(run, device="cpu"), ServeConfig())) as url:
         page = browser.new_page()
         page.goto(url)
         assert page.input_value("#system") == hostile   # the script ran and filled the form

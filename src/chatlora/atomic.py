@@ -1,15 +1,18 @@
 """Writes that never leave a half-written file or directory and never clobber what the user had.
 
-A file is written beside its target under a temporary name, flushed to disk, then renamed over the
-target in one step; `overwrite=False` refuses an existing target with a clear error. A directory
-(a checkpoint, a merged model, a converted base) is assembled under a hidden temporary name, every
-file and the directory flushed to disk (so a power cut cannot leave a renamed but empty file), then
-renamed into place. What is written gets the modes the user's umask gives any new file (temporary
-files, and safetensors' files, are created private, 0600; that is not what a finished run should keep). A full disk is a
-clear error naming the path and the space, and leaves no temporary file or directory behind.
+A file (`new_file`, `write_text`) is written beside its target under a temporary name, flushed to
+disk, then renamed over the target in one step; `overwrite=False` refuses an existing target with a
+clear error. A directory (`new_directory`: a checkpoint, a merged model, a converted base) is
+assembled under a hidden temporary name, every file and the directory flushed to disk (so a power
+cut cannot leave a renamed but empty file), then renamed into place. What is written gets the modes
+the user's umask gives any new file (temporary files, and safetensors' files, are created private,
+0600; that is not what a finished run should keep). A full disk is a clear error naming the path and
+the space, and leaves no temporary file or directory behind.
 
     write_text(Path("report.json"), text)             # UserError if report.json exists
     write_text(Path("report.json"), text, overwrite=True)
+    with new_file(Path("model.gguf")) as tmp:
+        writer = GGUFWriter(tmp, ...)
     with new_directory(run / "checkpoint-100") as tmp:
         save_file(tensors, tmp / "resume_state.safetensors")
 """
@@ -87,26 +90,35 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_lines(path: Path, lines: Iterable[str], overwrite: bool = False) -> None:
-    """Write `lines` (each without its newline) to `path` atomically."""
+@contextlib.contextmanager
+def new_file(path: Path, overwrite: bool = False, needed_bytes: int | None = None):
+    """Yields a temporary path beside `path` to write; when the block ends, the file is flushed to
+    disk, given the umask's mode and renamed over `path` in one step (an existing `path` is refused
+    unless `overwrite`). On any error the temporary file is removed."""
     path = Path(path)
     if not overwrite:
         refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise no_space(e, path) or e
+        tmp.unlink(missing_ok=True)
+        raise no_space(e, path, needed_bytes) or e
+
+
+def write_lines(path: Path, lines: Iterable[str], overwrite: bool = False) -> None:
+    """Write `lines` (each without its newline) to `path` atomically."""
+    with new_file(path, overwrite) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
 
 
 def write_text(path: Path, text: str, overwrite: bool = False) -> None:

@@ -38,6 +38,10 @@ TRAIN_FLAGS = {"--epochs": "train.epochs", "--max-steps": "train.max_steps", "--
                "--save-every": "train.save_every", "--keep-last": "train.keep_last", "--eval-every": "train.eval_every",
                "--seed": "train.seed", "--lora-r": "lora.r", "--lora-alpha": "lora.alpha",
                "--lora-dropout": "lora.dropout"}
+SERVE_FLAGS = {"--host": "serve.host", "--port": "serve.port", "--max-tokens-cap": "serve.max_tokens_cap",
+               "--queue-size": "serve.queue_size", "--max-batch": "serve.max_batch",
+               "--max-body-bytes": "serve.max_body_bytes", "--deadline": "serve.deadline_s",
+               "--max-connections": "serve.max_connections", "--grace": "serve.grace_s"}
 
 
 def _config_flags(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
@@ -105,15 +109,14 @@ def cmd_data_check(args) -> int:
     if args.dump:  # refuse before the work, not after
         from chatlora.atomic import refuse_existing
         refuse_existing(Path(args.dump))
-    _, _, _, ds = dataset_for_config(cfg, Path(args.rejects) if args.rejects else None)
+    ds = dataset_for_config(cfg, Path(args.rejects) if args.rejects else None).dataset
     print(format_report(ds.report))
     if ds.report.get("rejects_file"):
         print(f"rejected rows   written to {ds.report['rejects_file']}")
     if args.json:
         write_text(Path(args.json), json.dumps(ds.report, ensure_ascii=False, indent=2))
     if args.dump:
-        dump_examples(Path(args.dump), ds.train + ds.held_out)
-        print(f"dumped          {len(ds.train) + len(ds.held_out)} examples to {args.dump}")
+        print(f"dumped          {dump_examples(Path(args.dump), ds)} examples to {args.dump} (in the data's order)")
     return 0
 
 
@@ -175,14 +178,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from chatlora.serve.app import Limits, serve
+    from chatlora.config import load_config
+    from chatlora.serve.app import serve
     from chatlora.serve.guard import resolve_api_key
 
     key = resolve_api_key(args.api_key, args.api_key_file)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-                    queue_size=args.queue_size, deadline_s=args.deadline, max_connections=args.max_connections,
-                    grace_s=args.grace)
-    return serve(args.run, args.host, args.port, key, limits, args.name)
+    flags = {key_: getattr(args, flag[2:].replace("-", "_")) for flag, key_ in SERVE_FLAGS.items()}
+    settings = load_config(args.config, args.overrides, flags).serve
+    return serve(args.run, settings, key, args.name)
 
 
 def cmd_export(args) -> int:
@@ -197,7 +200,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from chatlora.evaluate import generate_predictions
+    from chatlora.predict import generate_predictions
 
     out = generate_predictions(args.run, args.data, args.output, args.limit, **_sampling(args))
     print(f"predictions written to {out}")
@@ -255,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "duplicates)")
     check.add_argument("data", nargs="?", help="JSON/JSONL file; default: the bundled huanhuan dataset")
     _config_args(check)
-    check.add_argument("--dump", metavar="PATH", help="write every kept example as JSONL "
-                                                       "{input_ids, labels} (-100 = not supervised)")
+    check.add_argument("--dump", metavar="PATH", help="write every kept example as JSONL, in the data's order: "
+                                                       "{source FILE:LINE, split, input_ids, labels (-100 = not supervised)}")
     check.add_argument("--json", metavar="PATH", help="write the report as JSON")
     check.add_argument("--rejects", metavar="PATH", help="with --on-error skip: where the bad rows go "
                                                           "(default: DATA-NAME.rejected.jsonl here)")
@@ -293,19 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = verbs.add_parser("serve", help="OpenAI-compatible API, the tutorial's endpoint and a web chat page")
     sv.add_argument("run", help="run directory (or a checkpoint inside one)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind; a non-loopback one needs an API key "
-                                                         "(default: %(default)s)")
-    sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--config", metavar="YAML", help="a config file whose `serve` group sets what the flags set")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.FIELD=VALUE",
+                    help="set any serve field, e.g. --set serve.max_messages=64 (repeatable; `chatlora config`)")
+    _config_flags(sv, SERVE_FLAGS)
     sv.add_argument("--api-key", help="require this key (visible in the process list: prefer the file or "
                                       "CHATLORA_API_KEY)")
     sv.add_argument("--api-key-file", help="read the required key from this file")
-    sv.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask (default: %(default)s)")
-    sv.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429 (default: %(default)s)")
-    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413 (default: %(default)s)")
-    sv.add_argument("--deadline", type=float, default=300.0, help="seconds a request may take in all (default: %(default)s)")
-    sv.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed at once (default: %(default)s)")
-    sv.add_argument("--grace", type=float, default=10.0, help="on SIGTERM, seconds running replies may take to "
-                                                            "finish before they are ended (finish_reason shutdown; default: %(default)s)")
     sv.add_argument("--name", help="the model id clients see (default: the run's name)")
     sv.set_defaults(func=cmd_serve)
 

@@ -118,6 +118,30 @@ class GenerateConfig:
     top_k: int = doc("sample among the k most likely tokens (0 = off)", 5)
     top_p: float = doc("nucleus sampling threshold", 0.8)
     repetition_penalty: float = doc("penalty on tokens already present (1 = off)", 1.1)
+    decoder: Literal["auto", "plain"] = doc(
+        "auto = on a GPU, the static KV cache and captured steps where the model is supported; plain = "
+        "transformers' own forward (CHATLORA_FAST_DECODE=0 also forces plain)", "auto")
+    kernels: bool = doc("the Triton kernels in the decoder's one-token steps, where they pass their start-up check "
+                        "(CHATLORA_TRITON=0 also turns them off)", True)
+
+
+@dataclass
+class ServeConfig:
+    host: str = doc("address to bind; a non-loopback one needs an API key", "127.0.0.1")
+    port: int = doc("port to listen on", 8000)
+    max_tokens_cap: int = doc("largest max_tokens a request may ask", 2048)
+    queue_size: int = doc("requests waiting beyond this get 429", 16)
+    max_batch: int = doc("requests generated together at most", 16)
+    max_body_bytes: int = doc("larger request bodies get 413", 1_000_000)
+    deadline_s: float = doc("seconds a request may take in all", 300.0)
+    max_messages: int = doc("messages in one request (or history pairs x 2 + 1)", 256)
+    max_stop_strings: int = doc("stop strings in one request (as OpenAI's API)", 4)
+    max_stop_chars: int = doc("characters in one stop string", 1000)
+    header_timeout_s: float = doc("seconds a request's head may take to arrive", 10.0)
+    body_timeout_s: float = doc("seconds a request's body may take to arrive (then 408)", 30.0)
+    max_connections: int = doc("open connections; more are closed as they arrive", 1000)
+    grace_s: float = doc("on SIGTERM, seconds running replies may take to finish before they are ended "
+                         "(finish_reason shutdown)", 10.0)
 
 
 # The accepted values of each sampling setting, for every way in: the CLI's flags, a run's config
@@ -159,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,6 +277,14 @@ def _check_ranges(cfg: Config) -> list[str]:
                                            "to 1e-3; a larger rate makes the adapter's weights overflow)"),
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
         (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+        (0 <= cfg.serve.port <= 65535, "serve.port must be in [0, 65535]"),
+        (all(getattr(cfg.serve, f) >= 1 for f in ("max_tokens_cap", "queue_size", "max_batch", "max_body_bytes",
+                                                    "max_messages", "max_stop_strings", "max_stop_chars",
+                                                    "max_connections")),
+         "serve's limits (max_tokens_cap, queue_size, max_batch, ...) must be >= 1"),
+        (all(getattr(cfg.serve, f) > 0 for f in ("deadline_s", "header_timeout_s", "body_timeout_s")),
+         "serve's deadline and timeouts must be > 0"),
+        (cfg.serve.grace_s >= 0, "serve.grace_s must be >= 0"),
     ]
     infinite = [f"{group}.{name} must be a finite number, got {value}" for group, fields in cfg.to_dict().items()
                 for name, value in fields.items() if isinstance(value, float) and not math.isfinite(value)]

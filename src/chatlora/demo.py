@@ -16,13 +16,14 @@ import json
 import shutil
 from pathlib import Path
 
+from chatlora.atomic import write_lines, write_text
 from chatlora.config import HUANHUAN_SYSTEM_PROMPT, load_config
 from chatlora.data.dataset import data_file
-from chatlora.decode.engine import Sampling, generate_ids
+from chatlora.decode.engine import Sampling
 from chatlora.errors import UserError
 from chatlora.models.hub import DEMO_MODEL
-from chatlora.models.load import load_model
-from chatlora.rundir import load_run, load_tuned_model
+from chatlora.predict import predict, samples_from
+from chatlora.rundir import load_base_model, load_run, load_tuned_model
 from chatlora.train.loop import train
 
 DEMO_NAME = "smollm2-huanhuan"   # the tuned model's name in chat, serve and export
@@ -65,7 +66,7 @@ def run_demo(output: str | Path = "chatlora-demo", steps: int = 24, overwrite: b
     out.mkdir(parents=True, exist_ok=True)
     data = out / "huanhuan-short.jsonl"
     rows = demo_rows()
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_lines(data, (json.dumps(r, ensure_ascii=False) for r in rows))
     cfg = demo_config(data, steps)
     print(f"chatlora demo: LoRA on {DEMO_MODEL} (SmolLM2-135M-Instruct), {len(rows)} short huanhuan rows, "
           f"{steps} optimizer steps of 8 examples, on {'the GPU' if _cuda() else 'the CPU'}")
@@ -75,8 +76,8 @@ def run_demo(output: str | Path = "chatlora-demo", steps: int = 24, overwrite: b
     held = [m["held_out_loss"] for m in metrics if m.get("held_out_loss") is not None]
     report = {"held_out_loss_before": held[0], "held_out_loss_after": held[-1],
               "loss_curve": str(out / "run" / "loss_curve.png"), "run": str(out / "run"),
-              "samples": _samples(out / "run", rows, samples)}
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+              "samples": _samples(out / "run", samples)}
+    write_text(out / "demo_report.json", json.dumps(report, indent=2, ensure_ascii=False))
     print(format_demo(report))
     return report
 
@@ -87,24 +88,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _samples(run_dir: Path, rows: list[dict], count: int) -> list[dict]:
-    """Held-out prompts answered greedily by the base model and by the tuned one."""
+def _samples(run_dir: Path, count: int) -> list[dict]:
+    """Held-out prompts answered by the base model and by the tuned one (the run's sampling: greedy)."""
     from chatlora.data.dataset import dataset_for_config
 
     run = load_run(run_dir)
-    _, _, _, ds = dataset_for_config(run.cfg)  # the same split training used (from the cache)
-    by_line = {i + 1: r for i, r in enumerate(rows)}
-    prompts = [by_line[e.line] for e in ds.held_out[:count]]
+    held_out = dataset_for_config(run.cfg).dataset.held_out   # the split training used (from the cache)
+    samples = samples_from(run, None, {e.line for e in held_out[:count]})
     sampling = Sampling.from_config(run.cfg.generate)
-    results = []
-    models = {"base": load_model(run.base, run.cfg.model.dtype), "tuned": load_tuned_model(run)}
-    for row in prompts:
-        messages = [{"role": "system", "content": run.system_prompt}, {"role": "user", "content": row["instruction"]}]
-        ids = run.fmt.prompt(messages)
-        answers = {name: run.tok.decode(generate_ids(m, ids, run.fmt.stop_ids, sampling)[0]).rstrip("\ufffd")
-                   for name, m in models.items()}
-        results.append({"prompt": row["instruction"], "reference": row["output"], **answers})
-    return results
+    answers = {name: predict(model, run, samples, sampling, f"{name} replies")
+               for name, model in (("base", load_base_model(run)), ("tuned", load_tuned_model(run)))}
+    return [{"prompt": s.messages[-1]["content"], "reference": s.reference,
+             **{name: preds[i].text for name, preds in answers.items()}} for i, s in enumerate(samples)]
 
 
 def format_demo(report: dict) -> str:

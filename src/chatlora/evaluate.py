@@ -1,6 +1,5 @@
-"""Did the persona take? Predictions for a dataset, and a base-vs-tuned evaluation report.
+"""`chatlora eval`: did the persona take? A base-vs-tuned evaluation report.
 
-    chatlora generate runs/huanhuan --data test.jsonl --output preds.jsonl
     chatlora eval runs/huanhuan                       # the run's held-out split -> runs/huanhuan/eval/
 
 `eval` reports, for the base model and the tuned one: held-out loss and perplexity (the training
@@ -17,56 +16,18 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from chatlora.atomic import refuse_existing, write_lines, write_text
+from chatlora.atomic import write_text
 from chatlora.data.dataset import DataSpec, build_dataset, data_file
-from chatlora.data.rows import read_conversations
-from chatlora.decode.engine import BatchGeneration, Sampling
+from chatlora.decode.engine import Sampling
 from chatlora.errors import UserError
-from chatlora.models.load import load_model
 from chatlora.models.tokenizer import tokenizer_fingerprint
-from chatlora.rundir import Run, load_run, load_tuned_model
+from chatlora.predict import predict, samples_from
+from chatlora.rundir import load_base_model, load_run, load_tuned_model
 from chatlora.train.steps import held_out_loss
 
 CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
-BATCH = 16
-
-
-@dataclass
-class Sample:
-    messages: list[dict]  # the conversation up to the last user turn
-    reference: str
-    line: int
-
-
-def samples_from(run: Run, data: str | None, lines: set[int] | None = None) -> list[Sample]:
-    """The final user turn of each conversation as a prompt, its reply as the reference."""
-    result = read_conversations(data_file(data or run.cfg.data.path), run.system_prompt)
-    if result.errors:
-        raise UserError(f"{data}: {len(result.errors)} bad row(s), e.g. {result.errors[0]}")
-    return [Sample(c.messages[:-1], c.messages[-1]["content"], c.line) for c in result.conversations
-            if lines is None or c.line in lines]
-
-
-def predict(model, run: Run, samples: list[Sample], sampling: Sampling, desc: str) -> list[tuple[str, str]]:
-    """(reply, finish_reason) for each sample, BATCH prompts decoded together."""
-    out = []
-    bar = tqdm(total=len(samples), desc=desc, unit="prompt", leave=False)
-    for i in range(0, len(samples), BATCH):
-        chunk = samples[i:i + BATCH]
-        prompts = [run.fmt.prompt(s.messages) for s in chunk]
-        gen = BatchGeneration(model, prompts, run.fmt.stop_ids, [sampling] * len(chunk), pad_id=run.tok.pad_id)
-        tokens: list[list[int]] = [[] for _ in chunk]
-        for row, token in gen:
-            tokens[row].append(token)
-        out += [(run.tok.decode(t).rstrip("\ufffd"), reason) for t, reason in zip(tokens, gen.finish_reasons)]
-        bar.update(len(chunk))
-    bar.close()
-    return out
 
 
 def metric_tokens(text: str) -> list[str]:
@@ -95,19 +56,6 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict:
     return {"bleu4": bleu, "rouge1": mean("rouge1"), "rouge2": mean("rouge2"), "rougeL": mean("rougeL")}
 
 
-def generate_predictions(run_path: str, data: str, output: str, limit: int | None = None, **sampling) -> Path:
-    run = load_run(run_path)
-    samples = samples_from(run, data)[:limit]
-    out = Path(output)
-    refuse_existing(out)  # before the work, not after
-    preds = predict(load_tuned_model(run), run, samples, Sampling.from_config(run.cfg.generate, **sampling),
-                    "generating")
-    write_lines(out, (json.dumps({"line": s.line, "messages": s.messages, "reference": s.reference,
-                                  "prediction": p, "finish_reason": f}, ensure_ascii=False)
-                      for s, (p, f) in zip(samples, preds)))
-    return out
-
-
 def evaluate_run(run_path: str, data: str | None = None, limit: int | None = None, output: str | None = None,
                  overwrite: bool = False) -> dict:
     """Base vs tuned on the run's held-out split (or `data`); writes report.{json,md,html} into
@@ -120,15 +68,14 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
                         f"replace it, or --output DIR for another place")
     cfg = run.cfg
     # The run's own data rules, so that its held-out split is exactly the one training left out.
-    spec = DataSpec(data or cfg.data.path, run.system_prompt, cfg.data.max_seq_tokens, cfg.data.on_overlength, cfg.data.on_error,
-                    0.0 if data else cfg.data.held_out_fraction, cfg.data.seed)
+    spec = DataSpec.of(cfg, data)
     ds = build_dataset(spec, run.tok, run.fmt, tokenizer_fingerprint(run.dir / "tokenizer"))
     examples = (ds.train if data else ds.held_out)[:limit]
     if not examples:
         raise UserError("nothing to evaluate: the run has no held-out split; pass --data")
     samples = samples_from(run, data, {e.line for e in examples})
     sampling = Sampling.from_config(cfg.generate, temperature=0)
-    models = {"base": load_model(run.base, cfg.model.dtype), "tuned": load_tuned_model(run)}
+    models = {"base": load_base_model(run), "tuned": load_tuned_model(run)}
     report = {"run": str(run.dir), "adapter": str(run.adapter), "examples": len(examples),
               "loss_curve": os.path.relpath(run.dir / "loss_curve.png", out.resolve() if out.exists() else out),
               "data": str(data_file(spec.path)), "max_new_tokens": sampling.max_new_tokens, "models": {},
@@ -138,10 +85,10 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
                              cfg.train.micro_batch_tokens)
         preds = predict(model, run, samples, sampling, f"{name} replies")
         report["models"][name] = {"loss": loss, "perplexity": math.exp(loss),
-                                  **text_metrics([p for p, _ in preds], [s.reference for s in samples]),
-                                  "stop_share": sum(f == "stop" for _, f in preds) / len(preds)}
-        for row, (p, _) in zip(report["samples"], preds):
-            row[name] = p
+                                  **text_metrics([p.text for p in preds], [s.reference for s in samples]),
+                                  "stop_share": sum(p.finish_reason == "stop" for p in preds) / len(preds)}
+        for row, p in zip(report["samples"], preds):
+            row[name] = p.text
     write_report(out, report)
     report["report_dir"] = str(out)
     return report

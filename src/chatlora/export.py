@@ -17,28 +17,17 @@ the chat template inside; reading it back must give the merged model's logits (t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from chatlora.atomic import new_directory, refuse_existing
+from chatlora.atomic import new_directory, new_file, refuse_existing
 from chatlora.errors import UserError
 from chatlora.models.lora import merge
 from chatlora.models.tokenizer import TOKENIZER_FILES
 from chatlora.rundir import load_run, load_tuned_model
-
-# Index's official layout (index-model.md): <unk>{system}, reserved_0{user}reserved_1, the reply bare;
-# nothing between turns, and the generation prompt ends at reserved_1.
-INDEX_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% if m['content'] %}{{ '<unk>' + m['content'] }}{% endif %}"
-    "{% elif m['role'] == 'user' %}{{ 'reserved_0' + m['content'] + 'reserved_1' }}"
-    "{% else %}{{ m['content'] }}{% endif %}"
-    "{% endfor %}"
-)
 
 
 def merge_run(run_path: str | Path, output: str | Path) -> Path:
@@ -57,7 +46,7 @@ def merge_run(run_path: str | Path, output: str | Path) -> Path:
             if (run.dir / "tokenizer" / name).is_file():
                 shutil.copyfile(run.dir / "tokenizer" / name, tmp / name)
         if run.base.family == "index":
-            _index_tokenizer_config(tmp / "tokenizer_config.json")
+            _index_tokenizer_config(tmp / "tokenizer_config.json", run.fmt.jinja_template())
     return output
 
 
@@ -67,10 +56,11 @@ def _base_dtype(base_dir: Path) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _index_tokenizer_config(path: Path) -> None:
+def _index_tokenizer_config(path: Path, chat_template: str) -> None:
+    """Index's tokenizer_config.json without its remote code, with the run's chat format."""
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     config.pop("auto_map", None)  # never point anyone at remote code
-    config["chat_template"] = INDEX_CHAT_TEMPLATE
+    config["chat_template"] = chat_template
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -125,14 +115,14 @@ def _add_tokenizer(writer, run) -> None:
         writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
         writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
         writer.add_token_types(types)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
-        writer.add_pad_token_id(0)
+        writer.add_bos_token_id(tok.token_id("<s>"))
+        writer.add_eos_token_id(tok.eos_id)
+        writer.add_unk_token_id(tok.token_id("<unk>"))
+        writer.add_pad_token_id(tok.pad_id)
         writer.add_add_bos_token(False)
         # Whether sentencepiece prepends "▁" (its add_dummy_prefix), read off the model's behaviour.
         writer.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("\u2581"))
-        writer.add_chat_template(INDEX_CHAT_TEMPLATE)
+        writer.add_chat_template(run.fmt.jinja_template())
         return
     spec = json.loads(tok.hf.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
@@ -152,8 +142,8 @@ def _add_tokenizer(writer, run) -> None:
         writer.add_bos_token_id(tok.hf.bos_token_id)
     writer.add_pad_token_id(tok.pad_id)
     writer.add_add_bos_token(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+    if run.fmt.jinja_template():
+        writer.add_chat_template(run.fmt.jinja_template())
 
 
 def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: str = "f16") -> Path:
@@ -171,10 +161,18 @@ def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: s
     c = merged.config
     if c.model_type != "llama":
         raise UserError(f"GGUF export covers Llama-architecture models; this one is {c.model_type}")
+    with new_file(output) as tmp:
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch="llama"), run, merged, quant)
+    return output
+
+
+def _write_gguf(writer, run, merged, quant: str) -> None:
+    """The merged model into `writer`: llama.cpp's Llama keys, the tokenizer, every tensor."""
+    import gguf
+
+    c = merged.config
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
-    tmp = output.with_name(f".{output.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
     writer.add_name(run.name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -199,25 +197,10 @@ def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: s
         elif name.endswith("k_proj.weight"):
             data = _permute_qk(data, kv_heads)
         _add_tensor(writer, _gguf_name(name), data, quant)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return output
-
-
-# Ollama's Go-template versions of the two chat formats it can be told about.
-OLLAMA_TEMPLATES = {
-    "index": ('{{ if .System }}<unk>{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
-              'reserved_0{{ .Content }}reserved_1{{ else if eq .Role "assistant" }}{{ .Content }}{{ end }}{{ end }}'),
-    "chatml": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
-               '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'),
-}
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def ollama_name(name: str) -> str:
@@ -238,12 +221,7 @@ def export_ollama(run_path: str | Path, output: str | Path | None = None, quant:
         raise UserError('the run\'s system prompt contains """, which an Ollama Modelfile cannot hold (the rest '
                         'would be read as Modelfile commands); change the system prompt, or write the Modelfile '
                         'by hand')
-    if run.fmt.name == "index":
-        template, stops = OLLAMA_TEMPLATES["index"], ["</s>", "reserved_0", "reserved_1", "<unk>"]
-    elif "<|im_start|>" in (run.tok.chat_template or ""):
-        template, stops = OLLAMA_TEMPLATES["chatml"], ["<|im_end|>", "<|im_start|>"]
-    else:
-        raise UserError("Ollama export knows Index's format and ChatML; this model's chat template is neither")
+    template, stops = run.fmt.ollama_template(), run.fmt.ollama_stops()
     g = run.cfg.generate
     lines = ["FROM ./model.gguf", f'TEMPLATE """{template}"""']
     if run.system_prompt:

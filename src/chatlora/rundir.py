@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from chatlora.atomic import write_lines, write_text
+from chatlora.atomic import new_directory, write_lines, write_text
 from chatlora.config import Config, config_from_dict, system_prompt_for
 from chatlora.errors import UserError
 from chatlora.models.load import BaseModel, load_model, load_tokenizer, prepare_base
@@ -84,10 +84,10 @@ def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict, 
             "system_prompt": system_prompt_for(cfg)}
     write_text(run / "run.json", json.dumps(info, indent=2, ensure_ascii=False), overwrite=True)
     write_text(run / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False), overwrite=True)
-    (run / "tokenizer").mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (base.dir / name).is_file():
-            shutil.copyfile(base.dir / name, run / "tokenizer" / name)
+    with new_directory(run / "tokenizer", replace=True) as tmp:
+        for name in TOKENIZER_FILES:
+            if (base.dir / name).is_file():
+                shutil.copyfile(base.dir / name, tmp / name)
 
 
 def read_config(run: Path) -> Config:
@@ -128,14 +128,27 @@ def load_run(path: str | Path) -> Run:
     return Run(run, cfg, info, base, tok, fmt, adapter)
 
 
-def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = None):
-    """Base + the run's adapter (unmerged, peft), in eval mode."""
-    from chatlora.models.lora import load_adapter
+def load_base_model(run: Run, device: str | None = None, dtype: str | None = None):
+    """The run's base model alone, in eval mode, decoding as the run's `generate` settings say."""
+    from chatlora.decode.engine import configure
 
     model = load_model(run.base, dtype or run.cfg.model.dtype, device)
+    configure(model, run.cfg.generate)
+    return model
+
+
+def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = None):
+    """Base + the run's adapter (unmerged, peft), in eval mode, decoding as the run's `generate`
+    settings say."""
+    from chatlora.decode.engine import configure
+    from chatlora.models.lora import load_adapter
+
+    model = load_base_model(run, device, dtype)
     if run.adapter is None:
         return model
-    return load_adapter(model, run.adapter).eval()
+    model = load_adapter(model, run.adapter).eval()
+    configure(model, run.cfg.generate)
+    return model
 
 
 # ---------------------------------------------------------------- written by training

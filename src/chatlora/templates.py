@@ -1,7 +1,8 @@
-"""THE chat-format path: conversation -> token ids with a loss mask, generation prompts, stop ids.
+"""THE chat-format path: conversation -> token ids with a loss mask, generation prompts, stop ids, and
+the templates an export writes (a Jinja chat template, an Ollama template and its stop strings).
 
-Training, chat, serving and export all call this module, so what the model is trained on and what
-it is asked at inference can never disagree. Three formats:
+Training, chat, serving and export all call this module, so what the model is trained on, what it
+is asked at inference and what an exported model is prompted with can never disagree. Three formats:
 
 - `index`: Index's official layout (index-model.md, "Chat format"), built from ids, not strings:
       [<unk>] sp(system) [reserved_0] sp(user) [reserved_1] sp(reply) ... [</s>]
@@ -24,6 +25,7 @@ its control tokens (`data.parse_special_tokens`) opts out, for training and for 
     ids, labels = fmt.render([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                               {"role": "assistant", "content": "A"}])
     prompt_ids = fmt.prompt(messages_ending_with_user)
+    fmt.jinja_template(), fmt.ollama_template(), fmt.ollama_stops()     # for exports
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import warnings
 from typing import Literal
 
 from chatlora.errors import UserError
+from chatlora.models.tokenizer import INDEX_SPECIAL_TOKENS
 
 IGNORE = -100
-# Index's role and end tokens (index-model.md, "Tokenizer").
-UNK, EOS, USER_START, REPLY_START = 0, 2, 3, 4
+# Index's role and end tokens (docs/index-model.md, "Tokenizer").
+UNK, EOS, USER_START, REPLY_START = (INDEX_SPECIAL_TOKENS[t] for t in ("<unk>", "</s>", "reserved_0", "reserved_1"))
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
@@ -118,6 +121,31 @@ class IdFormat:
             labels.append(self.end_id)
         return ids, labels
 
+    def jinja_template(self) -> str:
+        """The format as a Jinja chat template (what transformers and llama.cpp render)."""
+        if self.name == "index":   # nothing between turns; the generation prompt ends at reserved_1
+            return ("{% for m in messages %}"
+                    "{% if m['role'] == 'system' %}{% if m['content'] %}{{ '<unk>' + m['content'] }}{% endif %}"
+                    "{% elif m['role'] == 'user' %}{{ 'reserved_0' + m['content'] + 'reserved_1' }}"
+                    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+        return ("{% for m in messages %}"
+                "{% if m['role'] == 'system' %}{% if m['content'] %}{{ '<unk>system' + m['content'] }}{% endif %}"
+                "{% elif m['role'] == 'user' %}{{ 'reserved_0user' + m['content'] + 'reserved_1assistant' }}"
+                "{% else %}{{ m['content'] + '<unk>' }}{% endif %}{% endfor %}")
+
+    def ollama_template(self) -> str:
+        """The format as an Ollama (Go) template."""
+        if self.name == "index":
+            return ('{{ if .System }}<unk>{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
+                    'reserved_0{{ .Content }}reserved_1{{ else if eq .Role "assistant" }}{{ .Content }}{{ end }}{{ end }}')
+        return ('{{ if .System }}<unk>system{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
+                'reserved_0user{{ .Content }}reserved_1assistant{{ else if eq .Role "assistant" }}{{ .Content }}<unk>'
+                '{{ end }}{{ end }}')
+
+    def ollama_stops(self) -> list[str]:
+        """The stop ids as the text Ollama is told to stop on."""
+        return [self.tok.decode([i], skip_special=False) for i in self.stop_ids]
+
     def prompt(self, messages: Messages) -> list[int]:
         system, turns = split_system(messages)
         if not turns or turns[-1][1] is not None:
@@ -178,6 +206,30 @@ class TemplateFormat:
             spans += [(before[len(done):], False), (reply[:cut], True)]
             done = before + reply[:cut]
         return spans, done
+
+    # The ChatML layout, which an Ollama template can state (`ollama_template`).
+    CHATML_OLLAMA = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
+                     '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+
+    def jinja_template(self) -> str:
+        return self.tok.chat_template
+
+    def _is_chatml(self) -> bool:
+        """Whether the model's template renders a conversation exactly as ChatML lays it out."""
+        messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                    {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+        chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return self._text(messages, generation_prompt=True) == chatml + "<|im_start|>assistant\n"
+
+    def ollama_template(self) -> str:
+        if not self._is_chatml():
+            raise UserError("the Ollama export writes templates for Index's formats and ChatML; this model's "
+                            "chat template renders neither")
+        return self.CHATML_OLLAMA
+
+    def ollama_stops(self) -> list[str]:
+        return ["<|im_end|>", "<|im_start|>"] if self._is_chatml() else \
+            [self.tok.decode([i], skip_special=False) for i in self.stop_ids]
 
     def _set_aside(self, messages: Messages) -> tuple[Messages, dict[str, str]]:
         """Messages whose content holds a control token's text, with that content replaced by a

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from chatlora.atomic import write_lines
+from chatlora.atomic import new_file, write_lines
 from chatlora.data.rows import describe_errors, read_conversations, read_data_bytes
 from chatlora.errors import UserError
 from chatlora.models import hub
@@ -44,6 +44,16 @@ class DataSpec:
     on_error: Literal["stop", "skip"] = "stop"
     held_out_fraction: float = 0.0
     seed: int = 42
+
+    @classmethod
+    def of(cls, cfg, path: str | None = None) -> "DataSpec":
+        """A config's data rules (training and evaluation use this one builder); `path`: another
+        dataset read by the same rules, whole (no held-out split)."""
+        from chatlora.config import system_prompt_for
+
+        d = cfg.data
+        return cls(path or d.path, system_prompt_for(cfg), d.max_seq_tokens, d.on_overlength, d.on_error,
+                   0.0 if path else d.held_out_fraction, d.seed)
 
 
 @dataclass
@@ -201,16 +211,14 @@ def _cache_key(file: Path, spec: DataSpec, template: str, tokenizer_key: str) ->
 def _save_cache(path: Path, examples: list[Example], report: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
     tensors = {
         "input_ids": torch.tensor([i for e in examples for i in e.input_ids], dtype=torch.int32),
         "labels": torch.tensor([i for e in examples for i in e.labels], dtype=torch.int32),
         "lengths": lengths, "lines": torch.tensor([e.line for e in examples], dtype=torch.int64),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"report": json.dumps(report, ensure_ascii=False)})
-    tmp.replace(path)
+    with new_file(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"report": json.dumps(report, ensure_ascii=False)})
 
 
 def _load_cache(path: Path):
@@ -232,9 +240,14 @@ def _load_cache(path: Path):
     return examples, report
 
 
-def dump_examples(path: Path, examples: list[Example]) -> None:
-    """One JSON line per example: {"input_ids": [...], "labels": [...]} (labels aligned, -100 = masked)."""
-    write_lines(path, (json.dumps({"input_ids": e.input_ids, "labels": e.labels}) for e in examples))
+def dump_examples(path: Path, ds: Dataset) -> int:
+    """One JSON line per example, in the data's order: {"source": "FILE:LINE", "split": "train" or
+    "held_out", "input_ids": [...], "labels": [...]} (labels aligned, -100 = masked). Returns the count."""
+    rows = sorted([(e, "train") for e in ds.train] + [(e, "held_out") for e in ds.held_out], key=lambda r: r[0].line)
+    write_lines(path, (json.dumps({"source": f"{ds.report['file']}:{e.line}", "split": split,
+                                   "input_ids": e.input_ids, "labels": e.labels}, ensure_ascii=False)
+                       for e, split in rows))
+    return len(rows)
 
 
 def format_report(report: dict) -> str:
@@ -259,10 +272,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def dataset_for_config(cfg, rejects_path: Path | None = None):
-    """The base model's tokenizer and chat format, and the dataset, as a config describes them.
-    Returns (base, tok, fmt, dataset)."""
-    from chatlora.config import system_prompt_for
+@dataclass
+class ConfiguredData:
+    """What a config's model and data give: the base model, its tokenizer, the chat format, the dataset."""
+    base: object
+    tok: object
+    fmt: object
+    dataset: Dataset
+
+
+def dataset_for_config(cfg, rejects_path: Path | None = None) -> ConfiguredData:
+    """The base model's tokenizer and chat format, and the dataset, as a config describes them."""
     from chatlora.models.load import load_tokenizer, prepare_base
     from chatlora.models.tokenizer import tokenizer_fingerprint
     from chatlora.templates import chat_format
@@ -270,11 +290,10 @@ def dataset_for_config(cfg, rejects_path: Path | None = None):
     base = prepare_base(cfg.model.path)
     tok = load_tokenizer(base)
     fmt = chat_format(cfg.model.template, tok, base.family, cfg.data.parse_special_tokens)
-    spec = DataSpec(cfg.data.path, system_prompt_for(cfg), cfg.data.max_seq_tokens, cfg.data.on_overlength,
-                    cfg.data.on_error, cfg.data.held_out_fraction, cfg.data.seed)
+    spec = DataSpec.of(cfg)
     if spec.on_error == "skip" and rejects_path is None:
         rejects_path = Path(f"{data_file(spec.path).stem}.rejected.jsonl")
     ds = build_dataset(spec, tok, fmt, tokenizer_fingerprint(base.dir), rejects_path)
     if ds.report["rows_rejected"] and rejects_path is not None:
         ds.report["rejects_file"] = str(rejects_path)
-    return base, tok, fmt, ds
+    return ConfiguredData(base, tok, fmt, ds)

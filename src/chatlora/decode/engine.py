@@ -20,9 +20,10 @@ import torch
 from chatlora.decode.loop import DecodeLoop, Request
 from chatlora.decode.plain import PlainDecoder
 from chatlora.decode.sampling import Sampling, draw, next_token
-from chatlora.decode.static import static_decoder
+from chatlora.decode.static import Options, static_decoder, use_options
 
-__all__ = ["BatchGeneration", "Generation", "Sampling", "draw", "generate_ids", "next_token", "warm_up"]
+__all__ = ["BatchGeneration", "Generation", "Sampling", "configure", "draw", "generate_ids", "next_token",
+           "warm_up"]
 
 
 class BatchGeneration:
@@ -94,6 +95,11 @@ def generate_ids(model, prompt_ids: list[int], stop_ids, sampling: Sampling) -> 
     gen = Generation(model, prompt_ids, stop_ids, sampling)
     tokens = list(gen)
     return tokens, gen.finish_reason
+
+
+def configure(model, settings) -> None:
+    """How `model` decodes, from a run's `generate` settings (`decoder`, `kernels`)."""
+    use_options(model, Options(static=settings.decoder == "auto", kernels=settings.kernels))
 
 
 def warm_up(model, rows: int) -> float | None:

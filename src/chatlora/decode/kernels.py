@@ -15,7 +15,8 @@ results agree to bf16 rounding (tests/kernel_cases.py compares each with the tor
 compiled on a GPU and on CPU under Triton's interpreter).
 
 `available(device)` says whether they can run (Triton importable, a CUDA device, or Triton's CPU
-interpreter under `TRITON_INTERPRET=1` for tests); `CHATLORA_TRITON=0` turns them off.
+interpreter under `TRITON_INTERPRET=1` for tests). Whether a decoder uses them is its options'
+(static.Options: `generate.kernels`, or CHATLORA_TRITON=0).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 
 import torch
 
-from chatlora.train.fused import rotate
+from chatlora.models.arch import rotate
 
 try:
     import triton
@@ -35,7 +36,7 @@ except ImportError:  # CPU-only installs: the decoder keeps its torch operations
 
 
 def available(device: torch.device) -> bool:
-    if triton is None or os.environ.get("CHATLORA_TRITON", "1") == "0":
+    if triton is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 

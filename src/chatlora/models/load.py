@@ -30,11 +30,7 @@ import torch
 from chatlora.atomic import file_sha256, new_directory, write_text
 from chatlora.errors import UserError
 from chatlora.models import hub
-from chatlora.models.tokenizer import (
-    TOKENIZER_FILES,
-    load_hf_tokenizer,
-    load_index_tokenizer,
-)
+from chatlora.models.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
 CONVERSION_VERSION = 3  # bump when a conversion's output changes, so old cached copies are redone
 SOURCE_FILE = "chatlora_source.json"  # written into every converted directory: where it came from

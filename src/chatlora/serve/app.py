@@ -21,7 +21,6 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -31,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chatlora.config import ASSETS, sampling_problems
+from chatlora.config import ASSETS, ServeConfig, sampling_problems
 from chatlora.decode.engine import Sampling
 from chatlora.serve.guard import (
     LOOPBACK_NAMES,
@@ -45,22 +44,6 @@ from chatlora.serve.guard import (
 from chatlora.serve.worker import Job, QueueFull, Worker
 
 PAGE = ASSETS / "chat.html"
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 1_000_000
-    max_tokens_cap: int = 2048
-    queue_size: int = 16
-    deadline_s: float = 300.0
-    max_batch: int = 16
-    max_messages: int = 256         # messages in one request (or history pairs x 2 + 1)
-    max_stop_strings: int = 4       # as OpenAI's API
-    max_stop_chars: int = 1000      # characters in one stop string
-    header_timeout_s: float = 10.0  # a request head must arrive within this
-    body_timeout_s: float = 30.0    # ...and its body within this
-    max_connections: int = 1000     # open connections; more are closed as they arrive
-    grace_s: float = 10.0           # on SIGTERM, running replies may finish within this
 
 
 class ApiError(Exception):
@@ -131,7 +114,7 @@ class TutorialRequest(BaseModel):
 class Server:
     """What the routes need: the run, the worker, the limits, the model's context length."""
 
-    def __init__(self, run, model, limits: Limits, name: str | None = None):
+    def __init__(self, run, model, limits: ServeConfig, name: str | None = None):
         self.run, self.limits = run, limits
         self.worker = Worker(model, run.tok, run.fmt.stop_ids, limits.queue_size, limits.max_batch)
         self.context = int(getattr(model.config, "max_position_embeddings", 4096))
@@ -382,14 +365,16 @@ def uvicorn_server(server: Server, api_key: str | None, log_level: str = "info",
     return Uvicorn(config)
 
 
-def serve(run_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, name: str | None = None) -> int:
+def serve(run_path: str, settings: ServeConfig | None = None, api_key: str | None = None,
+          name: str | None = None) -> int:
     from chatlora.rundir import load_run, load_tuned_model
 
+    settings = settings or ServeConfig()
+    host, port = settings.host, settings.port
     check_bind(host, api_key)
     sock = listen(host, port)
     run = load_run(run_path)
-    server = Server(run, load_tuned_model(run), limits or Limits(), name)
+    server = Server(run, load_tuned_model(run), settings, name)
     shown = f"[{host}]" if ":" in host else host
     print(f"chatlora serve: {run.dir} as model '{server.model_id}' on http://{shown}:{port}  "
           f"(API key {'required' if api_key else 'off'})", flush=True)

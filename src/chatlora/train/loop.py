@@ -44,15 +44,7 @@ from chatlora.train.checkpoint import (
 )
 from chatlora.train.distributed import Ranks
 from chatlora.train.fused import FusedStep, unsupported_reason
-from chatlora.train.steps import (
-    StepPlan,
-    held_out_loss,
-    loss_sum,
-    micro_batches,
-    pack,
-    pad,
-    supervised_count,
-)
+from chatlora.train.steps import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
 
 
 class Interrupted(Exception):
@@ -80,7 +72,7 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.learning_rate * factor
 
 
-def accumulate_gradients(model, examples, micro_batch_examples: int, collate, step: int = -1,
+def accumulate_gradients(model, examples, micro_batch_examples: int, collate,
                          micro_batch_tokens: int | None = None, supervised: int | None = None,
                          grad_scale: float = 1.0) -> torch.Tensor:
     """Backward over one optimizer step's examples, micro-batch by micro-batch, each micro-batch's
@@ -90,8 +82,7 @@ def accumulate_gradients(model, examples, micro_batch_examples: int, collate, st
     ranks). Returns the step's loss (0-d, no host sync)."""
     supervised = supervised or supervised_count(examples)
     total = torch.zeros((), device=next(model.parameters()).device)
-    for micro, chunk in enumerate(micro_batches(examples, micro_batch_examples, micro_batch_tokens)):
-        _fault(step, micro)
+    for chunk in micro_batches(examples, micro_batch_examples, micro_batch_tokens):
         part = loss_sum(model, collate(chunk)) / supervised
         (part * grad_scale if grad_scale != 1.0 else part).backward()
         total = total + part.detach()
@@ -110,7 +101,7 @@ class _PlainStep:
 
     def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
         t, world = self.t, self.ranks.world
-        loss = accumulate_gradients(self.model, mine, t.micro_batch_examples, self.collate, step, self.tokens,
+        loss = accumulate_gradients(self.model, mine, t.micro_batch_examples, self.collate, self.tokens,
                                     supervised, world if self.sharded else 1.0)
         if self.sharded:  # every rank runs as many passes as the busiest one (FSDP gathers layers together)
             passes = lambda part: len(micro_batches(part, t.micro_batch_examples, self.tokens))  # noqa: E731
@@ -151,14 +142,6 @@ class _FusedStep:
         self.fast.zero_grad()
 
 
-def _fault(step: int, micro: int) -> None:
-    """Test-only fault injection: CHATLORA_FAULT=kill:STEP:MICRO SIGKILLs the process right before
-    micro-batch MICRO of optimizer step STEP (0-based), as a crash or an out-of-memory kill would."""
-    spec = os.environ.get("CHATLORA_FAULT", "")
-    if spec.startswith("kill:") and spec.split(":")[1:] == [str(step), str(micro)]:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False,
           name: str | None = None) -> Path:
     """Train a LoRA adapter as `cfg` says, into the run directory `output`; return its final/ path.
@@ -196,10 +179,11 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if main:
             (run / "rejected.jsonl").unlink(missing_ok=True)  # the run's own; rewritten by this data check
         loaded = dataset_for_config(cfg, rejects_path=run / "rejected.jsonl" if main else None)
-        if not loaded[3].train:
+        if not loaded.dataset.train:
             raise UserError("no training examples are left after the data check")
         return loaded
-    base, tok, fmt, ds = _together(ranks, load_data)
+    loaded = _together(ranks, load_data)
+    base, tok, fmt, ds = loaded.base, loaded.tok, loaded.fmt, loaded.dataset
     if ranks.active:
         distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
                                      "data": _digest(ds.train)}, ranks)

@@ -1,0 +1,123 @@
+"""Tiny models and tokenizers built in-process, for the tests and the benchmarks (nothing is downloaded).
+
+    sp = train_sentencepiece(tmp)                  # Index's special-token layout, byte fallback
+    model_dir = make_index_dir(tmp / "Index-tiny", sp)   # as users download Index: pickle .bin, remote code
+
+The Index-format directory holds what the real download holds: `config.json` with `model_type: index`
+and `norm_head`, an un-normalized `lm_head` in a pickle `pytorch_model.bin`, the sentencepiece
+`tokenizer.model`, an official-style `tokenizer_config.json`, and remote-code `.py` files that write
+REMOTE_CODE_MARKER if ever run (chatlora must never run them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from chatlora.config import ASSETS
+
+REMOTE_CODE_MARKER = "remote_code_ran.txt"
+
+# Shapes of the tiny Index model: every structural feature of Index-1.9B (MHA, SwiGLU, NormHead,
+# untied head, eps 1e-6), small enough to run a forward in milliseconds.
+TINY_INDEX = {
+    "architectures": ["IndexForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_index.IndexConfig",
+                 "AutoModelForCausalLM": "modeling_index.IndexForCausalLM"},
+    "model_type": "index", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256, "norm_head": 1, "tie_word_embeddings": False, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.01, "torch_dtype": "float32",
+    "rope_scaling": None, "use_cache": True,
+}
+
+# Official-style tokenizer_config.json (index-model.md, "Tokenizer"); the chat_template is the
+# recovered official layout.
+INDEX_TOKENIZER_CONFIG = {
+    "add_bos_token": False, "add_eos_token": False, "legacy": False,
+    "clean_up_tokenization_spaces": False, "tokenizer_class": "IndexTokenizer",
+    "auto_map": {"AutoTokenizer": ["tokenization_index.IndexTokenizer", None]},
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+    "added_tokens_decoder": {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, t in enumerate(["<unk>", "<s>", "</s>", "reserved_0", "reserved_1"])
+    },
+    "chat_template": "{% if messages[0]['role'] == 'system' %}{{ unk_token + messages[0]['content'] }}"
+                     "{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}"
+                     "{{ 'reserved_0' + m['content'] + 'reserved_1' }}{% elif m['role'] == 'assistant' %}"
+                     "{{ m['content'] }}{% endif %}{% endfor %}",
+}
+
+REMOTE_CODE = """# Stands in for Index's remote code. chatlora must never import or run it.
+from pathlib import Path
+Path(__file__).with_name("{marker}").write_text("executed")
+raise RuntimeError("remote code was executed")
+"""
+
+
+def train_sentencepiece(out: Path) -> Path:
+    """A BPE sentencepiece model with Index's special layout: <unk>,<s>,</s>,reserved_0,reserved_1 = 0..4,
+    and Llama's normalizer settings (Index's tokenizer is "modified from the llama tokenizer"):
+    identity normalization, whitespace kept, a dummy prefix, byte fallback."""
+    import sentencepiece as spm
+
+    rows = json.loads((ASSETS / "huanhuan.json").read_text(encoding="utf-8"))
+    lines = [r["instruction"] for r in rows] + [r["output"] for r in rows]
+    lines += ["The quick brown fox jumps over the lazy dog.", "Hello world, numbers 12345 and 67890.",
+              "  leading spaces, trailing spaces  ", "emoji 😀 and tabs\tand more"] * 20
+    prefix = out / "sp"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=4000, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=["reserved_0", "reserved_1"],
+        byte_fallback=True, character_coverage=0.98, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def tiny_index_weights(config: dict, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, f = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+
+    def rand(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"model.embed_tokens.weight": rand(vocab, h, scale=1.0), "model.norm.weight": 1 + rand(h),
+             # Deliberately NOT normalized, with row norms far from 1, as in the released checkpoint.
+             "lm_head.weight": rand(vocab, h) * (1 + 10 * torch.rand(vocab, 1, generator=g))}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "input_layernorm.weight": 1 + rand(h), p + "post_attention_layernorm.weight": 1 + rand(h),
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
+            p + "mlp.down_proj.weight": rand(h, f),
+            # Old checkpoints carry RoPE buffers; the loader must ignore them.
+            p + "self_attn.rotary_emb.inv_freq": torch.ones(h // config["num_attention_heads"] // 2),
+        })
+    return state
+
+
+def make_index_dir(root: Path, sp_model_file: Path, **config_changes) -> Path:
+    """An Index-format directory as users download it: pickle .bin, tokenizer.model, remote code."""
+    import sentencepiece as spm
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = spm.SentencePieceProcessor(model_file=str(sp_model_file)).get_piece_size()
+    config = dict(TINY_INDEX, vocab_size=vocab, **config_changes)
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save(tiny_index_weights(config, vocab), root / "pytorch_model.bin")
+    (root / "tokenizer.model").write_bytes(sp_model_file.read_bytes())
+    (root / "tokenizer_config.json").write_text(json.dumps(INDEX_TOKENIZER_CONFIG, ensure_ascii=False))
+    (root / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+    (root / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True, "top_k": 5,
+         "top_p": 0.8, "temperature": 0.3, "repetition_penalty": 1.1}))
+    for name in ("configuration_index.py", "modeling_index.py", "tokenization_index.py"):
+        (root / name).write_text(REMOTE_CODE.format(marker=REMOTE_CODE_MARKER))
+    return root
