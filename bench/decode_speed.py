@@ -1,4 +1,4 @@
-"""Decode speed: the seed tutorial's inference path vs chatlora's engine, in one run.
+"""Decode speed: the self-llm tutorial's inference path vs chatlora's engine, in one run.
 
     python bench/make_index_model.py /tmp/index-1.9b
     python bench/decode_speed.py /tmp/index-1.9b --new-tokens 256 --json results.json
@@ -7,7 +7,7 @@ A LoRA adapter (r 8, the seven projections, random B so it is not a no-op) sits 
 Index-1.9B-shaped model. Paths, all greedy after a 40-token prompt, no stop token:
 - seed: `PeftModel` (adapter unmerged) + `model.generate`, batch 1 and batch 16 (the tutorial's way);
 - chatlora: `generate.Generation` at batch 1 and `generate.BatchGeneration` at batch 16 (on a GPU:
-  the static-cache decoder with captured steps, adapter merged; fastdecode.py).
+  the static-cache decoder with captured steps, adapter merged; src/chatlora/decode/static.py).
 Reported: generated tokens/s, time to first token, and how many rows' greedy tokens equal
 transformers' `generate` on the same (merged) model, with the earliest position where any differs. The table comes last. Runs on CPU too (slowly) with `--device cpu`, for a smoke test.
 """
@@ -199,7 +199,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"\n{'batch':>5}{'seed tok/s':>12}{'chatlora tok/s':>16}{'x seed':>8}{'TTFT s':>8}{'rows = generate':>17}")
+    print(f"\n{'batch':>5}{'tutorial tok/s':>12}{'chatlora tok/s':>16}{'x tutorial':>8}{'TTFT s':>8}{'rows = generate':>17}")
     for r in results["rows"]:
         print(f"{r['batch']:>5}{r['seed_tokens_per_s']:>12.1f}{r['chatlora_tokens_per_s']:>16.1f}"
               f"{r['chatlora_tokens_per_s'] / r['seed_tokens_per_s']:>8.1f}{r['chatlora_ttft_s']:>8.3f}"

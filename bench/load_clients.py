@@ -24,7 +24,7 @@ def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, sa
     20-35 ms on a small CPU, which the first version of this benchmark counted as time to first token).
     `began`, `ended`: time.monotonic(), comparable across processes."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True}
-    if not sampled:   # else the run's sampling (the seed recipe's: temperature 0.3, top-k 5, top-p 0.8)
+    if not sampled:   # else the run's sampling (the self-llm recipe's: temperature 0.3, top-k 5, top-p 0.8)
         body["temperature"] = 0
     began = time.monotonic()
     start = time.perf_counter()

@@ -7,7 +7,7 @@ pickle pytorch_model.bin with an un-normalized lm_head, tokenizer.model, tokeniz
 The tokenizer is the small sentencepiece model the tests train (Index's special-token layout, about
 one token per Chinese character): the real tokenizer cannot be downloaded on the benchmark machine.
 Embedding row 0 is random like every other row: a zero row makes every LoRA gradient NaN
-(benchmarks.md, "A trap in random-weight benchmarks").
+(docs/benchmarking.md, "A trap in random-weight benchmarks").
 """
 
 import argparse

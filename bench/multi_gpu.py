@@ -1,4 +1,4 @@
-"""Data-parallel scaling: the seed job with a larger global batch on 1 GPU and on N GPUs, one run.
+"""Data-parallel scaling: the self-llm job with a larger global batch on 1 GPU and on N GPUs, one run.
 
     python bench/make_index_model.py /tmp/idx
     NCCL_NVLS_ENABLE=0 python bench/multi_gpu.py /tmp/idx --gpus 2 --json results.json

@@ -77,7 +77,7 @@ def profile(model, batch: int, steps: int) -> dict:
 
 def steady_loop(model, batch: int, tokens: int = 110) -> dict:
     """Per-token time of the decoding loops in steady state (after their 10th token, prefill excluded):
-    `BatchGeneration` greedy and with the seed recipe's sampling, and the decoder's steps alone
+    `BatchGeneration` greedy and with the self-llm recipe's sampling, and the decoder's steps alone
     (`advance`, no read-back); plus how long the GPU sat idle between kernels (gaps over 2 us) in
     BatchGeneration's greedy loop past its prefill."""
     dec = static_decoder(model)
@@ -96,7 +96,7 @@ def steady_loop(model, batch: int, tokens: int = 110) -> dict:
     sampled = Sampling(max_new_tokens=tokens, temperature=0.3, top_k=5, top_p=0.8, repetition_penalty=1.1, seed=0)
     list(BatchGeneration(model, prompts, [], [sampled] * batch))
     stamps = []
-    for row, _ in BatchGeneration(model, prompts, [], [sampled] * batch):   # the seed recipe's sampling
+    for row, _ in BatchGeneration(model, prompts, [], [sampled] * batch):   # the self-llm recipe's sampling
         if row == 0:
             stamps.append(time.perf_counter())
     sampling = per_token(stamps)

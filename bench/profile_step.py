@@ -2,7 +2,7 @@
 
     python bench/profile_step.py MODEL_DIR [--compile-only]
 
-Times the seed job's optimizer step (16 examples, 4 micro-batches) in variants that isolate one
+Times the self-llm job's optimizer step (16 examples, 4 micro-batches) in variants that isolate one
 cost each, then prints the profiler's top operators for the default path.
 """
 

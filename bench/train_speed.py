@@ -1,9 +1,9 @@
-"""Training speed of the seed job: the tutorial's HF Trainer recipe vs `chatlora train`, one run.
+"""Training speed of the self-llm job: the tutorial's HF Trainer recipe vs `chatlora train`, one run.
 
     python bench/make_index_model.py /tmp/index-1.9b            # random Index-1.9B-shaped weights
     python bench/train_speed.py /tmp/index-1.9b --steps 30 --warmup 10 --json results.json
 
-Every path sees the same tokenized huanhuan examples (chatlora's `index` template), the seed's LoRA
+Every path sees the same tokenized huanhuan examples (chatlora's `index` template), the self-llm recipe's LoRA
 (r 8, alpha 32, dropout 0.1, q,k,v,o,gate,up,down), 16 examples per optimizer step, lr 1e-4, bf16
 weights. The reference is the tutorial's: `transformers.Trainer`, batch 4 x accumulation 4,
 gradient checkpointing, `DataCollatorForSeq2Seq` padding to the longest. chatlora's variants
@@ -178,7 +178,7 @@ def loss_agreement(model_dir: str, steps: int) -> dict:
 
 
 def full_job(model_dir: str, workdir: Path) -> dict:
-    """The whole seed job as a user runs it: `chatlora train` with every default (3 epochs, held-out
+    """The whole self-llm job as a user runs it: `chatlora train` with every default (3 epochs, held-out
     loss, checkpoints), model from the safetensors copy in the cache, data from the tokenized cache."""
     import subprocess
 
@@ -234,7 +234,7 @@ def main() -> None:
     results["first_step_loss"] = first_step_losses(cfg, ds.train)
     torch.cuda.empty_cache()
     results["reference"] = reference_trainer(cfg, ds.train, args.reference_steps, 3)
-    results["reference"]["label"] = "seed recipe (HF Trainer, 4x4, ckpt, pad)"
+    results["reference"]["label"] = "self-llm recipe (HF Trainer, 4x4, ckpt, pad)"
     save()
     for name in args.variants.split(","):
         results[name] = in_subprocess(args, name)

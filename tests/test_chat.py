@@ -6,18 +6,18 @@ import json
 import pytest
 import torch
 
-from chatlora.chat import chat, open_session
+from chatlora.chat import chat, open_chat
 from chatlora.errors import UserError
 from chatlora.export import merge_run
 from chatlora.rundir import load_run, load_tuned_model
 
 
 def test_chat_prompt_equals_training_render_prompt_part(tiny_run):
-    session = open_session(str(tiny_run), temperature=0, max_new_tokens=6)
-    first = session.reply("你是谁？")
-    prompt = session.prompt_ids("再说一遍。")
-    messages = session.messages("再说一遍。") + [{"role": "assistant", "content": "好。"}]
-    ids, _ = session.run.fmt.render(messages)
+    conversation = open_chat(str(tiny_run), temperature=0, max_new_tokens=6)
+    first = conversation.reply("你是谁？")
+    prompt = conversation.prompt_ids("再说一遍。")
+    messages = conversation.messages("再说一遍。") + [{"role": "assistant", "content": "好。"}]
+    ids, _ = conversation.run.fmt.render(messages)
     assert ids[: len(prompt)] == prompt
     assert messages[0] == {"role": "system", "content": "现在你要扮演皇帝身边的女人--甄嬛"}
     assert messages[2] == {"role": "assistant", "content": first}

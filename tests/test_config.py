@@ -1,4 +1,4 @@
-"""Config: seed-recipe defaults, YAML + overrides, every problem reported at once."""
+"""Config: the self-llm recipe as defaults, YAML + overrides, every problem reported at once."""
 
 import pytest
 
@@ -11,7 +11,7 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32.0, 0.1)
     assert cfg.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (cfg.data.max_seq_tokens, cfg.data.on_overlength) == (384, "truncate")
-    assert cfg.train.examples_per_step == 16  # the seed's 4 x 4; how many passes is a speed choice
+    assert cfg.train.examples_per_step == 16  # the self-llm recipe's 4 x 4; how many passes is a speed choice
     assert (cfg.train.micro_batch_examples, cfg.train.micro_batch_tokens) == (16, 2048)
     assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.schedule) == (3.0, 1e-4, "linear")
     assert (cfg.train.warmup_ratio, cfg.train.weight_decay) == (0.0, 0.0)

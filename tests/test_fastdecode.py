@@ -86,7 +86,7 @@ def test_teacher_forced_logits_equal_a_full_forward(model):
 
 
 def test_greedy_picks_on_the_decoder_equal_the_host_loop(model, monkeypatch):
-    """Picks on the decoder, a step ahead of the host (`StaticDecoder.advance`, batcher.py): same
+    """Picks on the decoder, a step ahead of the host (`StaticDecoder.advance`, decode/loop.py): same
     tokens and finish reasons as the plain loop, with a repetition penalty, per-row limits, a stop
     id met mid-way and a row dropped by `should_stop`."""
     monkeypatch.setattr("chatlora.decode.static.ATTEND_BUCKET", 8)
@@ -135,7 +135,7 @@ def test_failing_kernels_leave_the_torch_operations(model, monkeypatch, capsys):
 
 
 def test_requests_joining_a_running_batch_equal_their_own_generation(model, monkeypatch):
-    """Continuous batching (batcher.py): requests admitted while others decode, rows leaving, the
+    """Continuous batching (decode/loop.py): requests admitted while others decode, rows leaving, the
     cache growing in rows (1 -> 4) and columns (a long request) and shrinking again, a seeded
     sampling row among greedy ones. Every request's tokens equal its generation alone."""
     monkeypatch.setattr("chatlora.decode.static.ATTEND_BUCKET", 8)

@@ -53,7 +53,7 @@ def assert_same(ref_loss, ref, loss, grads, tol=1e-5):
         assert err < tol * 10, (name, float(err))
 
 
-@pytest.mark.parametrize("case", ["seed targets", "q,v only", "grouped query attention", "rsLoRA"])
+@pytest.mark.parametrize("case", ["the self-llm targets", "q,v only", "grouped query attention", "rsLoRA"])
 def test_fast_pass_equals_peft(case, index_dir, gqa_index_dir, index_tok, huanhuan_rows):
     directory = gqa_index_dir if case == "grouped query attention" else index_dir
     model, cfg = lora_model(directory, targets=["q_proj", "v_proj"] if case == "q,v only" else None,

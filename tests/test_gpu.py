@@ -43,7 +43,7 @@ def test_packed_equals_padded_on_cuda(index_dir, index_tok, huanhuan_rows, dtype
 
 
 def test_train_and_chat_on_cuda_in_bf16(index_dir, huanhuan_rows, tmp_path):
-    from chatlora.chat import open_session
+    from chatlora.chat import open_chat
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:64]))
@@ -52,9 +52,9 @@ def test_train_and_chat_on_cuda_in_bf16(index_dir, huanhuan_rows, tmp_path):
     train(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("loss", 1.0) == r.get("loss", 1.0) for r in rows) and len([r for r in rows if "loss" in r]) == 4
-    session = open_session(str(tmp_path / "run"), temperature=0, max_new_tokens=5)
-    assert next(session.model.parameters()).dtype == torch.bfloat16
-    assert isinstance(session.reply("你好"), str)
+    chat = open_chat(str(tmp_path / "run"), temperature=0, max_new_tokens=5)
+    assert next(chat.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(chat.reply("你好"), str)
 
 
 def test_batched_generation_on_cuda_equals_single(index_dir):

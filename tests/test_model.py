@@ -16,7 +16,7 @@ from chatlora.testing import REMOTE_CODE_MARKER, make_index_dir
 
 
 def reference_index_logits(index_dir, ids: torch.Tensor) -> torch.Tensor:
-    """Index's forward written out from index-model.md, in float64: Llama blocks + NormHead."""
+    """Index's forward written out from docs/index-model.md, in float64: Llama blocks + NormHead."""
     config = json.loads((index_dir / "config.json").read_text())
     w = {k: v.double() for k, v in torch.load(index_dir / "pytorch_model.bin", weights_only=True).items()}
     eps, heads = config["rms_norm_eps"], config["num_attention_heads"]

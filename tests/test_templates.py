@@ -47,7 +47,7 @@ def test_index_without_system_emits_no_unk(index_tok, sp):
 
 
 def tutorial_process_func(example, tokenizer, max_length=384):
-    """The seed tutorial's process_func (self-llm 04-Index-1.9B-Chat Lora), re-implemented."""
+    """The self-llm tutorial's process_func (self-llm 04-Index-1.9B-Chat Lora), re-implemented."""
     instruction = tokenizer(f"<unk>system{SYSTEM}reserved_0user{example['instruction'] + example['input']}"
                             f"reserved_1assistant", add_special_tokens=False)
     response = tokenizer(f"{example['output']}", add_special_tokens=False)

@@ -44,7 +44,7 @@ def test_special_tokens_split_then_sentencepiece_between(index_tok, sp, text):
 
 def test_matches_transformers_sentencepiece_backend_legacy(index_tok, sp_model_file):
     """A second, independent reference: transformers' own sentencepiece tokenizer with legacy=True,
-    which calls sp_model.encode unchanged (index-model.md, "Trap")."""
+    which calls sp_model.encode unchanged (docs/index-model.md, "Trap")."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     ref = SentencePieceBackend(vocab_file=str(sp_model_file), legacy=True, unk_token="<unk>",

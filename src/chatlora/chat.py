@@ -20,7 +20,7 @@ from chatlora.rundir import Run, load_run, load_tuned_model
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt), /exit"
 
 
-class Session:
+class Chat:
     """A conversation with a tuned model: history in, streamed reply out."""
 
     def __init__(self, run: Run, model, sampling: Sampling):
@@ -49,22 +49,22 @@ class Session:
         return text
 
 
-def open_session(run_path: str, **sampling) -> Session:
+def open_chat(run_path: str, **sampling) -> Chat:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # "Loading weights" bars would interleave with the conversation
     run = load_run(run_path)
-    return Session(run, load_tuned_model(run), Sampling.from_config(run.cfg.generate, **sampling))
+    return Chat(run, load_tuned_model(run), Sampling.from_config(run.cfg.generate, **sampling))
 
 
 def chat(run_path: str, prompt: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
          **sampling) -> int:
-    session = open_session(run_path, **sampling)
+    conversation = open_chat(run_path, **sampling)
     if prompt is not None:
-        stdout.write(session.reply(prompt) + "\n")
+        stdout.write(conversation.reply(prompt) + "\n")
         return 0
-    adapter = session.run.adapter or "none (base model)"
-    stdout.write(f"chatlora chat: {session.run.dir} (adapter: {adapter})\n{HELP}\n")
+    adapter = conversation.run.adapter or "none (base model)"
+    stdout.write(f"chatlora chat: {conversation.run.dir} (adapter: {adapter})\n{HELP}\n")
     while True:
         stdout.write("\nyou> ")
         stdout.flush()
@@ -73,14 +73,14 @@ def chat(run_path: str, prompt: str | None = None, stdin: TextIO = sys.stdin, st
             return 0
         text = line.rstrip("\n")
         if text.strip() == "/reset":
-            session.history = []
+            conversation.history = []
             stdout.write("(conversation cleared)\n")
         elif text.startswith("/system"):
-            session.system, session.history = text[len("/system"):].strip() or None, []
-            stdout.write(f"(system prompt set to {session.system!r}; conversation cleared)\n")
+            conversation.system, conversation.history = text[len("/system"):].strip() or None, []
+            stdout.write(f"(system prompt set to {conversation.system!r}; conversation cleared)\n")
         elif text.startswith("/"):
             stdout.write(HELP + "\n")
         elif text.strip():
             stdout.write("bot> ")
-            session.reply(text, stdout)
+            conversation.reply(text, stdout)
             stdout.write("\n")

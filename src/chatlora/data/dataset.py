@@ -5,7 +5,7 @@
     ds.train[0].input_ids, ds.train[0].labels   # labels aligned with input_ids, -100 = not supervised
     print(format_report(ds.report))
 
-Rules: an example longer than `max_seq_tokens` is truncated on the right (the seed's behaviour),
+Rules: an example longer than `max_seq_tokens` is truncated on the right (the self-llm recipe's behaviour),
 dropped, or an error; an example left with no supervised token is dropped and counted, never
 trained on. Exact duplicate conversations are counted (kept). The cache key covers the data bytes,
 the tokenizer files, the template, the system prompt and the length rules, so a change in any of

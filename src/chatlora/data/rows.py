@@ -14,7 +14,8 @@ Each row becomes `Conversation(line, messages)`: an optional system message, the
 turns alternating, ending on the assistant. Alpaca joins `instruction` and a non-empty `input` with a
 newline (LLaMA-Factory's convention; the bundled data has no `input`).
 
-    convs, errors = read_conversations("data.jsonl", system_prompt="You are ...")
+    result = read_conversations("data.jsonl", system_prompt="You are ...")
+    result.conversations, result.errors     # Conversation(line, messages, shape), RowError(path, line, ...)
 """
 
 from __future__ import annotations

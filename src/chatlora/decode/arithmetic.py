@@ -1,4 +1,4 @@
-"""The arithmetic of decoding (fastdecode.py keeps the caches, the rows and the captured graphs).
+"""The arithmetic of decoding (static.py keeps the caches, the rows and the captured graphs).
 
 `DecodeModel` computes transformers' Llama forward with fewer, fused kernels per layer (measured: a
 step of ~1,600 kernels in transformers' operation order spent 4.9 ms where the weights need 1 ms):
@@ -9,7 +9,7 @@ step of ~1,600 kernels in transformers' operation order spent 4.9 ms where the w
     behind, plus RoPE + the cache write and attention; more rows keep cuBLAS with Triton RMSNorm,
     RoPE and SiLU*mul between (`unfused_step`). The kernels are checked against the torch
     operations at start-up (the prefill and any fallback use `F.rms_norm`, torch's RoPE and SDPA).
-Each function reads and writes a cache state `s` (fastdecode.StaticDecoder._state): keys and values
+Each function reads and writes a cache state `s` (static.CacheState): keys and values
 [layers, rows, kv heads, columns, head dim], each row's valid columns, next ids, positions and slots.
 """
 

@@ -2,7 +2,7 @@
 
 The eager transformers forward spends ~57 ms per token of an Index-1.9B-sized model launching
 kernels from Python (bench/NOTES.md); the weights take ~1 ms to read. `StaticDecoder` runs the same
-function (decodemodel.py: fused GEMMs and Triton kernels) from a preallocated cache:
+function (arithmetic.py: fused GEMMs and Triton kernels) from a preallocated cache:
   - one cache for keys and values per (rows, columns) size; each (rows, columns, attended columns)
     shape of the step is captured once and replayed;
   - each row writes its own next column, so rows join and leave between steps;

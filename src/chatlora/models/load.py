@@ -5,7 +5,7 @@ remote code:
 - an Index-family download (`model_type: index`) is converted once into a Llama directory in the
   cache: weights read from safetensors or, for the official pickle `.bin`, with
   `torch.load(weights_only=True)`; `lm_head.weight` rows scaled to unit norm (NormHead folded,
-  index-model.md); `rope_ratio` applied to the RoPE base. Its `.py` files are never imported.
+  docs/index-model.md); `rope_ratio` applied to the RoPE base. Its `.py` files are never imported.
 - a GGUF file (the offline demo model) is de-quantized once by transformers into the cache.
 - any other Hugging Face causal-LM directory is used as it is.
 
@@ -195,7 +195,7 @@ def index_llama_config(raw: dict):
     if raw.get("rope_scaling"):
         raise UserError(f"Index config has rope_scaling={raw['rope_scaling']!r}, which chatlora does not "
                         f"map yet; please report it with the model's name")
-    # Index-1.9B-32K scales the RoPE base by rope_ratio (inferred: 32 -> theta 320000, index-model.md).
+    # Index-1.9B-32K scales the RoPE base by rope_ratio (inferred: 32 -> theta 320000, docs/index-model.md).
     theta = float(raw.get("rope_theta", 10000.0)) * float(raw.get("rope_ratio", 1))
     heads = raw["num_attention_heads"]
     return LlamaConfig(

@@ -5,7 +5,7 @@ never run. `SentencePieceTokenizer` reproduces that class exactly: the text is s
 tokens (`<unk>`, `<s>`, `</s>`, `reserved_0`, `reserved_1`: "special, not normalized" added tokens),
 and every piece between them is encoded by `SentencePieceProcessor.encode` unchanged. We do not use
 transformers' sentencepiece backend: with `legacy=False` it rewrites the model to drop the dummy
-prefix, which is not how Index was trained (index-model.md, "Trap").
+prefix, which is not how Index was trained (docs/index-model.md, "Trap").
 
 Every other model uses its own Hugging Face tokenizer (`HFTokenizer`), special tokens split the same way.
 
@@ -13,7 +13,7 @@ Two ways to encode: `encode(text)` turns the text of a special token into that t
 write their control tokens this way), `encode_text(text)` never does (message content: a user who
 types "<|im_start|>system" or "reserved_0" gets those characters as text, not a forged turn).
 
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(prepare_base("IndexTeam/Index-1.9B-Chat"))   # models/load.py
     tok.encode("reserved_0你好")        # -> [3, ...]
     tok.encode_text("reserved_0你好")   # -> the pieces of the characters r, e, s, ...
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from chatlora.errors import UserError
 
-# Index's fixed special ids (tokenizer_config.json of Index-1.9B-Chat; index-model.md, "Tokenizer").
+# Index's fixed special ids (tokenizer_config.json of Index-1.9B-Chat; docs/index-model.md, "Tokenizer").
 INDEX_SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "reserved_0": 3, "reserved_1": 4}
 
 # Files that decide how text becomes ids; their bytes key the tokenized-data cache.

@@ -5,10 +5,10 @@
 
 Routes: POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health, POST /
 (the tutorial's FastAPI contract), GET / (the chat page). The model is held once; one worker thread
-generates the requests waiting together as one batch (worker.py); requests beyond the queue get 429
-with Retry-After. Prompts are built by templates.py, the same path training used, off the event loop.
-What the network can send before a route runs (bodies, slow requests, many connections, foreign
-names, keys) is handled by httpguard.py. On SIGTERM the server stops admitting, lets running
+generates the requests together (serve/worker.py: on a GPU a request joins the running batch at the
+next step); requests beyond the queue get 429 with Retry-After. Prompts are built by templates.py,
+the same path training used, off the event loop. What the network can send before a route runs
+(bodies, slow requests, many connections, foreign names, keys) is handled by serve/guard.py. On SIGTERM the server stops admitting, lets running
 replies finish for `grace_s`, then ends the rest with finish reason "shutdown". Nothing of a prompt
 or a key is logged.
 """
@@ -216,7 +216,7 @@ def unsupported_parameter(raw: dict) -> None:
 
 
 def build_app(server: Server, api_key: str | None = None, hosts: frozenset | None = LOOPBACK_NAMES) -> FastAPI:
-    """The routes behind httpguard.Guard. `hosts`: the names a keyless server answers to (loopback by
+    """The routes behind guard.Guard. `hosts`: the names a keyless server answers to (loopback by
     default: see Guard); with a key any name is accepted."""
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
     limits = server.limits

@@ -3,7 +3,7 @@
 The HTTP side submits a `Job` and reads `("text", piece)` events, then one `("done", finish_reason)`
 or `("error", message)` from `job.events`. Jobs are generated together (generate.BatchGeneration),
 up to `max_batch` at a time: on a GPU a job arriving while others decode joins them at the next step
-(continuous batching, batcher.py); without the GPU decoder it waits for the running batch to end.
+(continuous batching, decode/loop.py); without the GPU decoder it waits for the running batch to end.
 Setting `job.cancel` (the client went away) stops the generation before its next token; so does the
 job's deadline, and `cut_after` (the server is shutting down: finish reason "shutdown"). Stop
 strings are matched on the decoded text (`StopStrings`), and text that could still become a stop

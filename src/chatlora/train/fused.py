@@ -1,8 +1,8 @@
 """The fast training pass: the peft model's own weights through a lean functional Llama forward,
 one packed row per pass, captured once per bucket shape as a CUDA graph and replayed.
 
-Why: the eager peft model spends ~0.4 s per seed step launching ~25,000 kernels from Python for
-~15 ms of arithmetic (bench/NOTES.md). This path computes the same function as `batches.loss_sum`
+Why: the eager peft model spends ~0.4 s per self-llm step launching ~25,000 kernels from Python for
+~15 ms of arithmetic (bench/NOTES.md). This path computes the same function as `steps.loss_sum`
 on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradient), with
   - base q/k/v and gate/up weights concatenated, one GEMM each (the peft modules keep views into them,
     so nothing is duplicated and saving, merging and evaluation see the same tensors);
@@ -18,7 +18,7 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
 
     step = FusedStep(peft_model, device, graphs=True)
     step.zero_grad()
-    loss = step.accumulate(examples, max_tokens=2048)   # gradients land in the peft parameters' .grad
+    loss = step.accumulate(examples, micro_batch_examples=16, max_tokens=2048)   # into the peft parameters' .grad
 
 Supported: Llama-architecture models (Index is converted into one) without biases, SiLU MLP, LoRA on
 any of q,k,v,o,gate,up,down with one scale, no DoRA. `unsupported_reason` says why not otherwise; the
@@ -273,7 +273,7 @@ def bucket(n: int, minimum: int) -> int:
 def pass_shape(examples) -> tuple[int, int]:
     """(tokens, supervised positions) that a pass over `examples` is padded to. Supervised positions
     only size the vocabulary projection (~2% of a pass), so they take coarse steps of an eighth of the
-    token bucket: fewer shapes to capture (bench/NOTES.md: 30 -> 19 over the seed job) for ~0.4% more
+    token bucket: fewer shapes to capture (bench/NOTES.md: 30 -> 19 over the self-llm job) for ~0.4% more
     arithmetic."""
     tokens = bucket(sum(len(e.input_ids) for e in examples), BUCKET_TOKENS)
     step = max(BUCKET_SUPERVISED, tokens // 8)

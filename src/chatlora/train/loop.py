@@ -1,4 +1,4 @@
-"""The one training loop, top to bottom: seed -> model -> adapter -> data -> optimizer -> loop -> save.
+"""The one training loop, top to bottom: output -> seed -> data -> model -> adapter -> optimizer -> loop -> save.
 
     chatlora train --model smollm2-demo --output runs/demo --set train.max_steps=20
     chatlora train --output runs/demo --resume          # continue exactly where it stopped

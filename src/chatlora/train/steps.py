@@ -85,7 +85,7 @@ def pack(examples, device=None) -> dict[str, torch.Tensor]:
 
 
 def pad(examples, pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """One row per example, right-padded to the longest (the seed recipe's batches)."""
+    """One row per example, right-padded to the longest (the self-llm recipe's batches)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), width), IGNORE, dtype=torch.long)
