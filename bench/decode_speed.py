@@ -5,11 +5,13 @@
 
 A LoRA adapter (r 8, the seven projections, random B so it is not a no-op) sits on an
 Index-1.9B-shaped model. Paths, all greedy after a 40-token prompt, no stop token:
-- seed: `PeftModel` (adapter unmerged) + `model.generate`, batch 1 and batch 16 (the tutorial's way);
-- chatlora: `generate.Generation` at batch 1 and `generate.BatchGeneration` at batch 16 (on a GPU:
+- tutorial: `PeftModel` (adapter unmerged) + `model.generate`, batch 1 and batch 16 (the tutorial's way);
+- chatlora: `decode.engine.Generation` at batch 1 and `decode.engine.BatchGeneration` at batch 16 (on a GPU:
   the static-cache decoder with captured steps, adapter merged; src/chatlora/decode/static.py).
 Reported: generated tokens/s, time to first token, and how many rows' greedy tokens equal
-transformers' `generate` on the same (merged) model, with the earliest position where any differs. The table comes last. Runs on CPU too (slowly) with `--device cpu`, for a smoke test.
+transformers' `generate` on the same (merged) model, with the earliest position where any differs.
+The table comes last. Runs on CPU too (slowly) with `--device cpu`, for a smoke test.
+(Result files before 2026-11-30 call the tutorial path "seed".)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seed_path(model, prompts, new_tokens: int, device: str) -> tuple[float, list[list[int]]]:
+def tutorial_path(model, prompts, new_tokens: int, device: str) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, device=device)
     sync(device)
     start = time.perf_counter()
@@ -122,7 +124,7 @@ def float32_identity(model_dir: str, prompts, new_tokens: int) -> dict:
     out = {}
     for b in (1, len(prompts)):
         _, _, ours = chatlora_path(model, prompts[:b], new_tokens, "cuda")
-        theirs = seed_path(model, prompts[:b], new_tokens, "cuda")[1]
+        theirs = tutorial_path(model, prompts[:b], new_tokens, "cuda")[1]
         out[f"batch{b}"] = {"rows_identical": sum(x == y for x, y in zip(ours, theirs)), "rows": b,
                             "tokens_identical": sum(u == v for x, y in zip(ours, theirs) for u, v in zip(x, y)),
                             "tokens": b * new_tokens, "divergences": divergences(model, prompts, ours, theirs)}
@@ -164,8 +166,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "torch": torch.__version__, "new_tokens": args.new_tokens, "rows": []}
     batches = (1, args.batch)
-    seed_path(model, prompts[:1], 8, args.device)  # warm-up
-    seed = {b: seed_path(model, prompts[:b], args.new_tokens, args.device) for b in batches}
+    tutorial_path(model, prompts[:1], 8, args.device)  # warm-up
+    tutorial = {b: tutorial_path(model, prompts[:b], args.new_tokens, args.device) for b in batches}
     # chatlora: the adapter is merged on first use; the first run of each batch size captures its
     # steps (reported as "first run"), the second is timed.
     first_run = {b: chatlora_path(model, prompts[:b], args.new_tokens, args.device)[0] for b in batches}
@@ -175,18 +177,19 @@ def main() -> None:
                       key=lambda r: r[0])
         ours[b] = runs[len(runs) // 2]
     # "plain generate on the same model": transformers' generate on the merged model
-    merged = {b: seed_path(model, prompts[:b], args.new_tokens, args.device)[1] for b in batches}
+    merged = {b: tutorial_path(model, prompts[:b], args.new_tokens, args.device)[1] for b in batches}
     for b in batches:
-        seconds, seed_tokens = seed[b]
+        seconds, tutorial_tokens = tutorial[b]
         t, ttft, tokens = ours[b]
         same_rows = sum(x == y for x, y in zip(tokens, merged[b]))
         first_diff = min((next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
                           for x, y in zip(tokens, merged[b])), default=None)
         total = b * args.new_tokens
-        results["rows"].append({"batch": b, "seed_tokens_per_s": total / seconds,
+        results["rows"].append({"batch": b, "tutorial_tokens_per_s": total / seconds,
                                 "chatlora_tokens_per_s": total / t, "chatlora_first_run_s": first_run[b],
                                 "chatlora_ttft_s": ttft, "rows_identical_to_generate_on_merged_model": same_rows,
-                                "earliest_divergence": first_diff, "same_as_unmerged_seed": tokens == seed_tokens})
+                                "earliest_divergence": first_diff,
+                                "same_as_unmerged_tutorial": tokens == tutorial_tokens})
     results["logits_agreement_batch1"] = logits_agreement(model, prompts[0], ours[1][2][0], args.device)
     from chatlora.decode.static import static_decoder
 
@@ -201,8 +204,8 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     print(f"\n{'batch':>5}{'tutorial tok/s':>12}{'chatlora tok/s':>16}{'x tutorial':>8}{'TTFT s':>8}{'rows = generate':>17}")
     for r in results["rows"]:
-        print(f"{r['batch']:>5}{r['seed_tokens_per_s']:>12.1f}{r['chatlora_tokens_per_s']:>16.1f}"
-              f"{r['chatlora_tokens_per_s'] / r['seed_tokens_per_s']:>8.1f}{r['chatlora_ttft_s']:>8.3f}"
+        print(f"{r['batch']:>5}{r['tutorial_tokens_per_s']:>12.1f}{r['chatlora_tokens_per_s']:>16.1f}"
+              f"{r['chatlora_tokens_per_s'] / r['tutorial_tokens_per_s']:>8.1f}{r['chatlora_ttft_s']:>8.3f}"
               f"{r['rows_identical_to_generate_on_merged_model']:>11}/{r['batch']}")
     for name, r in results.get("float32_identity", {}).items():
         print(f"float32 {name}: {r['rows_identical']}/{r['rows']} rows, {r['tokens_identical']}/{r['tokens']} tokens "

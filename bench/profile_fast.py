@@ -39,7 +39,8 @@ def median_ms(fn, n=20):
 
 def main():
     cfg = load_config(overrides=["data.held_out_fraction=0"], flags={"model.path": sys.argv[1]})
-    base, tok, _, ds = dataset_for_config(cfg)
+    data = dataset_for_config(cfg)
+    base, ds = data.base, data.dataset
     model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora).train()
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -54,12 +55,12 @@ def main():
 
     ex = steps[0]
     t, s = pass_shape(ex)
-    static, graph, _ = fast._captured[(t, s)]
-    replay = median_ms(graph.replay)
+    captured = fast._captured[(t, s)]
+    replay = median_ms(captured.graph.replay)
     t0 = time.perf_counter()
     for _ in range(20):
         row = host_row(ex, t, s)
-        static.copy_(row.pin_memory(), non_blocking=True)
+        captured.row.copy_(row.pin_memory(), non_blocking=True)
     host = (time.perf_counter() - t0) / 20 * 1e3
 
     def optimizer():

@@ -53,7 +53,8 @@ def main() -> None:
     cfg = load_config(overrides=["data.held_out_fraction=0"], flags={"model.path": args.model_dir},
                       preset=args.preset or None)
     t = cfg.train
-    base, _, _, ds = dataset_for_config(cfg)
+    data = dataset_for_config(cfg)
+    base, ds = data.base, data.dataset
     stage = Stages()
     model = stage("load the model (bf16)", lambda: load_model(base, cfg.model.dtype, "cuda"))
     model = stage("attach LoRA", lambda: attach(model, cfg.lora).train())

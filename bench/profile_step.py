@@ -36,7 +36,8 @@ def timed(fn, steps=6, warmup=2):
 
 def main():
     cfg = load_config(overrides=["data.held_out_fraction=0"], flags={"model.path": sys.argv[1]})
-    base, tok, _, ds = dataset_for_config(cfg)
+    data = dataset_for_config(cfg)
+    base, ds = data.base, data.dataset
     model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora).train()
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -39,7 +39,7 @@ from chatlora.train.loop import accumulate_gradients, train  # noqa: E402
 from chatlora.train.steps import StepPlan, pack  # noqa: E402
 
 
-def seed_config(model_dir: str, preset: str | None = None, **train):
+def job_config(model_dir: str, preset: str | None = None, **train):
     overrides = ["data.held_out_fraction=0", "train.eval_every=0", "train.save_every=0"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(overrides=overrides, flags={"model.path": model_dir}, preset=preset)
@@ -49,7 +49,8 @@ def reference_trainer(cfg, examples, steps: int, warmup: int) -> dict:
     """The tutorial's training, exactly: HF Trainer + peft, batch 4 x 4, gradient checkpointing."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    base, tok, _, _ = dataset_for_config(cfg)
+    data = dataset_for_config(cfg)
+    base, tok = data.base, data.tok
     model = load_model(base, "bfloat16", "cuda")
     model.enable_input_require_grads()  # what the tutorial's peft + checkpointing setup needs
     model = attach(model, cfg.lora)
@@ -103,7 +104,7 @@ VARIANTS = {  # name: (label, preset, train overrides)
 
 def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
     label, preset, overrides = VARIANTS[name]
-    cfg = seed_config(model_dir, preset=preset, **overrides)
+    cfg = job_config(model_dir, preset=preset, **overrides)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     run = Path(tempfile.mkdtemp()) / "run"
@@ -135,7 +136,8 @@ def first_step_losses(cfg, examples) -> dict:
     optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
     from chatlora.train.fused import FusedStep
 
-    base, tok, _, _ = dataset_for_config(cfg)
+    data = dataset_for_config(cfg)
+    base, tok = data.base, data.tok
     cfg.lora.dropout = 0.0
     torch.manual_seed(0)
     model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora)
@@ -165,7 +167,7 @@ def loss_agreement(model_dir: str, steps: int) -> dict:
     dropout off (so both compute the same function): per-step losses and the final held-out loss."""
     out = {}
     for mode in ("plain", "graphs"):
-        cfg = seed_config(model_dir, fast_path=mode, max_steps=steps)
+        cfg = job_config(model_dir, fast_path=mode, max_steps=steps)
         cfg.data.held_out_fraction, cfg.lora.dropout = 0.02, 0.0
         run = Path(tempfile.mkdtemp()) / "run"
         train(cfg, run)
@@ -220,8 +222,8 @@ def main() -> None:
     if args.worker:
         Path(args.json).write_text(json.dumps(chatlora_path(args.model_dir, args.worker, args.steps, args.warmup)))
         return
-    cfg = seed_config(args.model_dir)
-    _, _, _, ds = dataset_for_config(cfg)
+    cfg = job_config(args.model_dir)
+    ds = dataset_for_config(cfg).dataset
     results = {"date": str(date.today()), "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "peft": __import__("peft").__version__, "examples": len(ds.train),

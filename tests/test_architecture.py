@@ -121,3 +121,22 @@ def test_tests_and_benchmarks_import_no_test_module():
                 names = [node.module] if isinstance(node, ast.ImportFrom) else \
                     [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 assert not set(names) & tests, f"{path.name} imports {set(names) & tests}"
+
+
+def test_every_name_tests_and_benchmarks_import_from_chatlora_exists():
+    """GPU tests and benchmarks do not run here; a name they import that a move or a rename took
+    away would only show on the GPU machine."""
+    import importlib.util
+
+    root = PACKAGE.parents[1]
+    missing = []
+    for folder in ("tests", "bench"):
+        for path in (root / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "chatlora":
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        if not hasattr(module, alias.name) and \
+                                importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                            missing.append(f"{path.name}: {node.module}.{alias.name}")
+    assert not missing, missing
