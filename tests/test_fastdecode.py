@@ -16,9 +16,13 @@ from chatlora.decode.static import StaticDecoder
 from chatlora.models.load import load_model, prepare_base
 
 
-@pytest.fixture(params=["index", "smollm2"])
-def model(request, index_dir, smollm2_base):
-    base = prepare_base(str(index_dir)) if request.param == "index" else smollm2_base
+@pytest.fixture(params=["index", "smollm2", "llama3", "qwen2", "qwen3", "mistral"])
+def model(request, index_dir, smollm2_base, family_dir):
+    """Index, SmolLM2 (tied embeddings), and tiny models of each family's difference: Llama 3's RoPE
+    scaling and own head_dim, Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's sliding window of 8
+    (which the tests' prompts and replies cross)."""
+    base = prepare_base(str(index_dir)) if request.param == "index" else smollm2_base \
+        if request.param == "smollm2" else prepare_base(str(family_dir(request.param)))
     return load_model(base, "float32", "cpu")
 
 

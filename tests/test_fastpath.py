@@ -63,6 +63,17 @@ def test_fast_pass_equals_peft(case, index_dir, gqa_index_dir, index_tok, huanhu
     assert_same(*reference_and_fast(model, examples))
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
+def test_fast_pass_equals_peft_for_each_family(family, family_dir, index_tok, huanhuan_rows):
+    """Llama 3 (RoPE scaling, tied embeddings, own head_dim), Qwen2 (q/k/v biases), Qwen3 (q/k norms),
+    Mistral (a sliding window of 8 tokens, which most examples here are longer than)."""
+    model, cfg = lora_model(family_dir(family))
+    assert unsupported_reason(model, cfg.lora) is None
+    examples = examples_for(index_tok, huanhuan_rows[:12])
+    assert sum(len(e.input_ids) > 8 for e in examples) >= 6
+    assert_same(*reference_and_fast(model, examples))
+
+
 def test_passes_split_by_tokens_accumulate_like_one_pass(index_dir, index_tok, huanhuan_rows):
     """Several passes per step (token cap), each padded to its bucket: the step's loss normalization
     (sum / supervised tokens of the whole step) is kept."""
@@ -125,10 +136,13 @@ def test_host_row_layout_and_padding(index_tok, huanhuan_rows):
     assert (sup[real:] == 0).all() and (tgt[real:] == IGNORE).all()
 
 
-def test_unsupported_models_are_named(smollm2_base, index_dir):
+def test_unsupported_models_are_named(smollm2_base, index_dir, family_dir):
     model, cfg = lora_model(index_dir)
     cfg.lora.dora = True
     assert "DoRA" in unsupported_reason(model, cfg.lora)
+    model, cfg = lora_model(family_dir("gemma2"))
+    reason = unsupported_reason(model, cfg.lora)
+    assert "gemma2" in reason and "GeGLU" in reason and "soft-capping" in reason
 
 
 def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhuan_rows):

@@ -102,6 +102,58 @@ def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, hua
             assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
+def test_each_familys_captured_pass_equals_peft_on_cuda(family, family_dir, index_tok, huanhuan_rows):
+    """Float32: each family's captured pass (replayed with new data) gives the plain peft model's
+    loss and gradients (tests/test_fastpath.py checks the eager pass on CPU)."""
+    from helpers import examples_for
+
+    from chatlora.train.fused import FusedStep
+
+    steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 0)]
+    results = []
+    for fused in (False, True):
+        model = lora_model(family_dir(family), "float32")
+        fast = FusedStep(model, "cuda", graphs=True) if fused else None
+        out = []
+        for examples in steps:
+            if fast:
+                fast.zero_grad()
+                loss = fast.accumulate(examples, 16, 300).item()
+            else:
+                model.zero_grad(set_to_none=True)
+                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
+            out.append((loss, torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])))
+        results.append(out)
+    for (a, ga), (b, gb) in zip(*results):
+        assert abs(a - b) / abs(a) < 1e-5
+        assert ((ga - gb).norm() / ga.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
+def test_each_familys_captured_decoder_equals_generate_on_cuda(family, family_dir):
+    """Float32, captured steps and kernels: greedy tokens of rows of different lengths equal
+    transformers' for 20 steps (Mistral's window of 8 crossed), first run and replay."""
+    from chatlora.decode.engine import BatchGeneration, Sampling
+    from chatlora.decode.static import static_decoder
+
+    model = load_model(prepare_base(str(family_dir(family))), "float32", "cuda")
+    prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
+    expected = []
+    for p in prompts:
+        out = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda"),
+                             max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    decoder = static_decoder(model)
+    assert decoder is not None and decoder.kernels
+    s = Sampling(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    for _ in range(2):
+        got = [[] for _ in prompts]
+        for row, token in BatchGeneration(model, prompts, [], [s] * 3):
+            got[row].append(token)
+        assert got == expected
+
+
 def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_rows):
     """Each captured shape's memory goes back to the shared graph pool: after the first capture,
     capturing more shapes leaves allocated memory flat (a fresh warm-up stream per capture kept a

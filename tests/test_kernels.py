@@ -60,14 +60,17 @@ def test_a_broken_kernel_is_caught(breakage):
 @pytest.mark.slow
 def test_the_decoder_with_the_kernels_equals_generate_under_the_interpreter():
     """The kernels composed into the decoder's one-token step (`DecodeModel.fused_step`): the
-    Index-model cases of tests/test_fastdecode.py (greedy tokens equal `generate` over rows of
-    different lengths and chunked attention; teacher-forced logits within 1e-5 of a full forward;
-    picks on the decoder) with the kernels on, where each decoder asserts that it uses them.
+    Index, Qwen2 (biases around the kernels), Qwen3 (q/k norms, head_dim 32) and Mistral (a sliding
+    window over the attention kernel's valid columns) cases of tests/test_fastdecode.py (greedy
+    tokens equal `generate` over rows of different lengths and chunked attention; teacher-forced
+    logits within 1e-5 of a full forward; picks on the decoder) with the kernels on, where each
+    decoder asserts that it uses them.
     Requests joining a running batch are left to the plain run and the GPU (tests/test_gpu.py): under
     the interpreter they take minutes; the kernel they rely on, each row writing its own cache
     column, is checked in kernel_cases."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           os.path.join(TESTS, "test_fastdecode.py"), "-k", "index and not failing and not joining"],
-                          capture_output=True, text=True, timeout=900,
+                           os.path.join(TESTS, "test_fastdecode.py"),
+                           "-k", "(index or qwen2 or qwen3 or mistral) and not failing and not joining"],
+                          capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ, TRITON_INTERPRET="1", CHATLORA_TRITON="1", CHATLORA_TEST_KERNELS="1"))
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]

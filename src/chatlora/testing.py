@@ -121,3 +121,42 @@ def make_index_dir(root: Path, sp_model_file: Path, **config_changes) -> Path:
     for name in ("configuration_index.py", "modeling_index.py", "tokenization_index.py"):
         (root / name).write_text(REMOTE_CODE.format(marker=REMOTE_CODE_MARKER))
     return root
+
+
+# Tiny models of each family the model layer covers (models/arch.py), each with the feature that sets
+# it apart; the vocabulary fits the test sentencepiece model's ids. Built with transformers' own
+# classes and written as a Hugging Face directory (config.json + model.safetensors).
+_SHAPE = {"vocab_size": 4000, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "rms_norm_eps": 1e-6}
+TINY_FAMILIES = {
+    # Llama 3.x: llama3 RoPE scaling, tied embeddings (3.2 1B/3B), head_dim unlike hidden / heads
+    "llama3": dict(model_type="llama", head_dim=32, tie_word_embeddings=True,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),                    # q/k/v biases
+    "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True),       # q/k norms
+    "mistral": dict(model_type="mistral", sliding_window=8, tie_word_embeddings=False),   # a window
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8),             # not covered
+}
+
+
+def make_family_dir(root: Path, family: str, seed: int = 0, **changes) -> Path:
+    """A tiny random model of `family` (TINY_FAMILIES) in a Hugging Face directory. Every weight is
+    random, biases and norms included (initialized ones would hide a missing bias or norm)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(_SHAPE, **TINY_FAMILIES[family], **changes)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else noise if "embed" in name
+                    else 0.3 * noise if name.endswith("bias") else 0.05 * noise)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root)
+    return root

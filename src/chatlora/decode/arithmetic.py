@@ -1,6 +1,6 @@
 """The arithmetic of decoding (static.py keeps the caches, the rows and the captured graphs).
 
-`DecodeModel` computes transformers' Llama forward with fewer, fused kernels per layer (measured: a
+`DecodeModel` computes the model layer's forward (models/arch.py) with fewer, fused kernels per layer (measured: a
 step of ~1,600 kernels in transformers' operation order spent 4.9 ms where the weights need 1 ms):
   - q/k/v and gate/up as one GEMM each (the modules keep views into the fused weight, as in training);
   - the residual adds inside the output projections' GEMMs (in-place `addmm_`);
@@ -103,15 +103,15 @@ class DecodeModel:
         mask = None if ours else self.additive(s.valid[:, None, None, :attend])
         for i, layer in enumerate(self.layers):
             kc, vc = s.k[i], s.v[i]
-            y = kernels.linear(h, layer.qkv.weight, norm=layer.attn_norm, eps=eps)
-            q = kernels.rope_to_cache(y, cos, sin, s.slot, kc, vc, nq, nkv)
+            y = _biased(kernels.linear(h, layer.qkv.weight, norm=layer.attn_norm, eps=eps), layer.qkv)
+            q = kernels.rope_to_cache(arch.normed_qk(y, layer), cos, sin, s.slot, kc, vc, nq, nkv)
             if ours:
                 a = kernels.decode_attention(q, kc, vc, s.valid, attend, hd ** -0.5)
             else:
                 a = self.attention(q, kc, vc, attend, mask).reshape(b, nq * hd)
-            kernels.linear(a, layer.o.weight, residual=h)
-            gu = kernels.linear(h, layer.gate_up.weight, norm=layer.mlp_norm, eps=eps)
-            kernels.linear(gu, layer.down.weight, gated=True, residual=h)
+            _biased(kernels.linear(a, layer.o.weight, residual=h), layer.o)
+            gu = _biased(kernels.linear(h, layer.gate_up.weight, norm=layer.mlp_norm, eps=eps), layer.gate_up)
+            _biased(kernels.linear(gu, layer.down.weight, gated=True, residual=h), layer.down)
         return kernels.linear(h, self.lm.lm_head.weight, norm=self.lm.model.norm.weight, eps=eps,
                               out_dtype=torch.float32)
 
@@ -159,8 +159,11 @@ class DecodeModel:
 
         def linear(name, x, residual=None):
             # the residual add in place: out-of-place addmm first copies h into its output (a kernel a call)
-            weight = getattr(layer, name).weight.t()
-            return x @ weight if residual is None else residual.addmm_(x, weight)
+            projection = getattr(layer, name)
+            weight = projection.weight.t()
+            if residual is None:
+                return x @ weight if projection.bias is None else torch.addmm(projection.bias, x, weight)
+            return _biased(residual.addmm_(x, weight), projection)
 
         for i, layer in enumerate(self.layers):
             h = block(arch, h, layer, lambda y: attention(i, y).reshape(b * t, arch.heads * arch.head_dim),
@@ -169,3 +172,8 @@ class DecodeModel:
         # weight @ h.T: with an odd vocabulary (Index: 65,029) the [B, vocab] output's rows are
         # misaligned and cuBLAS falls back to a slow kernel (measured at batch 16: 0.31 ms of 3.4)
         return (self.lm.lm_head.weight @ h.t()).t().float()
+
+
+def _biased(y, projection):
+    """`y` (the projection's output, maybe with the residual in it) plus the projection's bias, in place."""
+    return y if projection.bias is None else y.add_(projection.bias)

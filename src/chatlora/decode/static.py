@@ -360,12 +360,15 @@ class StaticDecoder:
         """Rows `index` take their prompts: valid columns, next position and column, live; then the
         prefill (keys and values into their cache rows) and its last column's logits."""
         width = ids.shape[1]   # (scalars through index_fill_: indexed assignment copies them from the host)
+        columns = torch.arange(width, device=self.device)
         s.valid.index_fill_(0, index, False)
-        s.valid[index, :width] = mask.bool()
+        # what the next step (column `width`) may see: the prompt's columns, within the window
+        s.valid[index, :width] = mask.bool() & self.net.arch.in_window(width, columns)
         s.positions[index] = positions[:, -1] + 1
         s.slot.index_fill_(0, index, width)
         s.live.index_fill_(0, index, 1)
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        causal &= self.net.arch.in_window(columns[:, None], columns[None, :])
         allowed = causal[None] & mask.bool()[:, None, :]
         allowed |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # padding: no empty row
         return self.net.prefill(s, index, ids, positions, self.net.additive(allowed[:, None]))
@@ -388,8 +391,15 @@ class StaticDecoder:
 
     def _step(self, s: CacheState, attend: int):
         """Every row's token through the model, its keys and values written at the row's slot; the
-        penalized logits' argmax becomes the next input and the live rows move on."""
+        penalized logits' argmax becomes the next input and the live rows move on. With a sliding
+        window, the column leaving the window is no longer valid (earlier ones have left already:
+        a row's columns hold consecutive positions, its prompt's padding before them)."""
         s.valid.scatter_(1, s.slot[:, None], True)
+        window = self.net.arch.window
+        if window is not None:
+            leaving = (s.slot - window)[:, None]
+            kept = (leaving < 0) & s.valid.gather(1, leaving.clamp(min=0))   # column 0 stays as it is
+            s.valid.scatter_(1, leaving.clamp(min=0), kept)
         if self.net.fused(s.batch):
             logits = self.net.fused_step(s, attend)
         else:

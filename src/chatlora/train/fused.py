@@ -1,4 +1,4 @@
-"""The fast training pass: the peft model's own weights through a lean functional Llama forward,
+"""The fast training pass: the peft model's own weights through the model layer's forward (models/arch.py),
 one packed row per pass, captured once per bucket shape as a CUDA graph and replayed.
 
 Why: the eager peft model spends ~0.4 s per self-llm step launching ~25,000 kernels from Python for
@@ -20,9 +20,9 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     step.zero_grad()
     loss = step.accumulate(examples, micro_batch_examples=16, max_tokens=2048)   # into the peft parameters' .grad
 
-Supported: Llama-architecture models (Index is converted into one) without biases, SiLU MLP, LoRA on
-any of q,k,v,o,gate,up,down with one scale, no DoRA. `unsupported_reason` says why not otherwise; the
-caller then uses the eager path.
+Supported: the families of models/arch.py (Llama, with Index converted into one, Mistral, Qwen2,
+Qwen3), LoRA on any of q,k,v,o,gate,up,down with one scale, no DoRA. `unsupported_reason` says why
+not otherwise; the caller then uses the eager path.
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ class FusedForward:
         rope = cos[:, None, :], sin[:, None, :]
         same = segments[:, None] == segments[None, :]
         causal = torch.ones_like(same).tril_()
-        mask = torch.zeros(same.shape, dtype=self.dtype, device=ids.device).masked_fill_(~(same & causal), float("-inf"))
+        columns = torch.arange(ids.shape[0], device=ids.device)
+        allowed = same & causal & self.arch.in_window(columns[:, None], columns[None, :])
+        mask = torch.zeros(same.shape, dtype=self.dtype, device=ids.device).masked_fill_(~allowed, float("-inf"))
         h = F.embedding(ids, self.lm.model.embed_tokens.weight)
         for layer in self.layers:
             if checkpoint or self.packed_dropout:
@@ -225,7 +227,8 @@ class FusedForward:
     def _linear(self, g: AdaptedProjection, x, w, drop=None):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
         bit-packed masks to apply instead of drawing new ones)."""
-        y = x @ g.base.weight.t()
+        bias = g.base.bias
+        y = x @ g.base.weight.t() if bias is None else torch.addmm(bias, x, g.base.weight.t())
         if not g.adapters:
             return y
         t, d_in = x.shape
