@@ -53,6 +53,45 @@ def smol_run(tmp_path_factory, smollm2_base, huanhuan_rows):
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory, family_dir, huanhuan_rows):
+    """family_run("qwen3"): a run of that tiny family model trained for one step (its own chat
+    template), made once per module."""
+    import json
+
+    from chatlora.config import load_config
+    from chatlora.train.loop import train
+
+    made = {}
+
+    def make(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"run-{family}")
+            data = root / "d.jsonl"
+            data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:16]))
+            cfg = load_config(overrides=["train.max_steps=1", "train.learning_rate=0.01", "data.held_out_fraction=0",
+                                         "data.max_seq_tokens=128"],
+                              flags={"model.path": str(family_dir(family)), "data.path": str(data),
+                                     "data.system_prompt": "S"})
+            train(cfg, root / "run")
+            made[family] = root / "run"
+        return made[family]
+
+    return make
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_family_gguf_round_trip(family, family_run, tmp_path):
+    """Read back by transformers' GGUF loader: Qwen2 (q/k/v biases, tied embeddings), Mistral as a
+    Llama (within its window of 8 tokens: neither transformers' GGUF Llama nor llama.cpp has one).
+    Llama 3's RoPE scaling and Qwen3's own head_dim are read by llama.cpp only (the slow test below)."""
+    run_dir = family_run(family)
+    run = load_run(run_dir)
+    ids = run.fmt.prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "你是谁？"}])
+    rel, ours, back = round_trip(run_dir, tmp_path / f"{family}.gguf", "f16", ids[:8] if family == "mistral" else ids)
+    assert rel < TOLERANCE["f16"] and ours[0][:1] == back[0][:1] if family == "mistral" else ours == back
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_round_trip(tmp_path, smol_run):
     run = load_run(smol_run)
@@ -75,26 +114,33 @@ def test_ollama_modelfile(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["tiny_run", "smol_run"])
-def test_gguf_runs_in_llama_cpp(which, request, tmp_path):
+@pytest.mark.parametrize("which", ["tiny_run", "smol_run", "llama3", "qwen2", "qwen3", "mistral"])
+def test_gguf_runs_in_llama_cpp(which, request, family_run, tmp_path):
     """llama.cpp itself (llama-cpp-python; CI installs it) reads our GGUF: the same tokens for a text
-    as chatlora's tokenizer (sentencepiece for Index, BPE for SmolLM2), logits close to the merged model's."""
+    as chatlora's tokenizer (sentencepiece for Index, BPE for the others), logits close to the merged
+    model's: Llama 3's RoPE scaling (rope_freqs), Qwen2's biases, Qwen3's q/k norms and own head_dim,
+    Mistral as a Llama (within its window of 8 tokens)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
-    run_dir = request.getfixturevalue(which)
+    run_dir = request.getfixturevalue(which) if which.endswith("_run") else family_run(which)
     path = export_gguf(run_dir, tmp_path / "m.gguf", "f16")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
     run = load_run(run_dir)
     text = "皇上万福金安。你是谁？ Hello  world"
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == run.tok.encode(text)
+    for more in ("In 1234567 years, 89 days\n\n  and   spaces\t!", "it's 'quoted' I'LL"):
+        assert llm.tokenize(more.encode(), add_bos=False, special=False) == run.tok.encode(more), more
     ids = run.fmt.prompt([{"role": "user", "content": text}])
+    if which == "mistral":
+        ids = ids[:8]
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
     tuned = load_tuned_model(run, device="cpu", dtype="float32")
     with torch.no_grad():
         want = tuned(torch.tensor([ids])).logits[0].numpy()
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    # f16 rounding (a missing rope_freqs tensor gives 7e-3 on the Llama 3 model)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE["f16"]
 
 
 def test_export_mistakes_are_user_errors(tiny_run, tmp_path):
@@ -134,3 +180,41 @@ def test_a_run_in_the_tutorials_format_is_exported_with_that_format(index_dir, t
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "问"}]
     assert run.tok.encode(jinja2.Environment().from_string(template).render(messages=messages)) == run.fmt.prompt(messages)
     assert "reserved_0user" in template
+
+
+def test_llama_cpp_is_told_how_each_tokenizer_splits_text(family_dir, smollm2_tok):
+    """The pre-tokenizer name written into the GGUF (llama.cpp splits text by it before BPE; the
+    slow llama.cpp test checks the resulting tokens): known splits by name, anything else None."""
+    import json
+
+    from chatlora.models.load import load_tokenizer, prepare_base
+    from chatlora.models.tokenizer import pre_tokenizer_name
+
+    def pre(tok):
+        return pre_tokenizer_name(json.loads(tok.hf.backend_tokenizer.to_str())["pre_tokenizer"])
+
+    names = {f: pre(load_tokenizer(prepare_base(str(family_dir(f))))) for f in ("llama3", "qwen2", "qwen3", "mistral")}
+    assert names == {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "gpt-2"}
+    assert pre(smollm2_tok) == "gpt-2"
+    assert pre_tokenizer_name({"type": "Metaspace", "replacement": "\u2581"}) is None
+
+
+def test_sentencepiece_style_bpe_tokenizers_are_refused_not_written_wrong():
+    """A sentencepiece-style BPE tokenizer ("▁" pieces: Mistral v0.1-v0.3, Llama 2) written as a
+    byte-level vocabulary would tokenize wrongly in llama.cpp: the export refuses it and says why."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from chatlora.export import _add_tokenizer
+    from chatlora.models.tokenizer import HFTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"],
+                                                                      show_progress=False))
+    tok = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>"))
+    run = SimpleNamespace(tok=tok, base=SimpleNamespace(family="hf"))
+    with pytest.raises(UserError, match="sentencepiece-style"):
+        _add_tokenizer(None, run, 60)

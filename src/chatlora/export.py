@@ -26,7 +26,7 @@ import torch
 from chatlora.atomic import new_directory, new_file, refuse_existing
 from chatlora.errors import UserError
 from chatlora.models.lora import merge
-from chatlora.models.tokenizer import TOKENIZER_FILES
+from chatlora.models.tokenizer import TOKENIZER_FILES, pre_tokenizer_name
 from chatlora.rundir import load_run, load_tuned_model
 
 
@@ -69,8 +69,18 @@ def _index_tokenizer_config(path: Path, chat_template: str) -> None:
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
 
+# llama.cpp's architecture for each model type; Mistral is a Llama there (without its sliding window).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
 def _permute_qk(weights, n_head: int):
-    """HF's rotate-half q/k rows -> GGUF llama's interleaved layout (llama.cpp convert_hf_to_gguf)."""
+    """HF's rotate-half q/k rows -> GGUF llama's interleaved layout (llama.cpp convert_hf_to_gguf).
+    Works on biases too (rows of one element)."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
 
@@ -81,13 +91,29 @@ def _gguf_name(hf: str) -> str:
     if hf in parts:
         return parts[hf]
     layer, rest = hf.removeprefix("model.layers.").split(".", 1)
-    names = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
-             "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
-             "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
-             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
-    if rest not in names:
-        raise UserError(f"GGUF export covers Llama-architecture models; {hf} has no GGUF name")
-    return f"blk.{layer}.{names[rest]}.weight"
+    module, kind = rest.rsplit(".", 1)
+    if module not in _GGUF_LAYER_NAMES or kind not in ("weight", "bias"):
+        raise UserError(f"GGUF export covers {', '.join(GGUF_ARCH)} models; {hf} has no GGUF name")
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def _rope_freqs(model):
+    """llama.cpp's `rope_freqs` tensor for Llama 3's RoPE scaling: by how much each frequency is
+    divided, read off the model's own frequencies against unscaled ones (None without scaling)."""
+    rotary = model.model.rotary_emb
+    rope = getattr(rotary, "rope_type", "default")
+    if rope == "default":
+        return None
+    if rope != "llama3":
+        raise UserError(f"GGUF export writes default and Llama 3 RoPE; this model's RoPE is {rope!r}")
+    c = model.config
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    plain = 1.0 / (_rope_theta(c) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return (plain / rotary.original_inv_freq.double()).float().numpy()
+
+
+def _rope_theta(c) -> float:
+    return float((getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0))
 
 
 def _add_tensor(writer, name: str, data, quant: str) -> None:
@@ -104,8 +130,10 @@ def _add_tensor(writer, name: str, data, quant: str) -> None:
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape read from bytes
 
 
-def _add_tokenizer(writer, run) -> None:
-    """Index: its sentencepiece model ('llama' tokenizer); others: their BPE vocabulary and merges."""
+def _add_tokenizer(writer, run, vocab_size: int) -> None:
+    """Index: its sentencepiece model ('llama' tokenizer); others: their BPE vocabulary and merges,
+    padded to the model's `vocab_size` rows with unused tokens (Qwen's embeddings have more rows
+    than its tokenizer has tokens; llama.cpp wants one token per row)."""
     tok = run.tok
     if run.base.family == "index":
         sp = tok.sp
@@ -128,14 +156,27 @@ def _add_tokenizer(writer, run) -> None:
     if spec["model"]["type"] != "BPE":
         raise UserError(f"GGUF export handles sentencepiece (Index) and BPE tokenizers, not {spec['model']['type']}")
     vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
-    tokens = [""] * (max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(max(vocab_size, max(vocab.values()) + 1))]
     for text, i in vocab.items():
         tokens[i] = text
     special = {t["id"]: t["special"] for t in spec.get("added_tokens", [])}
+    ids = set(vocab.values())
+    if "\u2581" in json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False):
+        # sentencepiece-style pieces ("▁the"): llama.cpp reads them as its 'llama' vocabulary, with
+        # scores, which only Index's sentencepiece model is written as here
+        raise UserError("GGUF export writes byte-level BPE tokenizers and Index's sentencepiece model; this "
+                        "model's tokenizer is sentencepiece-style BPE (Mistral v0.1-v0.3, Llama 2), which is "
+                        "not written yet. The merged model (`chatlora merge`) can be converted with llama.cpp's "
+                        "convert_hf_to_gguf.py")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if pre is None:
+        print("chatlora: llama.cpp has no pre-tokenizer known to match this tokenizer's; it may split some "
+              "text (digits, contractions, spaces) into other tokens than the model was trained with")
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
-    writer.add_token_types([(3 if special[i] else 4) if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_types([(3 if special[i] else 4) if i in special else 1 if i in ids else 5
+                            for i in range(len(tokens))])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     writer.add_eos_token_id(tok.eos_id)
     if tok.hf.bos_token_id is not None:
@@ -147,7 +188,8 @@ def _add_tokenizer(writer, run) -> None:
 
 
 def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: str = "f16") -> Path:
-    """The merged model as one GGUF file (Llama architecture, tokenizer and chat template inside);
+    """The merged model as one GGUF file (llama.cpp's llama, qwen2 or qwen3 architecture, tokenizer
+    and chat template inside);
     by default NAME-QUANT.gguf here."""
     import gguf
 
@@ -159,20 +201,26 @@ def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: s
     model = load_tuned_model(run, device="cpu", dtype="float32")
     merged = merge(model) if run.adapter is not None else model
     c = merged.config
-    if c.model_type != "llama":
-        raise UserError(f"GGUF export covers Llama-architecture models; this one is {c.model_type}")
+    if c.model_type not in GGUF_ARCH:
+        raise UserError(f"GGUF export covers {', '.join(GGUF_ARCH)} models; this one is {c.model_type}")
+    window = getattr(c, "sliding_window", None)
+    if c.model_type == "mistral" and window and window < c.max_position_embeddings:
+        print(f"chatlora: llama.cpp attends to the whole context; this model attends within {window} tokens, "
+              f"so prompts and replies beyond that are computed differently there")
     with new_file(output) as tmp:
-        _write_gguf(gguf.GGUFWriter(str(tmp), arch="llama"), run, merged, quant)
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH[c.model_type]), run, merged, quant)
     return output
 
 
 def _write_gguf(writer, run, merged, quant: str) -> None:
-    """The merged model into `writer`: llama.cpp's Llama keys, the tokenizer, every tensor."""
+    """The merged model into `writer`: llama.cpp's keys for its architecture, the tokenizer, every
+    tensor (biases and q/k norms included; Llama 3's RoPE scaling as `rope_freqs`)."""
     import gguf
 
     c = merged.config
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
-    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    interleaved = GGUF_ARCH[c.model_type] == "llama"   # llama.cpp's Llama RoPE pairs neighbours; Qwen's halves
     writer.add_name(run.name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -180,21 +228,27 @@ def _write_gguf(writer, run, merged, quant: str) -> None:
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // heads)
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope_theta(c))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
-    _add_tokenizer(writer, run)
+    _add_tokenizer(writer, run, c.vocab_size)
     state = merged.state_dict()
     if "lm_head.weight" not in state or c.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    freqs = _rope_freqs(merged)
+    if freqs is not None:
+        writer.add_tensor("rope_freqs.weight", freqs)
     for name, tensor in state.items():
         data = tensor.detach().float().numpy()
-        if name.endswith("q_proj.weight"):
+        if interleaved and ".q_proj." in name:
             data = _permute_qk(data, heads)
-        elif name.endswith("k_proj.weight"):
+        elif interleaved and ".k_proj." in name:
             data = _permute_qk(data, kv_heads)
         _add_tensor(writer, _gguf_name(name), data, quant)
     writer.write_header_to_file()

@@ -36,6 +36,7 @@ import warnings
 from typing import Literal
 
 from chatlora.errors import UserError
+from chatlora.layouts import ollama_layout
 from chatlora.models.tokenizer import INDEX_SPECIAL_TOKENS
 
 IGNORE = -100
@@ -43,6 +44,12 @@ IGNORE = -100
 UNK, EOS, USER_START, REPLY_START = (INDEX_SPECIAL_TOKENS[t] for t in ("<unk>", "</s>", "reserved_0", "reserved_1"))
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+
+# Special tokens that end a turn or the text in the families chatlora knows; a model that has one of
+# them as a special token stops on it, whatever its tokenizer names eos (Llama 3.x: <|eot_id|> and
+# <|end_of_text|>; Qwen: <|im_end|> and <|endoftext|>).
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>",
+              "<end_of_turn>", "<eos>", "<|end|>")
 
 
 def split_system(messages: Messages) -> tuple[str | None, list[tuple[str, str | None]]]:
@@ -97,6 +104,10 @@ class IdFormat:
         if self.name == "index":
             return [USER_START] + self.content(text) + [REPLY_START]
         return [USER_START] + self.content("user" + text) + [REPLY_START] + self.tok.encode("assistant")
+
+    def examples(self, messages: Messages) -> list[tuple[list[int], list[int]]]:
+        """The conversation's training examples: always one (these formats nest)."""
+        return [self.render(messages)]
 
     def render(self, messages: Messages) -> tuple[list[int], list[int]]:
         system, turns = split_system(messages)
@@ -161,7 +172,19 @@ class IdFormat:
 
 
 class TemplateFormat:
-    """The tokenizer's own Jinja chat_template, with reply spans found by rendering prefixes."""
+    """The tokenizer's own Jinja chat_template, with reply spans found by rendering prefixes.
+
+    Rendered with `enable_thinking=False` (templates without that switch ignore it): for Qwen3 the
+    generation prompt then ends with an empty reasoning block, `<think>\n\n</think>\n\n`, and each
+    reply is trained after that same block, so a model tuned on data without reasoning is asked
+    exactly what it was trained on.
+
+    A conversation whose renderings nest (each reply's generation prompt is a prefix of the
+    conversation rendered with that reply, and so on) is one example with every reply supervised.
+    A template that rewrites earlier turns when a turn is added (Qwen3 drops the reasoning block of
+    replies before the last user message; Mistral's puts the system prompt in the last user
+    message) gives one example per reply instead: its generation prompt, then the reply as the
+    template renders it after that prompt, supervised; earlier replies are context only."""
 
     name = "auto"
 
@@ -171,7 +194,8 @@ class TemplateFormat:
         self.tok, self.parse_special = tok, parse_special
         self.end_text = self._probe_end_text()
         end_ids = tok.encode(self.end_text) if self.end_text else []
-        self.stop_ids = sorted({tok.eos_id} | set(end_ids[:1]))
+        ends = {tok.special_tokens[t] for t in END_TOKENS if t in tok.special_tokens}
+        self.stop_ids = sorted(({tok.eos_id} | set(end_ids[:1]) | ends) - {None})
 
     def _probe_end_text(self) -> str:
         """The special token the template writes right after a reply (ChatML: <|im_end|>), found by
@@ -185,12 +209,16 @@ class TemplateFormat:
         return self.tok.hf.eos_token
 
     def _text(self, messages: Messages, generation_prompt: bool) -> str:
-        return self.tok.hf.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=generation_prompt)
+        return self.tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                               enable_thinking=False)
 
-    def _spans(self, messages: Messages) -> tuple[list[tuple[str, bool]], str]:
-        """The conversation up to its last reply's end token, cut into (text, supervised) spans,
-        and that text itself."""
+    def _cut(self, reply: str) -> str:
+        """A rendered reply through its end token; what follows it (ChatML's newline) is the prompt's."""
+        return reply[:reply.find(self.end_text) + len(self.end_text)] if self.end_text in reply else reply
+
+    def _spans(self, messages: Messages) -> tuple[list[tuple[str, bool]], str] | None:
+        """The conversation up to its last reply's end token, cut into (text, supervised) spans, and
+        that text itself; None when the renderings do not nest."""
         spans, done = [], ""
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -198,38 +226,41 @@ class TemplateFormat:
             before = self._text(messages[:k], generation_prompt=True)
             full = self._text(messages[: k + 1], generation_prompt=False)
             if not before.startswith(done) or not full.startswith(before):
-                raise UserError("this chat_template rewrites earlier turns when a turn is added, so reply "
-                                "spans cannot be found by prefixes; pick another --template")
-            reply = full[len(before):]
-            # Supervise through the end token; what follows it (ChatML's newline) belongs to the prompt.
-            cut = reply.find(self.end_text) + len(self.end_text) if self.end_text in reply else len(reply)
-            spans += [(before[len(done):], False), (reply[:cut], True)]
-            done = before + reply[:cut]
+                return None
+            reply = self._cut(full[len(before):])
+            spans += [(before[len(done):], False), (reply, True)]
+            done = before + reply
         return spans, done
 
-    # The ChatML layout, which an Ollama template can state (`ollama_template`).
-    CHATML_OLLAMA = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
-                     '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+    def _reply_after_prompt(self, reply: Messages) -> str:
+        """How the template renders `reply` (an assistant message) right after its generation prompt,
+        through the end token: read off the shortest conversation, one user message and the reply."""
+        probe = [{"role": "user", "content": "x"}]
+        before, full = self._text(probe, True), self._text(probe + reply, False)
+        if not full.startswith(before):
+            raise UserError("the chat template does not render this reply right after its own generation prompt "
+                            "(Qwen3: a reply holding its own <think>...</think> reasoning, which chatlora does "
+                            "not train: replies are trained after an empty reasoning block), so what to train "
+                            "cannot be told")
+        return self._cut(full[len(before):])
 
     def jinja_template(self) -> str:
         return self.tok.chat_template
 
-    def _is_chatml(self) -> bool:
-        """Whether the model's template renders a conversation exactly as ChatML lays it out."""
-        messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                    {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
-        chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return self._text(messages, generation_prompt=True) == chatml + "<|im_start|>assistant\n"
-
     def ollama_template(self) -> str:
-        if not self._is_chatml():
-            raise UserError("the Ollama export writes templates for Index's formats and ChatML; this model's "
-                            "chat template renders neither")
-        return self.CHATML_OLLAMA
+        """The model's layout as an Ollama template (layouts.py: ChatML and its variants, Llama 3)."""
+        template = ollama_layout(self._text)
+        if template is None:
+            raise UserError("the Ollama export writes templates for Index's formats, ChatML (Qwen, SmolLM) and "
+                            "Llama 3; this model's chat template renders none of them. The GGUF export carries "
+                            "the model's own template, which llama.cpp applies")
+        return template
 
     def ollama_stops(self) -> list[str]:
-        return ["<|im_end|>", "<|im_start|>"] if self._is_chatml() else \
-            [self.tok.decode([i], skip_special=False) for i in self.stop_ids]
+        """The stop ids as text, and the token that opens a turn in the layout (a model that starts
+        one has finished its reply)."""
+        opens = [t for t in ("<|im_start|>", "<|start_header_id|>") if t in self.ollama_template()]
+        return [self.tok.decode([i], skip_special=False) for i in self.stop_ids] + opens
 
     def _set_aside(self, messages: Messages) -> tuple[Messages, dict[str, str]]:
         """Messages whose content holds a control token's text, with that content replaced by a
@@ -255,27 +286,57 @@ class TemplateFormat:
             ids += self.tok.encode_text(aside[part]) if part in aside else self.tok.encode(part) if part else []
         return ids
 
-    def render(self, messages: Messages) -> tuple[list[int], list[int]]:
+    def _supervised(self, text: str, aside: dict[str, str]) -> list[int]:
+        ids = self._encode(text, aside)
+        if self.end_text not in text:
+            ids.append(self.tok.eos_id)  # a template that writes no end token: still learn to stop
+        return ids
+
+    def examples(self, messages: Messages) -> list[tuple[list[int], list[int]]]:
+        """The conversation's training examples (ids, labels): one, or one per reply (see the class)."""
         messages, aside = self._set_aside(messages)
-        spans, done = self._spans(messages)
-        spans.append((self._text(messages, generation_prompt=False)[len(done):], False))
-        ids, labels = [], []
-        for text, supervised in spans:
-            piece = self._encode(text, aside)
-            if supervised and self.end_text not in text:
-                piece.append(self.tok.eos_id)  # a template that writes no end token: still learn to stop
-            ids += piece
-            labels += piece if supervised else [IGNORE] * len(piece)
-        return ids, labels
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("a training conversation must end with an assistant reply")
+        nested = self._spans(messages)
+        if nested is not None:
+            spans, done = nested
+            spans.append((self._text(messages, generation_prompt=False)[len(done):], False))
+            ids, labels = [], []
+            for text, supervised in spans:
+                piece = self._supervised(text, aside) if supervised else self._encode(text, aside)
+                ids += piece
+                labels += piece if supervised else [IGNORE] * len(piece)
+            return [(ids, labels)]
+        out = []
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                prompt = self._prompt(messages[:k], aside)
+                reply = self._supervised(self._reply_after_prompt([m]), aside)
+                out.append((prompt + reply, [IGNORE] * len(prompt) + reply))
+        return out
+
+    def render(self, messages: Messages) -> tuple[list[int], list[int]]:
+        """One example of the whole conversation; a template whose renderings do not nest has none."""
+        examples = self.examples(messages)
+        if len(examples) > 1:
+            raise UserError("this chat_template rewrites earlier turns when a turn is added; the conversation "
+                            "is one example per reply (`examples`)")
+        return examples[0]
 
     def prompt(self, messages: Messages) -> list[int]:
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("a generation prompt must end with a user message")
-        messages, aside = self._set_aside(messages)
-        spans, done = self._spans(messages[:-1])
+        return self._prompt(*self._set_aside(messages))
+
+    def _prompt(self, messages: Messages, aside: dict[str, str]) -> list[int]:
+        """The generation prompt's ids, encoded as training encodes that prefix: span by span where
+        the history nests (so a reply's tokens and those before it split where training split
+        them), else whole (as a one-reply example's prompt is)."""
         full = self._text(messages, generation_prompt=True)
-        if not full.startswith(done):
-            raise UserError("this chat_template rewrites earlier turns; pick another --template")
+        nested = self._spans(messages[:-1])
+        if nested is None or not full.startswith(nested[1]):
+            return self._encode(full, aside)
+        spans, done = nested
         return [i for text, _ in spans for i in self._encode(text, aside)] + self._encode(full[len(done):], aside)
 
 

@@ -130,11 +130,13 @@ _SHAPE = {"vocab_size": 4000, "hidden_size": 64, "intermediate_size": 96, "num_h
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "rms_norm_eps": 1e-6}
 TINY_FAMILIES = {
-    # Llama 3.x: llama3 RoPE scaling, tied embeddings (3.2 1B/3B), head_dim unlike hidden / heads
+    # Llama 3.x: llama3 RoPE scaling, tied embeddings (3.2 1B/3B), head_dim unlike hidden / heads. The
+    # original context is set short (8) so that the scaling changes nearly every frequency, and a
+    # short prompt's logits show whether it is applied.
     "llama3": dict(model_type="llama", head_dim=32, tie_word_embeddings=True,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 64}),
+                                    "original_max_position_embeddings": 8}),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),                    # q/k/v biases
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True),       # q/k norms
     "mistral": dict(model_type="mistral", sliding_window=8, tie_word_embeddings=False),   # a window
@@ -143,8 +145,9 @@ TINY_FAMILIES = {
 
 
 def make_family_dir(root: Path, family: str, seed: int = 0, **changes) -> Path:
-    """A tiny random model of `family` (TINY_FAMILIES) in a Hugging Face directory. Every weight is
-    random, biases and norms included (initialized ones would hide a missing bias or norm)."""
+    """A tiny random model of `family` (TINY_FAMILIES) in a Hugging Face directory, with a tokenizer
+    in the family's chat layout (`make_chat_tokenizer`) where there is one. Every weight is random,
+    biases and norms included (initialized ones would hide a missing bias or norm)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(_SHAPE, **TINY_FAMILIES[family], **changes)
@@ -159,4 +162,107 @@ def make_family_dir(root: Path, family: str, seed: int = 0, **changes) -> Path:
                     else 0.3 * noise if name.endswith("bias") else 0.05 * noise)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root)
+    if family in CHAT_TEMPLATES:
+        make_chat_tokenizer(root, family)
     return root
+
+
+# Chat templates in the layouts of each family's instruct models, written here from their documented
+# behaviour (what matters to chatlora: the turn layout, default system text, where the system prompt
+# goes, the reasoning block, the end tokens).
+CHAT_TEMPLATES = {
+    # Qwen2.5: ChatML with a default system message when none is given
+    "qwen2": (
+        "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+        "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\\n' }}{%- endif %}"
+        "{%- for m in messages %}{%- if m.role != 'system' %}"
+        "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
+    # Qwen3: ChatML; the reply after the last user message carries a reasoning block, earlier ones
+    # lose theirs; enable_thinking=false ends the generation prompt with an empty block
+    "qwen3": (
+        "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- set ns = namespace(last_query=-1) %}"
+        "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}"
+        "{%- endfor %}"
+        "{%- for m in messages %}"
+        "{%- if m.role == 'user' %}{{- '<|im_start|>user\\n' + m.content + '<|im_end|>\\n' }}"
+        "{%- elif m.role == 'assistant' %}"
+        "{%- set content = m.content %}{%- set reasoning = '' %}"
+        "{%- if '</think>' in content %}"
+        "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+        "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+        "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+        "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- endif %}{%- endif %}"),
+    # Llama 3.1: BOS, a system block always (dates, then the system prompt), contents trimmed
+    "llama3": (
+        "{{- bos_token }}"
+        "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content | trim %}"
+        "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+        "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+        "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
+        "{{- system + '<|eot_id|>' }}"
+        "{%- for m in messages %}"
+        "{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content | trim + '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"),
+    # Mistral v0.3: [INST] turns; the system prompt goes into the last user message
+    "mistral": (
+        "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content %}"
+        "{%- set turns = messages[1:] %}{%- else %}{%- set turns = messages %}{%- endif %}"
+        "{{- bos_token }}"
+        "{%- for m in turns %}"
+        "{%- if m.role == 'user' %}"
+        "{%- if loop.last and system is defined %}{{- '[INST] ' + system + '\\n\\n' + m.content + '[/INST]' }}"
+        "{%- else %}{{- '[INST] ' + m.content + '[/INST]' }}{%- endif %}"
+        "{%- elif m.role == 'assistant' %}{{- ' ' + m.content + eos_token }}{%- endif %}"
+        "{%- endfor %}"),
+}
+CHAT_TOKENS = {   # (special tokens, bos, eos) of each layout
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>"),
+}
+
+
+def make_chat_tokenizer(directory: Path, layout: str, vocab_size: int = 3000) -> Path:
+    """A byte-level BPE tokenizer trained on the bundled data, with `layout`'s special tokens and chat
+    template (CHAT_TEMPLATES), saved into `directory` as transformers saves one. Qwen3's <think> and
+    </think> are added as ordinary (not special) tokens, as Qwen3 has them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special, bos, eos = CHAT_TOKENS[layout]
+    rows = json.loads((ASSETS / "huanhuan.json").read_text(encoding="utf-8"))
+    lines = [r["instruction"] for r in rows] + [r["output"] for r in rows]
+    lines += ["Hello world. How are you? It's 1234567, I'LL say 89 days.\n\n  and   spaces\t!"] * 20
+    from chatlora.models.tokenizer import PRE_TOKENIZERS
+
+    bpe = Tokenizer(models.BPE())
+    regex = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe"}.get(layout)
+    if regex:   # the family's own split (llama.cpp knows it by that name), then bytes
+        pattern = Regex(PRE_TOKENIZERS[regex][0]["pattern"]["Regex"])
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pattern, "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                  pad_token=special[0], chat_template=CHAT_TEMPLATES[layout])
+    if layout == "qwen3":
+        tok.add_tokens(["<think>", "</think>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(directory)
+    return directory

@@ -31,7 +31,8 @@ from chatlora.errors import UserError
 from chatlora.models import hub
 from chatlora.templates import IGNORE
 
-CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: message text encoded as text)
+CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: message text encoded as text;
+#                    3: chat templates rendered without reasoning, one example per reply where turns are rewritten)
 PROGRESS_MIN_ROWS = 2000
 
 
@@ -112,8 +113,19 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
                             for c in result.conversations)
     bar = tqdm(result.conversations, desc="tokenizing", unit="row", leave=False,
                disable=len(result.conversations) < PROGRESS_MIN_ROWS or None)
-    for conv in bar:
-        ids, labels = fmt.render(conv.messages)
+    per_reply = 0   # conversations the template made one example per reply of (templates.TemplateFormat)
+
+    def rendered():
+        nonlocal per_reply
+        for conv in bar:
+            try:
+                made = fmt.examples(conv.messages)
+            except UserError as e:
+                raise UserError(f"{file}:{conv.line}: {e}") from None
+            per_reply += len(made) > 1
+            yield from ((conv, ids, labels) for ids, labels in made)
+
+    for conv, ids, labels in rendered():
         if len(ids) > spec.max_seq_tokens:
             if spec.on_overlength == "error":
                 too_long.append(f"  {file}:{conv.line}: {len(ids)} tokens")
@@ -133,6 +145,7 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
                         f"Raise data.max_seq_tokens, or use on_overlength truncate or drop.")
     report = _report(spec, fmt.name, result, examples, dropped, truncated,
                      duplicates=sum(n - 1 for n in seen.values()))
+    report["conversations_per_reply"] = per_reply
     return examples, report, not result.errors
 
 
@@ -263,6 +276,8 @@ def format_report(report: dict) -> str:
         f"rows rejected   {report['rows_rejected']}",
         f"examples kept   {report['examples_kept']}  (train {report.get('train_examples', '-')}, "
         f"held-out {report.get('held_out_examples', '-')})",
+        *([f"                {report['conversations_per_reply']} conversation(s) as one example per reply: the "
+           f"chat template rewrites earlier turns"] if report.get("conversations_per_reply") else []),
         f"dropped         {dropped}",
         f"truncated       {report['truncated']}  (at {report['max_seq_tokens']} tokens)",
         f"duplicates      {report['duplicates']}  (exact, kept)",

@@ -107,7 +107,11 @@ class HFTokenizer:
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = len(hf_tokenizer)
         self.chat_template = hf_tokenizer.chat_template
-        self.special_ids = set(hf_tokenizer.all_special_ids)
+        # Every control token: the named ones (eos, bos, ...) and the added tokens marked special, which
+        # tokenizers need not name (Llama 3's <|start_header_id|>, <|eot_id|>).
+        self.special_tokens = {t: i for t, i in zip(hf_tokenizer.all_special_tokens, hf_tokenizer.all_special_ids)}
+        self.special_tokens.update({t.content: i for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special})
+        self.special_ids = set(self.special_tokens.values())
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -118,7 +122,7 @@ class HFTokenizer:
 
     @property
     def special_texts(self) -> list[str]:
-        return [t for t in self.hf.all_special_tokens if t]
+        return [t for t in self.special_tokens if t]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special)
@@ -126,6 +130,32 @@ class HFTokenizer:
     def token_id(self, text: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(text)
         return None if tid is None or tid == self.hf.unk_token_id and text != self.hf.unk_token else tid
+
+
+# How llama.cpp splits text before BPE (its `tokenizer.ggml.pre` names), by the model's pre-tokenizer
+# in tokenizer.json: GPT-2's byte-level regex; the same with single digits (SmolLM); Llama 3's and
+# Qwen2's regexes (digits in threes, and one by one).
+_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
+_CONTRACTIONS_LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_PUNCT_SPACES = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    "gpt-2": [_BYTE_LEVEL],
+    "smollm": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL],
+    "llama-bpe": [{"type": "Split", "pattern": {"Regex": _CONTRACTIONS_LETTERS + r"\p{N}{1,3}" + _PUNCT_SPACES}},
+                  {"type": "ByteLevel", "use_regex": False}],
+    "qwen2": [{"type": "Split", "pattern": {"Regex": _CONTRACTIONS_LETTERS + r"\p{N}" + _PUNCT_SPACES}},
+              {"type": "ByteLevel", "use_regex": False}],
+}
+
+
+def pre_tokenizer_name(spec: dict | None) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer, or None when it is none of PRE_TOKENIZERS."""
+    steps = (spec or {}).get("pretokenizers") if (spec or {}).get("type") == "Sequence" else [spec]
+    for name, want in PRE_TOKENIZERS.items():
+        if len(steps) == len(want) and all(s and all(s.get(k) == v for k, v in w.items())
+                                           for s, w in zip(steps, want)):
+            return name
+    return None
 
 
 class TextStream:
