@@ -1,6 +1,6 @@
 """Where the fast path's optimizer step spends its time.
 
-    python bench/profile_fast.py MODEL_DIR
+    python bench/profile_fast.py MODEL_DIR [--mask-attention]
 
 Times, for the self-llm job's steps (16 examples, one packed row, CUDA graphs): the captured pass alone
 (device events around `replay`), the host work before it (row building, copy), clipping + AdamW, and
@@ -21,7 +21,8 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.fused import FusedStep, host_row, pass_shape  # noqa: E402
+from chatlora.train.fused import FusedStep  # noqa: E402
+from chatlora.train.packed_row import host_row, pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan  # noqa: E402
 
 
@@ -46,6 +47,7 @@ def main():
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     plan = StepPlan(len(ds.train), 16, 42)
     fast = FusedStep(model, "cuda", graphs=True)
+    fast.net.flash = "--mask-attention" not in sys.argv   # the block-diagonal mask instead of flash attention
     steps = [[ds.train[j] for j in plan.indices(i)] for i in range(40)]
     for ex in steps:  # capture every bucket these steps need
         fast.zero_grad()
@@ -54,12 +56,12 @@ def main():
     tokens = statistics.mean(sum(len(e.input_ids) for e in ex) for ex in steps)
 
     ex = steps[0]
-    t, s = pass_shape(ex)
-    captured = fast._captured[(t, s)]
+    shape = pass_shape(ex)
+    captured = fast._captured[shape]
     replay = median_ms(captured.graph.replay)
     t0 = time.perf_counter()
     for _ in range(20):
-        row = host_row(ex, t, s)
+        row = host_row(ex, shape)
         captured.row.copy_(row.pin_memory(), non_blocking=True)
     host = (time.perf_counter() - t0) / 20 * 1e3
 
@@ -99,7 +101,7 @@ def main():
     kernels = sum(e.count for e in events)
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=110))
-    print(f"\nbucket {t} tokens / {s} supervised; {sum(len(e.input_ids) for e in ex)} real tokens; "
+    print(f"\nbucket {shape.tokens} tokens / {shape.supervised} supervised; {sum(len(e.input_ids) for e in ex)} real tokens; "
           f"mean {tokens:.0f} tokens per step")
     print(f"{'part':<52}{'ms':>8}")
     for name, ms in (("captured pass, replay (device events)", replay),

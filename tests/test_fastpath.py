@@ -11,8 +11,9 @@ from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE
 from chatlora.testing import make_index_dir
-from chatlora.train.fused import FusedStep, host_row, unsupported_reason
+from chatlora.train.fused import FusedStep, unsupported_reason
 from chatlora.train.loop import accumulate_gradients
+from chatlora.train.packed_row import PassShape, host_row, row_parts
 from chatlora.train.steps import pack
 
 
@@ -125,15 +126,19 @@ def test_dropout_is_active_and_per_module(index_dir, index_tok, huanhuan_rows):
 def test_host_row_layout_and_padding(index_tok, huanhuan_rows):
     examples = examples_for(index_tok, huanhuan_rows[:2])
     n = sum(len(e.input_ids) for e in examples)
-    row = host_row(examples, 256, 128)
-    ids, pos, seg = row[:256], row[256:512], row[512:768]
-    sup, tgt = row[768:896], row[896:]
+    shape = PassShape(256, 128, 16)
+    row = host_row(examples, shape)
+    parts = row_parts(row, shape)
+    ids, pos, seg, sup, tgt = (parts[k] for k in ("ids", "positions", "segments", "supervised", "targets"))
+    assert [len(parts[k]) for k in parts] == [256, 256, 256, 128, 128, 17]
     assert ids[:n].tolist() == examples[0].input_ids + examples[1].input_ids
     assert pos[:len(examples[0].input_ids) + 1].tolist() == list(range(len(examples[0].input_ids))) + [0]
     assert set(seg[n:].tolist()) == {-1} and set(seg[:n].tolist()) == {0, 1}
     real = int((tgt != IGNORE).sum())
     assert real == sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
     assert (sup[real:] == 0).all() and (tgt[real:] == IGNORE).all()
+    lengths = [len(e.input_ids) for e in examples]   # two examples, the padding, empty slots
+    assert parts["starts"].tolist() == [0, lengths[0], n] + [256] * 14
 
 
 def test_unsupported_models_are_named(smollm2_base, index_dir, family_dir):
@@ -249,7 +254,7 @@ def test_checkpointed_pass_equals_peft_without_dropout(index_dir, index_tok, hua
 
 
 def test_buckets_bound_padding_and_shapes():
-    from chatlora.train.fused import bucket
+    from chatlora.train.packed_row import bucket
 
     sizes = range(1, 8193)
     assert all(bucket(n, 128) >= n and bucket(n, 128) % 128 == 0 for n in sizes)
@@ -262,14 +267,15 @@ def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
     never beyond it: every pass fits its shape, and a token bucket has at most 8 supervised sizes."""
     from types import SimpleNamespace
 
-    from chatlora.train.fused import BUCKET_SUPERVISED, pass_shape
+    from chatlora.train.packed_row import BUCKET_SUPERVISED, pass_shape
 
     shapes = set()
     for n in range(2, 3000, 37):
         for share in (0.05, 0.3, 0.7, 1.0):
             sup = max(1, int(n * share) - 1)
             ex = SimpleNamespace(input_ids=[5] * n, labels=[IGNORE] * (n - sup) + [7] * sup)
-            tokens, s = pass_shape([ex])
+            tokens, s, sequences = pass_shape([ex])
+            assert sequences == 16
             assert tokens >= n and sup <= s <= tokens
             assert s % max(BUCKET_SUPERVISED, tokens // 8) == 0 or s == tokens
             shapes.add((tokens, s))

@@ -131,6 +131,35 @@ def test_each_familys_captured_pass_equals_peft_on_cuda(family, family_dir, inde
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
+def test_flash_attention_pass_is_as_close_to_float32_as_the_mask_pass(family, family_dir, index_tok, huanhuan_rows):
+    """bf16 passes attend by flash attention over each example (rows with padding, empty sequence
+    slots and, for Mistral, examples longer than its window of 8): their loss and gradients are as
+    close to the float32 pass as the mask path's, captured and replayed with new data."""
+    from helpers import examples_for
+
+    from chatlora.train.fused import FusedStep
+
+    steps = [examples_for(index_tok, huanhuan_rows[i:i + 12]) for i in (0, 12)]
+
+    def run(dtype, flash):
+        fast = FusedStep(lora_model(family_dir(family), dtype), "cuda", graphs=dtype != "float32")
+        fast.net.flash = flash
+        assert fast.net.uses_flash("cuda") == (flash and dtype != "float32")
+        out = []
+        for examples in steps:
+            fast.zero_grad()
+            out.append((fast.accumulate(examples, 16, 300).item(), fast.net.flat.grad.float().clone()))
+        return out
+
+    reference, masked, flash = run("float32", False), run("bfloat16", False), run("bfloat16", True)
+    for (l32, g32), (lm, gm), (lf, gf) in zip(reference, masked, flash):
+        loss_error, mask_loss_error = abs(lf - l32) / l32, abs(lm - l32) / l32
+        grad_error, mask_grad_error = ((gf - g32).norm() / g32.norm()).item(), ((gm - g32).norm() / g32.norm()).item()
+        assert loss_error < max(2 * mask_loss_error, 2e-3), (loss_error, mask_loss_error)
+        assert grad_error < max(1.5 * mask_grad_error, 2e-2), (grad_error, mask_grad_error)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
 def test_each_familys_captured_decoder_equals_generate_on_cuda(family, family_dir):
     """Float32, captured steps and kernels: greedy tokens of rows of different lengths equal
     transformers' for 20 steps (Mistral's window of 8 crossed), first run and replay."""

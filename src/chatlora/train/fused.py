@@ -9,10 +9,12 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
   - every LoRA weight in one flat buffer (the peft parameters are views into it, their gradients
     views into its gradient): cast to the compute dtype once per pass, the LoRA scale folded into B;
   - q/k/v and gate/up adapters as batched GEMMs (each module keeps its own dropout mask, as in peft);
-  - fused RMSNorm, RoPE on q and k together, one block-diagonal mask per pass for all layers;
+  - fused RMSNorm, RoPE on q and k together;
+  - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
+    (`torch.nn.attention.varlen`: no work for pairs of different examples, grouped-query heads read
+    as they are); elsewhere one block-diagonal mask per pass for all layers;
   - the vocabulary projection only at supervised positions;
-  - the row padded to a bucket shape (`pass_shape`: tokens in multiples of `BUCKET_TOKENS`, coarser
-    for long rows; supervised positions in eighths of that) so a few shapes repeat; each shape is
+  - the row padded to a bucket shape (train/packed_row.py) so a few shapes repeat; each shape is
     captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
     per pass instead of thousands.
 
@@ -27,6 +29,7 @@ not otherwise; the caller then uses the eager path.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -37,10 +40,9 @@ import torch.utils.checkpoint
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
-from chatlora.train.steps import micro_batches, supervised_count, targets_of
+from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
+from chatlora.train.steps import micro_batches, supervised_count
 
-BUCKET_TOKENS = 128
-BUCKET_SUPERVISED = 64
 HEAD_CHUNK = 128  # supervised positions per vocabulary projection when checkpointing (logits' memory)
 ADAPTER = "default"
 
@@ -108,6 +110,7 @@ class FusedForward:
         self.b_sizes: list[int] = []
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
+        self.flash = True            # tests: False computes the mask path on a GPU too
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name)) for name in
                                             ("qkv", "o", "gate_up", "down")}) for layer in fused_layers(lm)]
         self.dtype = self.layers[0].layer.qkv.weight.dtype
@@ -152,8 +155,11 @@ class FusedForward:
 
     # ---------------------------------------------------------------- the function
 
-    def loss_sum(self, ids, positions, segments, supervised, targets, checkpoint: bool = False) -> torch.Tensor:
+    def loss_sum(self, ids, positions, segments, supervised, targets, starts=None,
+                 checkpoint: bool = False) -> torch.Tensor:
         """Sum of cross-entropies at `supervised` positions of one packed row (padding: target IGNORE).
+        `starts`: where each sequence slot of the row begins, then the row's length (`host_row`); the
+        flash path attends within them, the mask path reads `segments` instead.
 
         `checkpoint`: keep only each layer's input for backward and recompute the layer there. Its
         dropout masks are then drawn up front and kept bit-packed (1 bit per element), so the recompute
@@ -161,25 +167,56 @@ class FusedForward:
         w = self.adapter_weights(self.flat)
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
-        same = segments[:, None] == segments[None, :]
-        causal = torch.ones_like(same).tril_()
-        columns = torch.arange(ids.shape[0], device=ids.device)
-        allowed = same & causal & self.arch.in_window(columns[:, None], columns[None, :])
-        mask = torch.zeros(same.shape, dtype=self.dtype, device=ids.device).masked_fill_(~allowed, float("-inf"))
+        if starts is not None and self.uses_flash(ids.device):
+            attention = partial(self._flash_attention, starts=starts.to(torch.int32), longest=ids.shape[0])
+        else:
+            attention = partial(self._masked_attention, mask=self._mask(segments))
         h = F.embedding(ids, self.lm.model.embed_tokens.weight)
         for layer in self.layers:
             if checkpoint or self.packed_dropout:
                 drops = self._draw_masks(layer, ids.shape[0], ids.device)
                 run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
                               preserve_rng_state=False) if checkpoint else self._layer
-                h = run(h, layer, w, rope, mask, drops)
+                h = run(h, layer, w, rope, attention, drops)
             else:
-                h = self._layer(h, layer, w, rope, mask)
+                h = self._layer(h, layer, w, rope, attention)
         x = h.index_select(0, supervised)
         if not checkpoint:
             return self._head(x, targets)
         head = partial(torch.utils.checkpoint.checkpoint, self._head, use_reentrant=False, preserve_rng_state=False)
         return sum(head(xc, tc) for xc, tc in zip(x.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)))
+
+    def uses_flash(self, device) -> bool:
+        """Whether passes on `device` attend with flash attention over the row's sequences (CUDA, half
+        precision, a torch with `varlen_attn` that takes this model's window); else the mask path."""
+        return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+                and _flash_options(self.arch.window) is not None)
+
+    def _mask(self, segments):
+        """The additive attention mask of a packed row: causal, within each segment (and window)."""
+        same = segments[:, None] == segments[None, :]
+        causal = torch.ones_like(same).tril_()
+        columns = torch.arange(segments.shape[0], device=segments.device)
+        allowed = same & causal & self.arch.in_window(columns[:, None], columns[None, :])
+        return torch.zeros(same.shape, dtype=self.dtype, device=segments.device).masked_fill_(~allowed, float("-inf"))
+
+    def _masked_attention(self, q, k, v, mask):
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+        k, v = self.arch.expand_kv(k, v)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.arch.head_dim ** -0.5)
+        return a[0].transpose(0, 1)
+
+    def _flash_attention(self, q, k, v, starts, longest: int):
+        """As `_masked_attention`, by flash attention over each sequence between consecutive `starts`
+        (empty slots do nothing): the work of the examples' own squares, not the whole row's."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        options = _flash_options(self.arch.window)
+        if self.arch.kv_heads != self.arch.heads and "enable_gqa" not in options:
+            rep = self.arch.heads // self.arch.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, starts, starts, longest, longest, scale=self.arch.head_dim ** -0.5, **options)
 
     def _head(self, x, targets):
         logits = self.arch.norm(x, self.lm.model.norm.weight) @ self.lm.lm_head.weight.t()
@@ -207,16 +244,13 @@ class FusedForward:
         chunks = w.split(self.a_sizes + self.b_sizes)
         return chunks[:len(self.a_sizes)], chunks[len(self.a_sizes):]
 
-    def _layer(self, h, layer: AdaptedLayer, w, rope, mask, drops=None):
+    def _layer(self, h, layer: AdaptedLayer, w, rope, attention, drops=None):
         arch, t = self.arch, h.shape[0]
 
         def attend(y):
             qk, v = arch.split_qkv(y)
             qk = rotate(qk, *rope)
-            q, k = qk[:, :arch.heads].transpose(0, 1)[None], qk[:, arch.heads:].transpose(0, 1)[None]
-            k, v = arch.expand_kv(k, v.transpose(0, 1)[None])
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=arch.head_dim ** -0.5)
-            return a[0].transpose(0, 1).reshape(t, arch.heads * arch.head_dim)
+            return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):
             y = self._linear(layer.projections[name], x, w, drops[name] if drops else None)
@@ -250,6 +284,27 @@ class FusedForward:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+@lru_cache(maxsize=None)
+def _flash_options(window: int | None) -> dict | None:
+    """Keyword arguments that make this torch's `varlen_attn` causal (within `window` positions ending
+    at the query, as `Architecture.in_window`) with grouped-query heads read as they are; None when it
+    has no `varlen_attn` or cannot apply the window. Its keywords changed between torch releases."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:   # (left, right): keys from query - left to the query itself
+        options = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif "is_causal" in params and window is None:
+        options = {"is_causal": True}
+    else:
+        return None
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    return options
+
+
 @lru_cache(maxsize=None)  # made once per device, before any graph capture (no host copy while capturing)
 def _bits(device) -> torch.Tensor:
     return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
@@ -266,44 +321,6 @@ def _dropout_p(module) -> float:
     return drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
 
 
-def bucket(n: int, minimum: int) -> int:
-    """n rounded up to a multiple of `minimum`, or of 1/16-1/8 of n when that is coarser: a few
-    shapes cover any mix of lengths (each new shape costs one capture) at a bounded padding share."""
-    step = max(minimum, 1 << max(0, n.bit_length() - 4))
-    return max(step, -(-n // step) * step)
-
-
-def pass_shape(examples) -> tuple[int, int]:
-    """(tokens, supervised positions) that a pass over `examples` is padded to. Supervised positions
-    only size the vocabulary projection (~2% of a pass), so they take coarse steps of an eighth of the
-    token bucket: fewer shapes to capture (bench/NOTES.md: 30 -> 19 over the self-llm job) for ~0.4% more
-    arithmetic."""
-    tokens = bucket(sum(len(e.input_ids) for e in examples), BUCKET_TOKENS)
-    step = max(BUCKET_SUPERVISED, tokens // 8)
-    return tokens, min(tokens, -(-supervised_count(examples) // step) * step)
-
-
-def host_row(examples, tokens: int, supervised: int) -> torch.Tensor:
-    """One pass's inputs as a single int64 vector: ids, positions, segment of each token (padding:
-    segment -1), supervised positions and their targets (padding: position 0, target IGNORE)."""
-    ids, pos, seg, tgt = [], [], [], []
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids += e.input_ids
-        pos += range(n)
-        seg += [i] * n
-        tgt += targets_of(e.labels)
-    sup = [i for i, t in enumerate(tgt) if t != IGNORE]
-    sup_tgt = [tgt[i] for i in sup]
-    pad = tokens - len(ids)
-    ids += [0] * pad
-    pos += range(pad)
-    seg += [-1] * pad
-    sup += [0] * (supervised - len(sup))
-    sup_tgt += [IGNORE] * (supervised - len(sup_tgt))
-    return torch.tensor(ids + pos + seg + sup + sup_tgt, dtype=torch.long)
-
-
 class FusedStep:
     """Forward + backward of one optimizer step's examples through `FusedForward`, pass by pass,
     with the loss normalization of `train.accumulate_gradients` (sum / supervised tokens of the step).
@@ -315,7 +332,7 @@ class FusedStep:
         self.device = torch.device(device)
         self.graphs, self.checkpoint = graphs, checkpoint
         self.divisor = torch.ones((), device=self.device)
-        self._captured: dict[tuple[int, int], Captured] = {}
+        self._captured: dict[PassShape, Captured] = {}
         self._pool = None
         self._side = None
 
@@ -338,30 +355,27 @@ class FusedStep:
         self.divisor.fill_(supervised or supervised_count(examples))
         total = torch.zeros((), device=self.device)
         for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
-            tokens, sup = pass_shape(chunk)
-            row = host_row(chunk, tokens, sup)
+            shape = pass_shape(chunk)
+            row = host_row(chunk, shape)
             if self.graphs:
-                captured = self._graph(tokens, sup, row)
+                captured = self._graph(shape, row)
                 captured.row.copy_(row.pin_memory(), non_blocking=True)
                 captured.graph.replay()
                 part = captured.loss.clone()
             else:
-                part = self._forward_backward(row.to(self.device), tokens, sup)
+                part = self._forward_backward(row.to(self.device), shape)
             total = total + part
         return total
 
-    def _forward_backward(self, row, tokens: int, sup: int) -> torch.Tensor:
-        ids, pos, seg = row[:tokens], row[tokens:2 * tokens], row[2 * tokens:3 * tokens]
-        supervised, targets = row[3 * tokens:3 * tokens + sup], row[3 * tokens + sup:]
-        loss = self.net.loss_sum(ids, pos, seg, supervised, targets, self.checkpoint) / self.divisor
+    def _forward_backward(self, row, shape: PassShape) -> torch.Tensor:
+        loss = self.net.loss_sum(**row_parts(row, shape), checkpoint=self.checkpoint) / self.divisor
         loss.backward()
         return loss.detach()
 
-    def _graph(self, tokens: int, sup: int, row: torch.Tensor) -> Captured:
+    def _graph(self, shape: PassShape, row: torch.Tensor) -> Captured:
         """The captured pass for this bucket shape (captured on first use: eager warm-up passes, two
         for the first shape and one after, then capture; the gradients they added are restored)."""
-        key = (tokens, sup)
-        if key not in self._captured:
+        if shape not in self._captured:
             saved = self.net.flat.grad.clone()
             static = row.to(self.device)
             if self._side is None:  # one stream for every warm-up: each new stream costs cuBLAS a
@@ -370,14 +384,14 @@ class FusedStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(1 if self._captured else 2):
-                    self._forward_backward(static, tokens, sup)
+                    self._forward_backward(static, shape)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                loss = self._forward_backward(static, tokens, sup)
+                loss = self._forward_backward(static, shape)
             self.net.flat.grad.copy_(saved)
-            self._captured[key] = Captured(static, graph, loss)
-        return self._captured[key]
+            self._captured[shape] = Captured(static, graph, loss)
+        return self._captured[shape]
 
