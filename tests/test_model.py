@@ -1,10 +1,12 @@
 """Base-model loading: Index natively (NormHead folded, no remote code, no unsafe pickle), GGUF, hub ids."""
 
+import fnmatch
 import json
 import os
 import pickle
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,21 +186,67 @@ def test_plain_hf_directory_is_used_as_is(tmp_path, smollm2_base):
     assert (again.dir, again.family) == (smollm2_base.dir, "hf")
 
 
-def test_download_goes_to_cache_without_remote_code(monkeypatch):
+def fake_hub(monkeypatch, files):
+    """huggingface_hub's listing and download, offline: the repository holds `files`."""
     import huggingface_hub
 
     calls = {}
 
-    def fake_snapshot_download(model_id, revision=None, local_dir=None, ignore_patterns=()):
+    def snapshot_download(model_id, revision=None, local_dir=None, ignore_patterns=()):
         calls.update(model_id=model_id, ignore=list(ignore_patterns))
-        (local_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
-        (local_dir / "config.json").write_text("{}")
+        fetched = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignore_patterns)]
+        for name in fetched:
+            (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (local_dir / name).write_text("{}")
+        calls["fetched"] = sorted(fetched)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda model_id, revision=None: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_download_goes_to_cache_without_remote_code(monkeypatch):
+    calls = fake_hub(monkeypatch, ["config.json", "pytorch_model.bin", "modeling_index.py", "tokenizer.model"])
     path = hub.download("IndexTeam/Index-1.9B-Chat")
     assert path == hub.cache_root() / "models" / "IndexTeam" / "Index-1.9B-Chat"
-    assert calls["model_id"] == "IndexTeam/Index-1.9B-Chat" and "*.py" in calls["ignore"]
+    assert calls["model_id"] == "IndexTeam/Index-1.9B-Chat"
+    assert calls["fetched"] == ["config.json", "pytorch_model.bin", "tokenizer.model"]   # its only weights
     assert hub.resolve_model_path("IndexTeam/Index-1.9B-Chat") == path  # found offline afterwards
+
+
+def test_download_takes_one_copy_of_the_weights(monkeypatch):
+    """Llama 3.2's repository also holds Meta's own checkpoint under original/, Mistral's a
+    consolidated one, some repositories pickle weights beside safetensors: only the safetensors come."""
+    llama = ["config.json", "model.safetensors", "tokenizer.json", "original/consolidated.00.pth",
+             "original/params.json", "original/tokenizer.model"]
+    calls = fake_hub(monkeypatch, llama)
+    hub.download("meta-llama/Llama-3.2-1B-Instruct")
+    assert calls["fetched"] == ["config.json", "model.safetensors", "tokenizer.json"]
+    calls = fake_hub(monkeypatch, ["config.json", "model-00001-of-00002.safetensors", "consolidated.safetensors",
+                                   "pytorch_model-00001-of-00002.bin", "tokenizer.json"])
+    hub.download("mistralai/Mistral-7B-Instruct-v0.3")
+    assert calls["fetched"] == ["config.json", "model-00001-of-00002.safetensors", "tokenizer.json"]
+
+
+def test_download_failures_say_what_to_do(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(model_id, revision=None):
+        raise GatedRepoError("403 Client Error", response=SimpleNamespace(headers={}, status_code=403, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", gated)
+    with pytest.raises(UserError, match="gated.*accept its license.*HF_TOKEN"):
+        hub.download("meta-llama/Llama-3.2-1B-Instruct")
+
+
+def test_download_says_what_each_family_gets():
+    assert "fused training pass" in hub.describe_support({"model_type": "qwen3"})
+    assert "loaded as a Llama model" in hub.describe_support({"model_type": "index"})
+    gemma = hub.describe_support({"model_type": "gemma2"})
+    assert "transformers' own forward" in gemma and "GeGLU" in gemma
+    custom = hub.describe_support({"model_type": "internlm2", "auto_map": {"AutoModel": "modeling.X"}})
+    assert "never runs" in custom
 
 
 def test_concurrent_conversions_share_one_result(tmp_path, sp_model_file, monkeypatch):

@@ -217,10 +217,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from chatlora.models.hub import download
+    from chatlora.models.hub import describe_support, download
 
     path = download(args.model_id, args.source, args.revision)
     print(f"downloaded {args.model_id} to {path}")
+    print(describe_support(json.loads((path / "config.json").read_text(encoding="utf-8"))))
     return 0
 
 

@@ -88,31 +88,76 @@ def _huggingface_cache(model_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+# Never fetched: a model repository's code (chatlora never runs it) and other frameworks' weights.
+SKIPPED = ["*.py", "*.msgpack", "*.h5", "*.ot", "flax_model*", "tf_model*",
+           "original/*", "consolidated*"]   # Llama's and Mistral's own checkpoints beside the HF ones
+
+
+def duplicate_weights(files: list[str]) -> list[str]:
+    """Patterns of pickle weights to skip when the repository also has safetensors weights (the same
+    tensors again, often gigabytes, and a format chatlora would rather not read)."""
+    safetensors = [f for f in files if f.endswith(".safetensors") and not f.startswith(("original/", "consolidated"))]
+    return ["*.bin", "*.pth", "*.pt"] if safetensors else []
+
+
 def download(model_id: str, source: Literal["huggingface", "modelscope"] = "huggingface",
              revision: str | None = None) -> Path:
-    """Fetch a model repository into the cache (network). Skips remote-code .py files: never run."""
+    """Fetch a model repository into the cache (network): its configuration, tokenizer and one copy of
+    its weights (safetensors where the repository has them), never its code."""
     if not _HUB_ID.match(model_id):
         raise UserError(f"'{model_id}' is not a hub model id (expected owner/name)")
     target = download_dir(model_id)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # We never execute a model repository's code, so we do not fetch it either.
-    ignore = ["*.py", "*.msgpack", "*.h5", "*.ot", "flax_model*", "tf_model*"]
     if source == "huggingface":
-        from huggingface_hub import snapshot_download
+        import huggingface_hub
 
         try:
-            snapshot_download(model_id, revision=revision, local_dir=target, ignore_patterns=ignore)
+            files = huggingface_hub.list_repo_files(model_id, revision=revision)
+            huggingface_hub.snapshot_download(model_id, revision=revision, local_dir=target,
+                                              ignore_patterns=SKIPPED + duplicate_weights(files))
         except Exception as e:
-            raise UserError(f"could not download {model_id} from Hugging Face: {e}") from None
+            raise UserError(_hub_failure(model_id, e)) from None
     else:
         try:
             from modelscope import snapshot_download as ms_download
         except ImportError:
             raise UserError("downloading from ModelScope needs its client: pip install modelscope") from None
         try:
-            ms_download(model_id, revision=revision, local_dir=str(target), ignore_file_pattern=ignore)
+            ms_download(model_id, revision=revision, local_dir=str(target), ignore_file_pattern=SKIPPED)
         except Exception as e:
             raise UserError(f"could not download {model_id} from ModelScope: {e}") from None
     if not (target / "config.json").is_file():
         raise UserError(f"download of {model_id} finished but {target}/config.json is missing")
     return target
+
+
+def _hub_failure(model_id: str, error: Exception) -> str:
+    """What went wrong fetching from Hugging Face, and what to do about it."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return (f"{model_id} is gated on Hugging Face: accept its license at https://huggingface.co/{model_id} "
+                f"with your account, log in here (`hf auth login`, or set HF_TOKEN), then download again")
+    if isinstance(error, RevisionNotFoundError):
+        return f"{model_id} has no such revision on Hugging Face ({error})"
+    if isinstance(error, RepositoryNotFoundError):
+        return (f"{model_id} is not on Hugging Face, or is private (log in with `hf auth login` or set "
+                f"HF_TOKEN); check the id's spelling")
+    return f"could not download {model_id} from Hugging Face: {error}"
+
+
+def describe_support(config: dict) -> str:
+    """One line on what chatlora's fast paths do for a model with this config.json."""
+    from chatlora.models.arch import FAMILIES, MISSING
+
+    kind = config.get("model_type", "?")
+    if kind in FAMILIES or kind == "index":
+        name = "index (loaded as a Llama model)" if kind == "index" else kind
+        return f"model type {name}: the fused training pass, the fast decoder and GGUF export apply"
+    if config.get("auto_map"):
+        return (f"model type {kind}: its repository's code defines it (auto_map), and chatlora never runs a "
+                f"repository's code; it loads only if transformers itself knows {kind!r}")
+    lacks = MISSING.get(kind)
+    return (f"model type {kind}: trains, chats and serves through transformers' own forward"
+            + (f" (the fast paths' model layer lacks {lacks})" if lacks else " (not one of the fast paths' "
+               f"families: {', '.join(FAMILIES)})"))
