@@ -92,6 +92,33 @@ def test_family_gguf_round_trip(family, family_run, tmp_path):
     assert rel < TOLERANCE["f16"] and ours[0][:1] == back[0][:1] if family == "mistral" else ours == back
 
 
+def test_sentencepiece_style_tokenizer_is_written_as_llama_cpp_reads_it(family_run, tmp_path):
+    """Mistral v0.1-v0.3's tokenizer (sentencepiece converted to BPE: "▁" spaces, byte fallback)
+    becomes llama.cpp's 'llama' vocabulary: byte tokens typed as bytes, each piece scored by its merge
+    rank. transformers' GGUF loader rebuilds a tokenizer from exactly those fields and tokenizes as
+    the model's own does (llama.cpp: the slow test below)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    run = load_run(family_run("mistral"))
+    path = export_gguf(family_run("mistral"), tmp_path / "m.gguf", "f16")
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def value(name):
+        f = fields[name]
+        return [f.parts[i].tolist()[0] if f.types[-1] != gguf.GGUFValueType.STRING else bytes(f.parts[i]).decode()
+                for i in f.data]
+
+    assert value("tokenizer.ggml.model") == ["llama"]
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+    scores = value("tokenizer.ggml.scores")
+    assert types[tokens.index("<0x41>")] == 6 and types[tokens.index("[INST]")] == 3 and types[0] == 2
+    assert scores[tokens.index("\u2581皇上")] > scores[tokens.index("<0x41>")]   # merged pieces outrank the rest
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in ("皇上万福金安。你是谁？ Hello  world", "In 1234567 years, \U0001F600 it's\t!"):
+        assert back.encode(text, add_special_tokens=False) == run.tok.encode(text), text
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_round_trip(tmp_path, smol_run):
     run = load_run(smol_run)
@@ -193,28 +220,9 @@ def test_llama_cpp_is_told_how_each_tokenizer_splits_text(family_dir, smollm2_to
     def pre(tok):
         return pre_tokenizer_name(json.loads(tok.hf.backend_tokenizer.to_str())["pre_tokenizer"])
 
-    names = {f: pre(load_tokenizer(prepare_base(str(family_dir(f))))) for f in ("llama3", "qwen2", "qwen3", "mistral")}
-    assert names == {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "gpt-2"}
+    names = {f: pre(load_tokenizer(prepare_base(str(family_dir(f))))) for f in ("llama3", "qwen2", "qwen3")}
+    assert names == {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
     assert pre(smollm2_tok) == "gpt-2"
     assert pre_tokenizer_name({"type": "Metaspace", "replacement": "\u2581"}) is None
 
 
-def test_sentencepiece_style_bpe_tokenizers_are_refused_not_written_wrong():
-    """A sentencepiece-style BPE tokenizer ("▁" pieces: Mistral v0.1-v0.3, Llama 2) written as a
-    byte-level vocabulary would tokenize wrongly in llama.cpp: the export refuses it and says why."""
-    from types import SimpleNamespace
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from chatlora.export import _add_tokenizer
-    from chatlora.models.tokenizer import HFTokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    bpe.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"],
-                                                                      show_progress=False))
-    tok = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>"))
-    run = SimpleNamespace(tok=tok, base=SimpleNamespace(family="hf"))
-    with pytest.raises(UserError, match="sentencepiece-style"):
-        _add_tokenizer(None, run, 60)

@@ -162,12 +162,21 @@ def _add_tokenizer(writer, run, vocab_size: int) -> None:
     special = {t["id"]: t["special"] for t in spec.get("added_tokens", [])}
     ids = set(vocab.values())
     if "\u2581" in json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False):
-        # sentencepiece-style pieces ("▁the"): llama.cpp reads them as its 'llama' vocabulary, with
-        # scores, which only Index's sentencepiece model is written as here
-        raise UserError("GGUF export writes byte-level BPE tokenizers and Index's sentencepiece model; this "
-                        "model's tokenizer is sentencepiece-style BPE (Mistral v0.1-v0.3, Llama 2), which is "
-                        "not written yet. The merged model (`chatlora merge`) can be converted with llama.cpp's "
-                        "convert_hf_to_gguf.py")
+        _add_sentencepiece_style(writer, tok, spec, tokens, special, ids)
+    else:
+        _add_byte_level(writer, spec, tokens, special, ids)
+    writer.add_eos_token_id(tok.eos_id)
+    if tok.hf.bos_token_id is not None:
+        writer.add_bos_token_id(tok.hf.bos_token_id)
+    writer.add_pad_token_id(tok.pad_id)
+    writer.add_add_bos_token(False)
+    if run.fmt.jinja_template():
+        writer.add_chat_template(run.fmt.jinja_template())
+
+
+def _add_byte_level(writer, spec: dict, tokens: list[str], special: dict[int, bool], ids: set[int]) -> None:
+    """GPT-2-style byte-level BPE: llama.cpp's 'gpt2' vocabulary, its merges, and the name of the
+    split llama.cpp applies before them."""
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     if pre is None:
         print("chatlora: llama.cpp has no pre-tokenizer known to match this tokenizer's; it may split some "
@@ -178,13 +187,32 @@ def _add_tokenizer(writer, run, vocab_size: int) -> None:
     writer.add_token_types([(3 if special[i] else 4) if i in special else 1 if i in ids else 5
                             for i in range(len(tokens))])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    writer.add_eos_token_id(tok.eos_id)
-    if tok.hf.bos_token_id is not None:
-        writer.add_bos_token_id(tok.hf.bos_token_id)
-    writer.add_pad_token_id(tok.pad_id)
-    writer.add_add_bos_token(False)
-    if run.fmt.jinja_template():
-        writer.add_chat_template(run.fmt.jinja_template())
+
+
+def _add_sentencepiece_style(writer, tok, spec: dict, tokens: list[str], special: dict[int, bool],
+                             ids: set[int]) -> None:
+    """A sentencepiece model converted to BPE ("\u2581" for spaces, <0xXX> byte fallback: Mistral
+    v0.1-v0.3, Llama 2): llama.cpp's 'llama' vocabulary, which merges the adjacent pair forming the
+    highest-scoring piece. Each piece's score is minus the rank of the first merge that makes it, so
+    llama.cpp merges in the tokenizer's own order; pieces no merge makes (characters, bytes, control
+    tokens) are never a merge's result and score below every merged piece."""
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    rank = {}
+    for r, (a, b) in enumerate(merges):
+        rank.setdefault(a + b, r)
+    unk = spec["model"].get("unk_token")
+    types = [(3 if special[i] else 4) if i in special and tokens[i] != unk else 2 if tokens[i] == unk
+             else 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", tokens[i]) else 1 if i in ids else 5
+             for i in range(len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(rank.get(t, len(merges) + i)) for i, t in enumerate(tokens)])
+    writer.add_token_types(types)
+    if unk is not None:
+        writer.add_unk_token_id(spec["model"]["vocab"][unk])
+    # Whether a "\u2581" starts the text (the tokenizer's prepend), read off its behaviour.
+    writer.add_add_space_prefix(tok.hf.backend_tokenizer.encode("a", add_special_tokens=False).tokens[0]
+                                .startswith("\u2581"))
 
 
 def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: str = "f16") -> Path:

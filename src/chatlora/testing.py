@@ -235,20 +235,38 @@ CHAT_TOKENS = {   # (special tokens, bos, eos) of each layout
 
 
 def make_chat_tokenizer(directory: Path, layout: str, vocab_size: int = 3000) -> Path:
-    """A byte-level BPE tokenizer trained on the bundled data, with `layout`'s special tokens and chat
-    template (CHAT_TEMPLATES), saved into `directory` as transformers saves one. Qwen3's <think> and
-    </think> are added as ordinary (not special) tokens, as Qwen3 has them."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A BPE tokenizer trained on the bundled data, with `layout`'s special tokens and chat template
+    (CHAT_TEMPLATES), saved into `directory` as transformers saves one: byte-level, or
+    sentencepiece-style for Mistral, as each family ships it. Qwen3's <think> and </think> are added
+    as ordinary (not special) tokens, as Qwen3 has them."""
     from transformers import PreTrainedTokenizerFast
 
     special, bos, eos = CHAT_TOKENS[layout]
     rows = json.loads((ASSETS / "huanhuan.json").read_text(encoding="utf-8"))
     lines = [r["instruction"] for r in rows] + [r["output"] for r in rows]
     lines += ["Hello world. How are you? It's 1234567, I'LL say 89 days.\n\n  and   spaces\t!"] * 20
+    if layout == "mistral":
+        bpe = _sentencepiece_style_bpe(lines, special, vocab_size)
+    else:
+        split = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe"}.get(layout)
+        bpe = _byte_level_bpe(lines, special, vocab_size, split)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                  pad_token=special[0], chat_template=CHAT_TEMPLATES[layout])
+    if layout == "qwen3":
+        tok.add_tokens(["<think>", "</think>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def _byte_level_bpe(lines, special, vocab_size: int, regex: str | None):
+    """GPT-2-style BPE over bytes, after the family's own split of the text (`regex`: a name in
+    models.tokenizer.PRE_TOKENIZERS) or GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     from chatlora.models.tokenizer import PRE_TOKENIZERS
 
     bpe = Tokenizer(models.BPE())
-    regex = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe"}.get(layout)
     if regex:   # the family's own split (llama.cpp knows it by that name), then bytes
         pattern = Regex(PRE_TOKENIZERS[regex][0]["pattern"]["Regex"])
         bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pattern, "isolated"),
@@ -259,10 +277,29 @@ def make_chat_tokenizer(directory: Path, layout: str, vocab_size: int = 3000) ->
     bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
-                                  pad_token=special[0], chat_template=CHAT_TEMPLATES[layout])
-    if layout == "qwen3":
-        tok.add_tokens(["<think>", "</think>"])
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(directory)
-    return directory
+    return bpe
+
+
+def _sentencepiece_style_bpe(lines, special, vocab_size: int):
+    """BPE over characters with "▁" for spaces and a byte fallback, as Mistral v0.1-v0.3 and
+    Llama 2 ship it (a sentencepiece model converted): special tokens, then the 256 byte tokens
+    <0x00>..<0xFF>, then pieces in priority order. Like a converted sentencepiece model, every split of
+    a piece into two pieces is a merge ranked by the piece, so the text tokenizes as sentencepiece
+    (and llama.cpp, with score = -id) would: the adjacent pair forming the earliest piece merges first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    trainer = Tokenizer(models.BPE(unk_token=special[0]))
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    trainer.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                           show_progress=False))
+    learned = sorted((i, t) for t, i in trainer.get_vocab().items() if t not in special)
+    pieces = list(special) + [f"<0x{b:02X}>" for b in range(256)] + [t for _, t in learned]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    merges = [(t[:k], t[k:]) for t in pieces[len(special) + 256:] for k in range(1, len(t))
+              if t[:k] in vocab and t[k:] in vocab]
+    bpe = Tokenizer(models.BPE(vocab, merges, unk_token=special[0], byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bpe.add_special_tokens(special)
+    return bpe
