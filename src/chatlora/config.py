@@ -25,6 +25,7 @@ from typing import Literal
 import yaml
 
 from chatlora.errors import UserError
+from chatlora.tracking import TRACKERS, unknown_trackers
 
 DEFAULT_MODEL = "IndexTeam/Index-1.9B-Chat"
 BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside the package
@@ -109,6 +110,9 @@ class TrainConfig:
     eval_every: int = doc("held-out loss every N optimizer steps (0 = only at the end)", 100)
     save_every: int = doc("write a checkpoint every N optimizer steps (0 = only at the end)", 100)
     keep_last: int = doc("keep only the newest K checkpoints (0 = keep all)", 2)
+    report_to: list[str] = doc("experiment trackers that also get the metrics and config: any of tensorboard, "
+                               "wandb, mlflow, swanlab (each an optional package; offline, in the run directory, "
+                               "unless its own environment variables say otherwise)", factory=list)
 
 
 @dataclass
@@ -285,6 +289,9 @@ def _check_ranges(cfg: Config) -> list[str]:
         (all(getattr(cfg.serve, f) > 0 for f in ("deadline_s", "header_timeout_s", "body_timeout_s")),
          "serve's deadline and timeouts must be > 0"),
         (cfg.serve.grace_s >= 0, "serve.grace_s must be >= 0"),
+        (not unknown_trackers(cfg.train.report_to),
+         f"train.report_to: unknown tracker(s) {', '.join(unknown_trackers(cfg.train.report_to))} "
+         f"(trackers: {', '.join(TRACKERS)})"),
     ]
     infinite = [f"{group}.{name} must be a finite number, got {value}" for group, fields in cfg.to_dict().items()
                 for name, value in fields.items() if isinstance(value, float) and not math.isfinite(value)]

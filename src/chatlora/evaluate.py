@@ -91,6 +91,13 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
             row[name] = p.text
     write_report(out, report)
     report["report_dir"] = str(out)
+    if cfg.train.report_to:   # into the tracker runs that training opened, at its last step
+        from chatlora.rundir import read_metrics
+        from chatlora.tracking import report_eval
+
+        rows = read_metrics(run.dir / "metrics.jsonl") if (run.dir / "metrics.jsonl").is_file() else []
+        step = max((r["step"] for r in rows), default=0)
+        report["trackers"] = report_eval(run.dir, cfg.train.report_to, run.name, cfg.to_dict(), step, report)
     return report
 
 

@@ -33,6 +33,7 @@ from chatlora.errors import UserError
 from chatlora.models.load import load_model
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.rundir import Metrics, plot_losses, prepare_run_dir, write_run_files
+from chatlora.tracking import Trackers
 from chatlora.train import distributed
 from chatlora.train.checkpoint import (
     NonFiniteError,
@@ -219,6 +220,13 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         say(f"resuming from {checkpoint} (step {start} of {total})" if checkpoint else
             f"no complete checkpoint in {run}; starting from step 0")
     metrics = Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
+    trackers = Trackers(t.report_to, run, json.loads((run / "run.json").read_text(encoding="utf-8"))["name"],
+                        cfg.to_dict(), resume_step=start) if main and t.report_to else None
+
+    def record(row: dict) -> None:
+        metrics.log(row)
+        if trackers:
+            trackers.log(row)
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
     fast = None if sharded else fused_step(model, cfg, device)
     stepper = _FusedStep(fast, t, ranks) if fast else _PlainStep(model, params, t, collate, ranks, sharded)
@@ -229,7 +237,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if main or sharded:  # a sharded model runs on every rank together
             loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
         if main:
-            metrics.log({"step": step, "held_out_loss": loss})
+            record({"step": step, "held_out_loss": loss})
             say(f"held-out loss at step {step}: {loss:.4f} ({len(ds.held_out)} examples)")
         distributed.barrier(ranks)
 
@@ -251,64 +259,72 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                             adapter, opt, name=name)
         distributed.barrier(ranks)
 
-    if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
-        say(f"held-out loss of the base model on {len(ds.held_out)} examples...")
-        evaluate(0)
-
-    stop_signal = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
+    state = "failed"
     try:
-        for step in range(start, total):
-            began = time.perf_counter()
-            examples = [ds.train[i] for i in plan.indices(step)]
-            mine, supervised = distributed.shard(examples, ranks), supervised_count(examples)
-            lr = lr_at(step, total, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_t = stepper.backward(step, examples, mine, supervised)
-            stepper.reduce()
-            distributed.sum_([loss_t], ranks)
-            loss = loss_t.item()
-            grad_norm = stepper.clip_grad_norm_(t.max_grad_norm).item()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
-            optimizer.step()
-            stepper.zero_grad()
-            done = step + 1
-            tokens = sum(len(e.input_ids) for e in examples)
-            seconds = time.perf_counter() - began
-            if main:
-                metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                             "grad_norm": grad_norm, "tokens": tokens,
-                             "tokens_per_s": round(tokens / seconds, 1),
-                             "elapsed_s": round(time.perf_counter() - started, 3)})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-            bar.update(1)
-            if t.eval_every and done % t.eval_every == 0 and done < total:
-                evaluate(done)
-            stopping = distributed.any_true(bool(stop_signal), ranks)
-            if (t.save_every and done % t.save_every == 0) or stopping:
-                save(done)
-            if stopping:
-                code = 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
-                raise Interrupted(code, f"stopped by signal after step {done}; a checkpoint "
-                                  f"is in {run}/checkpoint-{done}. Resume with:\n    chatlora train "
-                                  f"--output {run} --resume")
-        check_finite(trainable_parameters(model), "adapter weight")   # before final/ is written
-        save(total, "final")
-    except NonFiniteError as e:
-        raise UserError(f"training stopped: {e}. No checkpoint was written for this step; lower "
-                        f"train.learning_rate or set train.max_grad_norm.") from None
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
+            say(f"held-out loss of the base model on {len(ds.held_out)} examples...")
+            evaluate(0)
 
-    evaluate(total)
-    if main:
-        plot_losses(run, metrics.rows)
+        stop_signal = []
+        handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
+        try:
+            for step in range(start, total):
+                began = time.perf_counter()
+                examples = [ds.train[i] for i in plan.indices(step)]
+                mine, supervised = distributed.shard(examples, ranks), supervised_count(examples)
+                lr = lr_at(step, total, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_t = stepper.backward(step, examples, mine, supervised)
+                stepper.reduce()
+                distributed.sum_([loss_t], ranks)
+                loss = loss_t.item()
+                grad_norm = stepper.clip_grad_norm_(t.max_grad_norm).item()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
+                optimizer.step()
+                stepper.zero_grad()
+                done = step + 1
+                tokens = sum(len(e.input_ids) for e in examples)
+                seconds = time.perf_counter() - began
+                if main:
+                    record({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                            "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                            "elapsed_s": round(time.perf_counter() - started, 3)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                bar.update(1)
+                if t.eval_every and done % t.eval_every == 0 and done < total:
+                    evaluate(done)
+                stopping = distributed.any_true(bool(stop_signal), ranks)
+                if (t.save_every and done % t.save_every == 0) or stopping:
+                    save(done)
+                if stopping:
+                    code = 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
+                    raise Interrupted(code, f"stopped by signal after step {done}; a checkpoint "
+                                      f"is in {run}/checkpoint-{done}. Resume with:\n    chatlora train "
+                                      f"--output {run} --resume")
+            check_finite(trainable_parameters(model), "adapter weight")   # before final/ is written
+            save(total, "final")
+        except NonFiniteError as e:
+            raise UserError(f"training stopped: {e}. No checkpoint was written for this step; lower "
+                            f"train.learning_rate or set train.max_grad_norm.") from None
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+        evaluate(total)
+        if main:
+            plot_losses(run, metrics.rows)
+        state = "finished"
+    except Interrupted:
+        state = "stopped"
+        raise
+    finally:   # the trackers' runs end as the training does
+        if trackers:
+            trackers.finish(state)
     return run / "final"
 
 
