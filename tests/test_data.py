@@ -247,7 +247,7 @@ def test_jsonl_whose_rows_are_arrays_is_read_as_jsonl(tmp_path):
 
 
 def test_unreadable_paths_and_empty_files_are_user_errors(tmp_path, index_tok, index_dir, monkeypatch):
-    with pytest.raises(UserError, match="is a directory"):
+    with pytest.raises(UserError, match="data folder .* holds no data files"):
         build(tmp_path, index_tok, index_dir)
     for text in ("", "\n\n", "[]", "\ufeff[ ]\n"):
         with pytest.raises(UserError, match="holds no rows"):

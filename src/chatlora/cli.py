@@ -219,8 +219,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from chatlora.models.hub import describe_support, download
+    from chatlora.models.hub import describe_support, download, download_dataset
 
+    if args.dataset:
+        if args.source != "huggingface":
+            raise UserError("--dataset downloads from Hugging Face only")
+        path = download_dataset(args.model_id, args.revision)
+        print(f"downloaded dataset {args.model_id} to {path}\nuse it with: --data hf:{args.model_id} "
+              f"(or hf:{args.model_id}:SPLIT; the split defaults to train)")
+        return 0
     path = download(args.model_id, args.source, args.revision)
     print(f"downloaded {args.model_id} to {path}")
     print(describe_support(json.loads((path / "config.json").read_text(encoding="utf-8"))))
@@ -259,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
     check = data.add_parser("check", help="validate a dataset and print statistics (lengths, truncation, "
                                           "duplicates)")
-    check.add_argument("data", nargs="?", help="JSON/JSONL file; default: the bundled huanhuan dataset")
+    check.add_argument("data", nargs="?", help="JSON/JSONL, CSV/TSV, Parquet or Arrow file, a folder of them, or "
+                       "hf:OWNER/NAME[:SPLIT]; default: the bundled huanhuan dataset")
     _config_args(check)
     check.add_argument("--dump", metavar="PATH", help="write every kept example as JSONL, in the data's order: "
                                                        "{source FILE:LINE, split, input_ids, labels (-100 = not supervised)}")
@@ -337,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier report there")
     ev.set_defaults(func=cmd_eval)
 
-    dl = verbs.add_parser("download", help="fetch a model from Hugging Face or ModelScope into the cache")
-    dl.add_argument("model_id", help="e.g. IndexTeam/Index-1.9B-Chat")
+    dl = verbs.add_parser("download", help="fetch a model (or with --dataset, a dataset) into the cache")
+    dl.add_argument("model_id", metavar="ID", help="e.g. IndexTeam/Index-1.9B-Chat")
+    dl.add_argument("--dataset", action="store_true", help="ID is a Hugging Face dataset (then --data hf:ID)")
     dl.add_argument("--source", choices=["huggingface", "modelscope"], default="huggingface",
                     help="(default: %(default)s)")
     dl.add_argument("--revision", help="branch, tag or commit")

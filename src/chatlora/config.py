@@ -67,7 +67,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = doc("training data: JSON/JSONL in alpaca, sharegpt or messages shape; 'huanhuan' = bundled",
+    path: str = doc("training data: a JSON/JSONL, CSV/TSV, Parquet or Arrow file, a folder of them, or "
+                    "hf:OWNER/NAME[:SPLIT]; rows in alpaca, sharegpt or messages shape; 'huanhuan' = bundled",
                     BUNDLED_DATA)
     system_prompt: str | None = doc(
         "system prompt for rows without one; unset = the 甄嬛 prompt for the bundled data, none otherwise", None)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from chatlora.atomic import write_text
-from chatlora.data.dataset import DataSpec, build_dataset, data_file
+from chatlora.data.dataset import DataSpec, build_dataset, data_source
 from chatlora.decode.engine import Sampling
 from chatlora.errors import UserError
 from chatlora.models.tokenizer import tokenizer_fingerprint
@@ -78,7 +78,7 @@ def evaluate_run(run_path: str, data: str | None = None, limit: int | None = Non
     models = {"base": load_base_model(run), "tuned": load_tuned_model(run)}
     report = {"run": str(run.dir), "adapter": str(run.adapter), "examples": len(examples),
               "loss_curve": os.path.relpath(run.dir / "loss_curve.png", out.resolve() if out.exists() else out),
-              "data": str(data_file(spec.path)), "max_new_tokens": sampling.max_new_tokens, "models": {},
+              "data": data_source(spec.path), "max_new_tokens": sampling.max_new_tokens, "models": {},
               "samples": [{"prompt": s.messages[-1]["content"], "reference": s.reference} for s in samples]}
     for name, model in models.items():
         loss = held_out_loss(model, examples, cfg.train.micro_batch_examples, model.device,

@@ -16,8 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from chatlora.atomic import refuse_existing, write_lines
-from chatlora.data.dataset import data_file
-from chatlora.data.rows import read_conversations
+from chatlora.data.dataset import data_source
+from chatlora.data.sources import read_source
 from chatlora.decode.engine import BatchGeneration, Sampling
 from chatlora.errors import UserError
 from chatlora.rundir import Run, load_run, load_tuned_model
@@ -41,7 +41,7 @@ class Prediction:
 def samples_from(run: Run, data: str | None, lines: set[int] | None = None) -> list[Sample]:
     """The final user turn of each conversation as a prompt, its reply as the reference (the run's
     own data when `data` is None; only the rows starting on `lines` when given)."""
-    result = read_conversations(data_file(data or run.cfg.data.path), run.system_prompt)
+    result = read_source(data_source(data or run.cfg.data.path), run.system_prompt)
     if result.errors:
         raise UserError(f"{data}: {len(result.errors)} bad row(s), e.g. {result.errors[0]}")
     return [Sample(c.messages[:-1], c.messages[-1]["content"], c.line) for c in result.conversations

@@ -26,13 +26,15 @@ import torch
 from tqdm import tqdm
 
 from chatlora.atomic import new_file, write_lines
-from chatlora.data.rows import describe_errors, read_conversations, read_data_bytes
+from chatlora.data.rows import describe_errors
+from chatlora.data.sources import HUB_PREFIX, fingerprint, locate, read_source
 from chatlora.errors import UserError
 from chatlora.models import hub
 from chatlora.templates import IGNORE
 
-CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: message text encoded as text;
-#                    3: chat templates rendered without reasoning, one example per reply where turns are rewritten)
+CACHE_VERSION = 4  # bump when tokenization or the cache layout changes (2: message text encoded as text;
+#                    3: chat templates rendered without reasoning, one example per reply where turns are rewritten;
+#                    4: the report's source parts, for folders and tables)
 PROGRESS_MIN_ROWS = 2000
 
 
@@ -61,7 +63,7 @@ class DataSpec:
 class Example:
     input_ids: list[int]
     labels: list[int]
-    line: int  # where the row starts in the data file
+    line: int  # the row's number in its source: the line it starts on, or a table's row (data/sources.py)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Dataset:
 
 
 def data_file(path: str) -> Path:
-    """The file behind a data path; 'huanhuan' is the dataset shipped with chatlora."""
+    """The file or folder behind a local data path; 'huanhuan' is the dataset shipped with chatlora."""
     from chatlora.config import ASSETS, BUNDLED_DATA
 
     if path == BUNDLED_DATA:
@@ -80,30 +82,38 @@ def data_file(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def data_source(path: str) -> str:
+    """What data/sources.py reads for a data path: a local file or folder, or a hub dataset as given."""
+    return path if path.startswith(HUB_PREFIX) else str(data_file(path))
+
+
 def build_dataset(spec: DataSpec, tok, fmt, tokenizer_key: str, rejects_path: Path | None = None,
                   use_cache: bool = True) -> Dataset:
     """Read, validate, tokenize and split; from the cache when nothing that matters has changed."""
-    file = data_file(spec.path)
-    key = _cache_key(file, spec, f"{fmt.name}{':parse-special' if fmt.parse_special else ''}", tokenizer_key)
+    source = data_source(spec.path)
+    key = _cache_key(source, spec, f"{fmt.name}{':parse-special' if fmt.parse_special else ''}", tokenizer_key)
     cache = hub.cache_root() / "tokenized" / f"{key}.safetensors"
     examples, report = _load_cache(cache) if use_cache else (None, None)
     if examples is None:
-        examples, report, clean = _tokenize_file(file, spec, tok, fmt, rejects_path)
+        examples, report, clean = _tokenize_source(source, spec, tok, fmt, rejects_path)
         if use_cache and clean:
             _save_cache(cache, examples, report)
     train, held_out = split_held_out(examples, spec.held_out_fraction, spec.seed)
-    # The file's path is not part of the cache key (its bytes are), so it is set here, not cached.
-    report = dict(report, file=str(file), train_examples=len(train), held_out_examples=len(held_out))
+    # The source's path is not part of the cache key (its bytes are), so it is set here, not cached:
+    # the parts are kept relative to it (a folder's files; "" for the source itself).
+    parts = [[base, end, str(Path(source) / name) if name else source, unit]
+             for base, end, name, unit in report["parts"]]
+    report = dict(report, file=source, parts=parts, train_examples=len(train), held_out_examples=len(held_out))
     return Dataset(train, held_out, report)
 
 
-def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | None):
-    result = read_conversations(file, spec.system_prompt)
+def _tokenize_source(source: str, spec: DataSpec, tok, fmt, rejects_path: Path | None):
+    result = read_source(source, spec.system_prompt)
     if result.rows == 0 and not result.errors:
-        raise UserError(f"{file} holds no rows (an empty file, or an empty JSON array)")
+        raise UserError(f"{source} holds no rows (an empty file, or an empty JSON array)")
     if result.errors and (spec.on_error == "stop" or result.fatal):
         hint = "" if result.fatal else "\nFix them, or pass --on-error skip to leave these rows out."
-        raise UserError(f"{file}: {len(result.errors)} bad row(s):\n{describe_errors(result.errors)}{hint}")
+        raise UserError(f"{source}: {len(result.errors)} bad row(s):\n{describe_errors(result.errors)}{hint}")
     if result.errors and rejects_path is not None:
         write_lines(rejects_path, (_json_line({"line": e.line, "error": str(e), "row": e.row}) for e in result.errors),
                     overwrite=_is_rejects_file(rejects_path))
@@ -121,14 +131,14 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
             try:
                 made = fmt.examples(conv.messages)
             except UserError as e:
-                raise UserError(f"{file}:{conv.line}: {e}") from None
+                raise UserError(f"{locate(result.parts, conv.line)}: {e}") from None
             per_reply += len(made) > 1
             yield from ((conv, ids, labels) for ids, labels in made)
 
     for conv, ids, labels in rendered():
         if len(ids) > spec.max_seq_tokens:
             if spec.on_overlength == "error":
-                too_long.append(f"  {file}:{conv.line}: {len(ids)} tokens")
+                too_long.append(f"  {locate(result.parts, conv.line)}: {len(ids)} tokens")
                 continue
             if spec.on_overlength == "drop":
                 dropped["too_long"] += 1
@@ -146,6 +156,8 @@ def _tokenize_file(file: Path, spec: DataSpec, tok, fmt, rejects_path: Path | No
     report = _report(spec, fmt.name, result, examples, dropped, truncated,
                      duplicates=sum(n - 1 for n in seen.values()))
     report["conversations_per_reply"] = per_reply
+    report["parts"] = [[p.base, p.end, "" if p.path == source else str(Path(p.path).relative_to(source)), p.unit]
+                       for p in result.parts]
     return examples, report, not result.errors
 
 
@@ -212,9 +224,9 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
 # ---------------------------------------------------------------- cache and dump
 
 
-def _cache_key(file: Path, spec: DataSpec, template: str, tokenizer_key: str) -> str:
+def _cache_key(source: str, spec: DataSpec, template: str, tokenizer_key: str) -> str:
     parts = {
-        "version": CACHE_VERSION, "data": hashlib.sha256(read_data_bytes(file)).hexdigest(),
+        "version": CACHE_VERSION, "data": fingerprint(source),
         "tokenizer": tokenizer_key, "template": template, "system": spec.system_prompt,
         "max_seq_tokens": spec.max_seq_tokens, "on_overlength": spec.on_overlength,
     }
@@ -254,10 +266,11 @@ def _load_cache(path: Path):
 
 
 def dump_examples(path: Path, ds: Dataset) -> int:
-    """One JSON line per example, in the data's order: {"source": "FILE:LINE", "split": "train" or
-    "held_out", "input_ids": [...], "labels": [...]} (labels aligned, -100 = masked). Returns the count."""
+    """One JSON line per example, in the data's order: {"source": "FILE:LINE" (tables: "FILE: row N"),
+    "split": "train" or "held_out", "input_ids": [...], "labels": [...]} (labels aligned, -100 = masked).
+    Returns the count."""
     rows = sorted([(e, "train") for e in ds.train] + [(e, "held_out") for e in ds.held_out], key=lambda r: r[0].line)
-    write_lines(path, (json.dumps({"source": f"{ds.report['file']}:{e.line}", "split": split,
+    write_lines(path, (json.dumps({"source": locate(ds.report["parts"], e.line), "split": split,
                                    "input_ids": e.input_ids, "labels": e.labels}, ensure_ascii=False)
                        for e, split in rows))
     return len(rows)
@@ -307,7 +320,9 @@ def dataset_for_config(cfg, rejects_path: Path | None = None) -> ConfiguredData:
     fmt = chat_format(cfg.model.template, tok, base.family, cfg.data.parse_special_tokens)
     spec = DataSpec.of(cfg)
     if spec.on_error == "skip" and rejects_path is None:
-        rejects_path = Path(f"{data_file(spec.path).stem}.rejected.jsonl")
+        name = spec.path[len(HUB_PREFIX):].replace("/", "_").replace(":", "_") if spec.path.startswith(HUB_PREFIX) \
+            else data_file(spec.path).stem
+        rejects_path = Path(f"{name}.rejected.jsonl")
     ds = build_dataset(spec, tok, fmt, tokenizer_fingerprint(base.dir), rejects_path)
     if ds.report["rows_rejected"] and rejects_path is not None:
         ds.report["rejects_file"] = str(rejects_path)

@@ -40,9 +40,11 @@ class RowError:
     reason: str
     column: int | None = None
     row: object = None  # the row as read, when it could be parsed (for the rejects file)
+    unit: str = "line"  # what `line` counts: the file's lines, or a table's rows (Parquet, Arrow, hub)
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" + (f":{self.column}" if self.column else "")
+        where = (f"{self.path}:{self.line}" + (f":{self.column}" if self.column else "") if self.unit == "line"
+                 else f"{self.path}: row {self.line}")
         return f"{where}: {self.field + ': ' if self.field else ''}{self.reason}"
 
 
@@ -59,9 +61,10 @@ class ReadResult:
     errors: list[RowError] = field(default_factory=list)
     rows: int = 0
     fatal: bool = False  # the file could not be read to its end (JSON array syntax, encoding)
+    parts: list = field(default_factory=list)  # data/sources.py: the files behind the rows' numbers
 
 
-class _Bad(Exception):
+class BadField(Exception):
     def __init__(self, field: str, reason: str):
         self.field, self.reason = field, reason
 
@@ -80,7 +83,7 @@ def read_conversations(path: str | Path, system_prompt: str | None = None) -> Re
     for line, obj in rows:
         try:
             messages, shape = to_messages(obj, system_prompt)
-        except _Bad as bad:
+        except BadField as bad:
             result.errors.append(RowError(str(path), line, bad.field, bad.reason, row=obj))
             continue
         result.conversations.append(Conversation(line, messages, shape))
@@ -94,7 +97,7 @@ def read_data_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise UserError(f"data file {path} does not exist") from None
     except IsADirectoryError:
-        raise UserError(f"data path {path} is a directory; pass a .json or .jsonl file") from None
+        raise UserError(f"data path {path} is a directory; pass a data file") from None
     except OSError as e:
         raise UserError(f"cannot read data file {path}: {e.strerror or e}") from None
 
@@ -207,9 +210,9 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def to_messages(obj, system_prompt: str | None = None) -> tuple[list[dict], str]:
-    """A row as ([system?], user, assistant, ...) messages and the shape it was read as; raises _Bad."""
+    """A row as ([system?], user, assistant, ...) messages and the shape it was read as; raises BadField."""
     if not isinstance(obj, dict):
-        raise _Bad("", f"a row must be a JSON object, got {type(obj).__name__}")
+        raise BadField("", f"a row must be a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         messages, shape = _from_messages(obj), "messages"
     elif "conversations" in obj:
@@ -217,7 +220,7 @@ def to_messages(obj, system_prompt: str | None = None) -> tuple[list[dict], str]
     elif "instruction" in obj or "output" in obj:
         messages, shape = _from_alpaca(obj), "alpaca"
     else:
-        raise _Bad("", "unknown row shape: expected 'instruction'/'output' (alpaca), 'conversations' "
+        raise BadField("", "unknown row shape: expected 'instruction'/'output' (alpaca), 'conversations' "
                        f"(sharegpt) or 'messages'; found fields {sorted(obj)}")
     if messages[0]["role"] != "system" and system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -225,21 +228,21 @@ def to_messages(obj, system_prompt: str | None = None) -> tuple[list[dict], str]
 
 
 def _text(obj, key, where: str, required: bool = True, allow_empty: bool = False) -> str:
-    """obj[key] as a string (obj: a row, a turn, or a history pair with key 0 or 1); raises _Bad."""
+    """obj[key] as a string (obj: a row, a turn, or a history pair with key 0 or 1); raises BadField."""
     if (key not in obj if isinstance(obj, dict) else key >= len(obj)) or obj[key] is None:
         if required:
-            raise _Bad(where, "missing")
+            raise BadField(where, "missing")
         return ""
     value = obj[key]
     if not isinstance(value, str):
-        raise _Bad(where, f"must be a string, got {type(value).__name__}")
+        raise BadField(where, f"must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:   # JSON's \ud800 escapes decode to lone surrogates
-        raise _Bad(where, f"holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}: "
+        raise BadField(where, f"holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}: "
                           f"not valid Unicode") from None
     if required and not allow_empty and not value.strip():
-        raise _Bad(where, "is empty")
+        raise BadField(where, "is empty")
     return value
 
 
@@ -251,10 +254,10 @@ def _from_alpaca(obj: dict) -> list[dict]:
     messages = [{"role": "system", "content": system}] if system else []
     history = obj.get("history") or []
     if not isinstance(history, list):
-        raise _Bad("history", f"must be a list of [question, answer] pairs, got {type(history).__name__}")
+        raise BadField("history", f"must be a list of [question, answer] pairs, got {type(history).__name__}")
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
-            raise _Bad(f"history[{i}]", "must be a [question, answer] pair of non-empty strings")
+            raise BadField(f"history[{i}]", "must be a [question, answer] pair of non-empty strings")
         for j in range(2):
             _text(pair, j, f"history[{i}][{j}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
@@ -265,15 +268,15 @@ def _from_alpaca(obj: dict) -> list[dict]:
 def _turns(obj: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
     turns = obj[key]
     if not isinstance(turns, list) or not turns:
-        raise _Bad(key, "must be a non-empty list of turns")
+        raise BadField(key, "must be a non-empty list of turns")
     messages = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise _Bad(where, f"must be an object, got {type(turn).__name__}")
+            raise BadField(where, f"must be an object, got {type(turn).__name__}")
         role = _text(turn, role_key, f"{where}.{role_key}")
         if role not in roles:
-            raise _Bad(f"{where}.{role_key}", f"unknown role '{role}' (expected one of {', '.join(roles)})")
+            raise BadField(f"{where}.{role_key}", f"unknown role '{role}' (expected one of {', '.join(roles)})")
         messages.append({"role": roles[role], "content": _text(turn, text_key, f"{where}.{text_key}")})
     return messages
 
@@ -298,12 +301,12 @@ def _check_order(messages: list[dict], key: str) -> None:
     for i, m in enumerate(messages[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise _Bad(f"{key}[{i}]", f"expected a {expected} turn here, got {m['role']} (turns must be "
+            raise BadField(f"{key}[{i}]", f"expected a {expected} turn here, got {m['role']} (turns must be "
                                       "[system], then user and assistant alternating)")
     if len(messages) == start:
-        raise _Bad(key, "has no user turn")
+        raise BadField(key, "has no user turn")
     if messages[-1]["role"] != "assistant":
-        raise _Bad(key, "must end with an assistant turn (nothing to learn after the last user turn)")
+        raise BadField(key, "must end with an assistant turn (nothing to learn after the last user turn)")
 
 
 def describe_errors(errors: list[RowError]) -> str:

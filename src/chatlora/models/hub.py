@@ -54,6 +54,11 @@ def download_dir(model_id: str) -> Path:
     return cache_root() / "models" / model_id
 
 
+def dataset_dir(name: str) -> Path:
+    """Where `chatlora download --dataset OWNER/NAME` puts a hub dataset's files (data/sources.py reads them)."""
+    return cache_root() / "datasets" / name
+
+
 def resolve_model_path(name: str) -> Path:
     """A local directory or .gguf file for `name`, or a UserError saying how to get one."""
     if name == DEMO_MODEL:
@@ -128,6 +133,23 @@ def download(model_id: str, source: Literal["huggingface", "modelscope"] = "hugg
             raise UserError(f"could not download {model_id} from ModelScope: {e}") from None
     if not (target / "config.json").is_file():
         raise UserError(f"download of {model_id} finished but {target}/config.json is missing")
+    return target
+
+
+def download_dataset(name: str, revision: str | None = None) -> Path:
+    """Fetch a Hugging Face dataset repository into the cache (network), without its loading scripts
+    (never run); `--data hf:OWNER/NAME[:SPLIT]` then reads it offline (data/sources.py)."""
+    if not _HUB_ID.match(name):
+        raise UserError(f"'{name}' is not a hub dataset id (expected owner/name)")
+    import huggingface_hub
+
+    target = dataset_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        huggingface_hub.snapshot_download(name, repo_type="dataset", revision=revision, local_dir=target,
+                                          ignore_patterns=["*.py"])
+    except Exception as e:
+        raise UserError(_hub_failure(name, e).replace("is not on Hugging Face", "is not a dataset on Hugging Face")) from None
     return target
 
 
