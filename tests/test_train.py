@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from chatlora.config import load_config
 from chatlora.errors import UserError
 from chatlora.models.load import load_model, prepare_base
+from chatlora.rundir import run_status, write_status
 from chatlora.templates import IGNORE
 from chatlora.train.checkpoint import latest_checkpoint
 from chatlora.train.loop import train
@@ -105,9 +106,34 @@ def test_nan_stops_run_and_no_non_finite_tensor_is_written(index_dir, tiny_data,
         train(config_for(index_dir, tiny_data, max_steps=6, save_every=1, examples_per_step=8,
                          micro_batch_examples=4), run)
     assert latest_checkpoint(run).name == "checkpoint-2" and not (run / "final").exists()
+    status = run_status(run)
+    assert status["state"] == "failed" and "step 3: loss nan" in status["message"]
     for f in run.rglob("*.safetensors"):
         for name, t in load_file(str(f)).items():
             assert not t.is_floating_point() or torch.isfinite(t).all(), f"{f}:{name}"
+
+
+def test_status_file_follows_the_training_process(index_dir, tiny_data, tmp_path):
+    """status.json: finished after a run; a `running` status whose process is gone is `interrupted`;
+    a directory refused at start (not empty) is left as it was."""
+    import json
+    import subprocess
+
+    run = tmp_path / "run"
+    train(config_for(index_dir, tiny_data, max_steps=1), run)
+    assert run_status(run)["state"] == "finished"
+    gone = subprocess.Popen(["true"])
+    gone.wait()   # a pid that existed and has exited
+    write_status(run, "running")
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps(dict(status, pid=gone.pid)))
+    assert run_status(run)["state"] == "interrupted"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        train(config_for(index_dir, tiny_data, max_steps=1), other)
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
 
 
 def test_torn_checkpoint_is_skipped(index_dir, tiny_data, tmp_path):

@@ -9,6 +9,7 @@
       loss_curve.png       train and held-out loss
       checkpoint-<step>/   PEFT adapter + resume state (see checkpoint.py)
       final/               the finished PEFT adapter, with its resume state (the last step's checkpoint)
+      status.json          running (with the training process), finished, stopped or failed (`run_status`)
 
 `load_run(RUN)` also accepts a checkpoint directory inside a run.
 
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +53,8 @@ RESUME_ADJUSTABLE = ("train.epochs", "train.max_steps")
 # What a run directory holds: `--overwrite` replaces a directory of these only (rundir.py, checkpoint.py,
 # eval); anything else in it is the user's, and is not deleted.
 RUN_ENTRIES = re.compile(r"^(config\.yaml|run\.json|data_report\.json|tokenizer|metrics\.jsonl|loss_curve\.png|"
-                         r"rejected\.jsonl|final|eval|checkpoint-\d+|\.tmp-.*|\.old-.*|\..+\.tmp)$")
+                         r"rejected\.jsonl|final|eval|checkpoint-\d+|status\.json|train\.log|trackers\.json|"
+                         r"tensorboard|wandb|mlruns|swanlog|\.tmp-.*|\.old-.*|\..+\.tmp)$")
 
 
 @dataclass
@@ -251,3 +256,47 @@ def plot_losses(run: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(run / "loss_curve.png")
     plt.close(fig)
+
+
+STATES = ("running", "finished", "stopped", "failed", "interrupted")
+
+
+def write_status(run: Path, state: str, **fields) -> None:
+    """RUN/status.json: the training process's state. `running` carries its pid and host, so that a
+    process that died without a word (SIGKILL, power) reads as `interrupted` (`run_status`)."""
+    if state == "running":
+        fields = dict(fields, pid=os.getpid(), host=socket.gethostname())
+    write_text(run / "status.json", json.dumps({"state": state, "time": round(time.time(), 3), **fields}),
+               overwrite=True)
+
+
+def end_status(run: Path, state: str, message: str = "") -> None:
+    """The end of this process's training of `run` (only if this process is the one status.json names:
+    a run directory refused at start is someone else's)."""
+    status = _read_status_file(run)
+    if status.get("state") == "running" and status.get("pid") == os.getpid():
+        write_status(run, state, step=status.get("step"), started=status.get("started"), message=message[:2000])
+
+
+def run_status(run: Path) -> dict:
+    """status.json as it stands: a `running` run whose process is gone on this host is `interrupted`.
+    A run directory from before status files: finished when final/ is complete, else stopped."""
+    status = _read_status_file(run)
+    if not status:
+        return {"state": "finished" if (run / "final" / MARKER).is_file() else "stopped"}
+    if status.get("state") == "running" and status.get("host") == socket.gethostname():
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            status["state"] = "interrupted"
+        except (PermissionError, OSError, ValueError, KeyError):
+            pass
+    return status
+
+
+def _read_status_file(run: Path) -> dict:
+    try:
+        status = json.loads((run / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}

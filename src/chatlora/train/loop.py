@@ -32,7 +32,7 @@ from chatlora.data.dataset import dataset_for_config
 from chatlora.errors import UserError
 from chatlora.models.load import load_model
 from chatlora.models.lora import attach, trainable_parameters
-from chatlora.rundir import Metrics, plot_losses, prepare_run_dir, write_run_files
+from chatlora.rundir import Metrics, end_status, plot_losses, prepare_run_dir, write_run_files, write_status
 from chatlora.tracking import Trackers
 from chatlora.train import distributed
 from chatlora.train.checkpoint import (
@@ -150,9 +150,17 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     Launched by torchrun (WORLD_SIZE > 1), every process runs this with its share of each step."""
     ranks, device = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return _train(cfg, Path(output), resume, overwrite, ranks, device, name)
+        final = _train(cfg, Path(output), resume, overwrite, ranks, device, name)
+    except Interrupted as e:
+        end_status(Path(output), "stopped", str(e))
+        raise
+    except BaseException as e:   # status.json says why, for whoever watches the run (chatlora studio)
+        end_status(Path(output), "failed", str(e) or type(e).__name__)
+        raise
     finally:
         distributed.shutdown(ranks)
+    end_status(Path(output), "finished")
+    return final
 
 
 def _together(ranks, fn):
@@ -190,6 +198,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                                      "data": _digest(ds.train)}, ranks)
     if main:
         write_run_files(run, cfg, base, fmt, ds.report, name)
+        write_status(run, "running", started=round(time.time(), 3))
 
     model = attach(load_model(base, cfg.model.dtype, device), cfg.lora)
     if t.gradient_checkpointing:
