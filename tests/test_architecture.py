@@ -1,7 +1,7 @@
 """The layering of the package, checked from its imports (every import, function-level ones too):
 
     cli                                   the command: imports anything, imported by nothing
-    chat evaluate predict export demo cache serve/    the edges
+    chat evaluate predict export demo cache serve/ studio/    the edges
     rundir train/                         the run directory; training (loop, fused pass, steps, checkpoints)
     decode/                               decoding: one loop, its backends, kernels, sampling
     data/ templates                       rows -> conversations -> token ids
@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "src" / "chatlora"
-EDGES = {"chat", "evaluate", "predict", "export", "demo", "cache", "serve"}
+EDGES = {"chat", "evaluate", "predict", "export", "demo", "cache", "serve", "studio"}
 TODAY_FLOORS = 13   # the import graph's depth before the package was given its folders
 
 

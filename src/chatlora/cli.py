@@ -6,10 +6,11 @@
     chatlora chat RUN [--prompt TEXT] [--temperature T]
     chatlora merge RUN --output DIR
     chatlora serve RUN [--host H] [--port P] [--api-key-file F]
+    chatlora studio [--runs-dir DIR] [--host H] [--port P] [--api-key-file F]   the pipeline in the browser
     chatlora export RUN --format gguf|ollama [--quant q8_0] [--output PATH]
     chatlora generate RUN --data D [--output preds.jsonl]
     chatlora eval RUN [--data D]
-    chatlora download MODEL_ID [--source huggingface|modelscope]
+    chatlora download ID [--source huggingface|modelscope] [--dataset]
     chatlora config [CONFIG.yaml] [--set group.field=value ...]     print the resolved config with docs
     chatlora cache [clean [--all]]                                  what the cache holds; clean it
 
@@ -188,6 +189,13 @@ def cmd_serve(args) -> int:
     return serve(args.run, settings, key, args.name)
 
 
+def cmd_studio(args) -> int:
+    from chatlora.serve.guard import resolve_api_key
+    from chatlora.studio.app import studio
+
+    return studio(args.runs_dir, args.host, args.port, resolve_api_key(args.api_key, args.api_key_file))
+
+
 def cmd_export(args) -> int:
     from chatlora.export import export_gguf, export_ollama
 
@@ -316,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", help="read the required key from this file")
     sv.add_argument("--name", help="the model id clients see (default: the run's name)")
     sv.set_defaults(func=cmd_serve)
+
+    st = verbs.add_parser("studio", help="a local web app: check data, start, watch, stop and resume runs")
+    st.add_argument("--runs-dir", default="runs", help="where the runs live (default: %(default)s)")
+    st.add_argument("--host", default="127.0.0.1", help="address to bind; a non-loopback one needs an API key "
+                                                        "(default: %(default)s)")
+    st.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    st.add_argument("--api-key", help="require this key (visible in the process list: prefer the file or "
+                                      "CHATLORA_API_KEY)")
+    st.add_argument("--api-key-file", help="read the required key from this file")
+    st.set_defaults(func=cmd_studio)
 
     ex = verbs.add_parser("export", help="the merged model as GGUF (llama.cpp) or an Ollama model directory")
     ex.add_argument("run", help="run directory (or a checkpoint inside one)")

@@ -27,16 +27,11 @@ from pathlib import Path
 from chatlora.atomic import write_text
 from chatlora.errors import UserError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "swanlab")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "swanlab": "swanlab"}
 IDS_FILE = "trackers.json"
 # metrics.jsonl's fields -> the names trackers show
 NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
          "epoch": "train/epoch", "held_out_loss": "eval/held_out_loss"}
-
-
-def unknown_trackers(names: list[str]) -> list[str]:
-    return [n for n in names if n not in TRACKERS]
 
 
 class Trackers:

@@ -149,8 +149,13 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
     `name`: what the run is called when served and exported (default: the folder's name).
     Launched by torchrun (WORLD_SIZE > 1), every process runs this with its share of each step."""
     ranks, device = distributed.init("cuda" if torch.cuda.is_available() else "cpu")
+    # SIGTERM (how `chatlora studio` and schedulers stop a run) is noted from the start: one that
+    # arrives while the data and model load stops the run after its first step, with a checkpoint,
+    # instead of killing it half-made. Ctrl-C still interrupts the loading at once.
+    stop_signal: list[int] = []
+    term = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
     try:
-        final = _train(cfg, Path(output), resume, overwrite, ranks, device, name)
+        final = _train(cfg, Path(output), resume, overwrite, ranks, device, name, stop_signal)
     except Interrupted as e:
         end_status(Path(output), "stopped", str(e))
         raise
@@ -158,6 +163,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool
         end_status(Path(output), "failed", str(e) or type(e).__name__)
         raise
     finally:
+        signal.signal(signal.SIGTERM, term)
         distributed.shutdown(ranks)
     end_status(Path(output), "finished")
     return final
@@ -175,7 +181,8 @@ def _together(ranks, fn):
     return result
 
 
-def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str, name: str | None) -> Path:
+def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str, name: str | None,
+           stop_signal: list[int]) -> Path:
     started = time.perf_counter()
     main = ranks.main
     checkpoint = _together(ranks, lambda: prepare_run_dir(run, resume, overwrite, cfg) if main else None)
@@ -274,7 +281,6 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             say(f"held-out loss of the base model on {len(ds.held_out)} examples...")
             evaluate(0)
 
-        stop_signal = []
         handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)

@@ -1,0 +1,1 @@
+"""`chatlora studio`: the runs directory it manages (runs.py) and its web app and API (app.py)."""

@@ -1,0 +1,223 @@
+"""`chatlora studio`: the pipeline in the browser, on the same server stack and safety as `chatlora serve`
+(loopback by default, a non-loopback address refused without a key, the key checked on every route).
+
+    chatlora studio --runs-dir runs                       # http://127.0.0.1:7860
+
+JSON API (the page at / uses nothing else):
+    GET    /api/config                  the training form: every field with its documentation and default
+    POST   /api/data/check              {"config": {...}} -> the data report, or every bad row
+    GET    /api/runs                    every run: state, step, latest loss and held-out loss
+    POST   /api/runs                    {"id", "config": {"group.field": value}, "preset"?} -> 201, a `chatlora train` process
+    GET    /api/runs/{id}               state, summary, configuration, the log's tail
+    GET    /api/runs/{id}/metrics       every metrics row
+    GET    /api/runs/{id}/events        server-sent events: `metrics` (one per row, id = its index), `status`
+    POST   /api/runs/{id}/stop          SIGTERM: the run writes a checkpoint and stops
+    POST   /api/runs/{id}/resume        continues from its newest checkpoint
+    DELETE /api/runs/{id}               a run that is not running
+Errors are {"error": {"message", "type"}} with 400 (bad input), 401 (key), 404, 409 (state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from chatlora.config import ASSETS
+from chatlora.errors import UserError
+from chatlora.serve.guard import LOOPBACK_NAMES, Guard
+from chatlora.studio.runs import RunsDir
+
+PAGE = ASSETS / "studio.html"
+MAX_BODY = 1_000_000
+POLL_S = 0.5
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None = LOOPBACK_NAMES) -> FastAPI:
+    app = FastAPI(title="chatlora studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, hosts=None if api_key else hosts, max_body_bytes=MAX_BODY,
+                       body_timeout_s=30.0)
+
+    @app.exception_handler(UserError)
+    async def user_error(_, e: UserError):
+        return _error(400, str(e))
+
+    @app.exception_handler(FileExistsError)
+    async def conflict(_, e: FileExistsError):
+        return _error(409, str(e), "conflict")
+
+    @app.exception_handler(FileNotFoundError)
+    async def missing(_, e: FileNotFoundError):
+        return _error(409, str(e), "conflict")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    def known(run_id: str) -> str:
+        if not runs.exists(run_id):   # runs.path() has checked the id
+            raise HTTPException(404, f"no run {run_id}")
+        return run_id
+
+    async def body(request: Request) -> dict:
+        try:
+            data = json.loads(await request.body() or b"{}")
+        except ValueError as e:
+            raise UserError(f"the body is not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError("the body must be a JSON object")
+        return data
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "runs_dir": str(runs.root)}
+
+    @app.get("/api/config")
+    async def config_form():
+        return {"fields": config_fields()}
+
+    @app.post("/api/data/check")
+    async def data_check(request: Request):
+        settings = (await body(request)).get("config", {})
+        return await asyncio.to_thread(check_data, settings)
+
+    @app.get("/api/runs")
+    async def list_runs():
+        return {"runs": [runs.summary(i) for i in runs.ids()]}
+
+    @app.post("/api/runs", status_code=201)
+    async def start(request: Request):
+        data = await body(request)
+        run_id, settings = data.get("id"), data.get("config", {})
+        preset = data.get("preset") or None
+        return await asyncio.to_thread(runs.start, run_id, settings, preset)
+
+    @app.get("/api/runs/{run_id}")
+    async def one(run_id: str):
+        known(run_id)
+        path = runs.path(run_id)
+        config = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").is_file() else None
+        return {**runs.summary(run_id), "config_yaml": config, "log": runs.log_tail(run_id)}
+
+    @app.get("/api/runs/{run_id}/metrics")
+    async def metrics(run_id: str):
+        return {"rows": runs.metrics(known(run_id))}
+
+    @app.get("/api/runs/{run_id}/events")
+    async def events(run_id: str, request: Request):
+        known(run_id)
+        start = int(request.headers.get("last-event-id", "-1")) + 1
+        return StreamingResponse(_events(runs, run_id, start, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/runs/{run_id}/stop", status_code=202)
+    async def stop(run_id: str):
+        return runs.stop(known(run_id))
+
+    @app.post("/api/runs/{run_id}/resume", status_code=202)
+    async def resume(run_id: str):
+        return await asyncio.to_thread(runs.resume, known(run_id))
+
+    @app.delete("/api/runs/{run_id}")
+    async def delete(run_id: str):
+        runs.delete(known(run_id))
+        return {"id": run_id, "deleted": True}
+
+    return app
+
+
+async def _events(runs: RunsDir, run_id: str, start: int, request: Request):
+    """Every metrics row from `start` on as it is written, and the state when it changes; ends a little
+    after the run stops running."""
+    sent, last_state, quiet = start, None, 0
+    while not await request.is_disconnected():
+        rows = runs.metrics(run_id)
+        for i in range(sent, len(rows)):
+            yield f"event: metrics\nid: {i}\ndata: {json.dumps(rows[i])}\n\n"
+        sent = max(sent, len(rows))
+        state = runs.state(run_id)
+        if state["state"] != last_state:
+            last_state = state["state"]
+            yield f"event: status\ndata: {json.dumps(state)}\n\n"
+        quiet = quiet + 1 if last_state not in ("running", "starting") else 0
+        if quiet > 2:
+            return
+        await asyncio.sleep(POLL_S)
+
+
+def config_fields() -> list[dict]:
+    """The training form, from the config's own fields and documentation (not written twice)."""
+    import typing
+
+    from chatlora.config import Config, field_docs
+
+    hints = typing.get_type_hints(Config)
+    out = []
+    for key, (doc, default) in field_docs().items():
+        group, name = key.split(".")
+        if group not in ("model", "lora", "data", "train"):
+            continue
+        kind = typing.get_type_hints(hints[group])[name]
+        choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+        base = next((t for t in (bool, int, float, list, str) if t is kind or t in typing.get_args(kind)
+                     or typing.get_origin(kind) is t), str)
+        out.append({"key": key, "doc": doc, "default": default, "type": base.__name__, "choices": choices,
+                    "optional": type(None) in typing.get_args(kind)})
+    return out
+
+
+def check_data(settings: dict) -> dict:
+    """The data check for a form's settings: the report and a few examples with the supervised span
+    marked, exactly as the template tokenizes them; or the error (every bad row) as text."""
+    from chatlora.config import load_config
+    from chatlora.data.dataset import dataset_for_config
+    from chatlora.templates import IGNORE
+
+    if not isinstance(settings, dict):
+        raise UserError("config must be an object of GROUP.FIELD: value")
+    cfg = load_config(overrides=[f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items()])
+    cfg.data.on_error = "stop"   # the check lists every bad row (and writes no rejects file)
+    try:
+        loaded = dataset_for_config(cfg)
+    except UserError as e:
+        return {"ok": False, "error": str(e)}
+    ds, tok = loaded.dataset, loaded.tok
+    examples = []
+    for e in ds.train[:3]:
+        spans = []
+        for token, label in zip(e.input_ids, e.labels):   # labels align with the ids: IGNORE = not trained on
+            text, supervised = tok.decode([token]), label != IGNORE
+            if spans and spans[-1]["supervised"] == supervised:
+                spans[-1]["text"] += text
+            else:
+                spans.append({"text": text, "supervised": supervised})
+        examples.append({"line": e.line, "spans": spans})
+    return {"ok": True, "report": {k: v for k, v in ds.report.items() if k != "parts"}, "examples": examples}
+
+
+def studio(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> int:
+    import uvicorn
+
+    from chatlora.serve.guard import check_bind, guarded_protocol, limit_repeats, listen
+
+    check_bind(host, api_key)
+    sock = listen(host, port)
+    runs = RunsDir(runs_dir)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"chatlora studio: runs in {runs.root} on http://{shown}:{port}  (API key "
+          f"{'required' if api_key else 'off'})", flush=True)
+    config = uvicorn.Config(build_app(runs, api_key), log_level="info", http=guarded_protocol(10.0, 256))
+    limit_repeats()
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,235 @@
+"""The runs directory that `chatlora studio` manages: each run is a folder made by a separate
+`chatlora train` process, so closing the page or restarting the studio loses nothing, and any studio
+(or a terminal) on the same folder sees the same runs.
+
+    runs = RunsDir("runs")
+    runs.start("zh-1", {"model.path": "smollm2-demo", "train.max_steps": 20})   # a chatlora train process
+    runs.summary("zh-1")          # state, step, latest loss, ...
+    runs.stop("zh-1")             # SIGTERM: the run writes a checkpoint and stops
+    runs.resume("zh-1")
+
+A run's state comes from its own status.json (rundir.run_status) once training has written it; before
+that (data check, model load) from the launch record in RUNS/.studio/ID.json and whether that process
+is alive. Run ids are plain names checked before any path is made from them: no request reaches
+outside the runs directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from chatlora.errors import UserError
+from chatlora.rundir import RUN_ENTRIES, read_metrics, run_status
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STUDIO = ".studio"   # launch records and logs, beside the runs
+LOG_TAIL = 4000
+
+
+class RunsDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / STUDIO).mkdir(exist_ok=True)
+
+    # ---------------------------------------------------------------- paths
+
+    def path(self, run_id: str) -> Path:
+        """The folder of run `run_id`; a UserError (400) for anything but a plain name in this folder."""
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or run_id in (".", ".."):
+            raise UserError(f"run id {run_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                            f"letter or digit")
+        path = self.root / run_id
+        if path.resolve().parent != self.root:   # a symlink out of the runs directory
+            raise UserError(f"run {run_id} is not inside the runs directory")
+        return path
+
+    def _record(self, run_id: str) -> Path:
+        return self.root / STUDIO / f"{run_id}.json"
+
+    def _log(self, run_id: str) -> Path:
+        return self.root / STUDIO / f"{run_id}.log"
+
+    # ---------------------------------------------------------------- reading
+
+    def ids(self) -> list[str]:
+        """Every run: folders with a run's config, and launches that have not made their folder yet."""
+        found = {p.name for p in self.root.iterdir() if p.is_dir() and RUN_ID.match(p.name)
+                 and ((p / "config.yaml").is_file() or (p / "status.json").is_file())}
+        found |= {p.stem for p in (self.root / STUDIO).glob("*.json") if RUN_ID.match(p.stem)}
+        return sorted(found)
+
+    def exists(self, run_id: str) -> bool:
+        return self.path(run_id).exists() or self._record(run_id).exists()
+
+    def state(self, run_id: str) -> dict:
+        """{"state": starting|running|finished|stopped|failed|interrupted, "message"?, ...}."""
+        path, record = self.path(run_id), self._read_record(run_id)
+        status = run_status(path) if (path / "status.json").is_file() else None
+        launch_alive = record and _alive(record.get("pid"))
+        if status and not (status["state"] in ("finished", "stopped", "failed") and launch_alive
+                           and record.get("started", 0) > status.get("time", 0)):
+            return status   # (a resumed run's old end state is not its state while its new process starts)
+        if launch_alive:
+            return {"state": "starting", "pid": record["pid"]}
+        if record and record.get("stop_requested"):
+            return {"state": "stopped", "message": "stopped before training began"}
+        if record:
+            return {"state": "failed", "message": self.log_tail(run_id)[-800:] or "the training process ended"}
+        return {"state": "finished" if (path / "final").is_dir() else "stopped"}
+
+    def metrics(self, run_id: str) -> list[dict]:
+        path = self.path(run_id) / "metrics.jsonl"
+        return read_metrics(path) if path.is_file() else []
+
+    def summary(self, run_id: str) -> dict:
+        path = self.path(run_id)
+        rows = self.metrics(run_id)
+        train_rows = [r for r in rows if r.get("loss") is not None]
+        held = [r for r in rows if r.get("held_out_loss") is not None]
+        info = _json(path / "run.json")
+        record = self._read_record(run_id) or {}
+        return {"id": run_id, **self.state(run_id), "name": info.get("name", run_id),
+                "base_model": info.get("base_model") or record.get("config", {}).get("model.path"),
+                "step": train_rows[-1]["step"] if train_rows else 0, "total_steps": record.get("total_steps"),
+                "loss": train_rows[-1]["loss"] if train_rows else None,
+                "held_out_loss": held[-1]["held_out_loss"] if held else None,
+                "command": record.get("command"), "finished": (path / "final").is_dir()}
+
+    def log_tail(self, run_id: str) -> str:
+        log = self._log(run_id)
+        if not log.is_file():
+            return ""
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - LOG_TAIL))
+            return f.read().decode("utf-8", errors="replace")
+
+    # ---------------------------------------------------------------- acting
+
+    def command(self, run_id: str, settings: dict, preset: str | None = None, resume: bool = False) -> list[str]:
+        """The `chatlora train` command for a run (what the page shows, copyable)."""
+        args = ["chatlora", "train", "--output", str(self.path(run_id))]
+        if resume:
+            return args + ["--resume"]
+        if preset:
+            args += ["--preset", preset]
+        for key, value in settings.items():
+            args += ["--set", f"{key}={_yaml_value(value)}"]
+        return args
+
+    def start(self, run_id: str, settings: dict, preset: str | None = None) -> dict:
+        """Check the settings as `chatlora train` would, then launch it; a UserError for bad settings,
+        FileExistsError when the id is taken (by a run, or by another studio's launch at this moment)."""
+        from chatlora.config import load_config
+
+        path = self.path(run_id)
+        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+            raise UserError("config must be an object of GROUP.FIELD: value")
+        cfg = load_config(overrides=[f"{k}={_yaml_value(v)}" for k, v in settings.items()], preset=preset)
+        if path.exists():
+            raise FileExistsError(f"run {run_id} exists")
+        total = cfg.train.max_steps
+        return self._launch(run_id, self.command(run_id, settings, preset), {"config": settings, "preset": preset,
+                                                                             "total_steps": total}, new=True)
+
+    def resume(self, run_id: str) -> dict:
+        state = self.state(run_id)["state"]
+        if state in ("running", "starting"):
+            raise FileExistsError(f"run {run_id} is {state}")
+        if not (self.path(run_id) / "config.yaml").is_file():
+            raise UserError(f"run {run_id} has no configuration to resume from (it failed before training "
+                            f"started); start a new run instead")
+        return self._launch(run_id, self.command(run_id, {}, resume=True), self._read_record(run_id) or {})
+
+    def stop(self, run_id: str) -> dict:
+        """SIGTERM to the run's training process: it finishes its step, writes a checkpoint and exits."""
+        state = self.state(run_id)
+        if state["state"] not in ("running", "starting"):
+            raise FileNotFoundError(f"run {run_id} is not running ({state['state']})")
+        record = self._read_record(run_id)
+        if record is not None:
+            _write_json(self._record(run_id), dict(record, stop_requested=True))
+        os.kill(int(state["pid"]), signal.SIGTERM)
+        return {"id": run_id, "state": "stopping"}
+
+    def delete(self, run_id: str) -> None:
+        path = self.path(run_id)
+        if self.state(run_id)["state"] in ("running", "starting"):
+            raise FileExistsError(f"run {run_id} is running; stop it first")
+        if path.exists():
+            foreign = sorted(p.name for p in path.iterdir() if not RUN_ENTRIES.match(p.name))
+            if foreign:
+                raise UserError(f"{path} holds files that are not a run's ({', '.join(foreign)}); it is left as it is")
+            shutil.rmtree(path)
+        self._record(run_id).unlink(missing_ok=True)
+        self._log(run_id).unlink(missing_ok=True)
+
+    def _launch(self, run_id: str, command: list[str], record: dict, new: bool = False) -> dict:
+        record_path = self._record(run_id)
+        if new:
+            try:   # the id is claimed atomically: two studios starting the same id, one wins
+                with record_path.open("x", encoding="utf-8") as f:
+                    f.write("{}")
+            except FileExistsError:
+                raise FileExistsError(f"run {run_id} exists") from None
+        log = self._log(run_id).open("ab")
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen([sys.executable, "-m", "chatlora", *command[1:]], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
+                                   start_new_session=True, env=env)
+        log.close()
+        record = dict(record, pid=process.pid, started=time.time(), command=shlex.join(command), stop_requested=False)
+        _write_json(record_path, record)
+        _REAPED[process.pid] = process   # reaped when it ends (no zombie while this studio lives)
+        return {"id": run_id, "state": "starting", "command": record["command"]}
+
+    def _read_record(self, run_id: str) -> dict | None:
+        return _json(self._record(run_id)) if self._record(run_id).is_file() else None
+
+
+_REAPED: dict[int, subprocess.Popen] = {}
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    process = _REAPED.get(pid)
+    if process is not None:   # ours: poll() also reaps it
+        return process.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _yaml_value(value) -> str:
+    """A value as `--set` reads it (YAML): JSON is YAML, and strings stay strings."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from chatlora.atomic import write_text
+
+    write_text(path, json.dumps(data, ensure_ascii=False), overwrite=True)

@@ -1,0 +1,136 @@
+"""`chatlora studio`'s API: runs started as separate `chatlora train` processes, watched, stopped,
+resumed and deleted; ids that could reach outside the runs directory refused; the key on every route;
+two studios on one runs directory."""
+
+import json
+import os
+import time
+
+from fastapi.testclient import TestClient
+
+from chatlora.studio.app import build_app
+from chatlora.studio.runs import RunsDir
+
+
+def client(root, api_key=None):
+    return TestClient(build_app(RunsDir(root), api_key), base_url="http://127.0.0.1")
+
+
+def settings(index_dir, tiny_data, **train):
+    return {"model.path": str(index_dir), "data.path": str(tiny_data), "data.held_out_fraction": 0.1,
+            **{f"train.{k}": v for k, v in train.items()}}
+
+
+def wait_for(c, run_id, states, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = c.get(f"/api/runs/{run_id}").json()
+        if got["state"] in states:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"{run_id} still {got['state']}: {got.get('log', '')[-2000:]}")
+
+
+def test_a_run_from_start_to_finish(tmp_path, index_dir, tiny_data):
+    c = client(tmp_path / "runs")
+    r = c.post("/api/runs", json={"id": "r1", "config": settings(index_dir, tiny_data, max_steps=3, eval_every=1)})
+    assert r.status_code == 201 and r.json()["command"].startswith("chatlora train --output ")
+    assert "--set train.max_steps=3" in r.json()["command"]
+    done = wait_for(c, "r1", ("finished", "failed"))
+    assert done["state"] == "finished" and done["step"] == 3 and done["loss"] is not None, done
+    assert "max_steps: 3" in done["config_yaml"]
+    assert [r["id"] for r in c.get("/api/runs").json()["runs"]] == ["r1"]
+    with c.stream("GET", "/api/runs/r1/events") as events:
+        text = "".join(events.iter_text())
+    metrics = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {\"step\"")]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3] and "event: status" in text
+    assert c.get("/api/runs/r1/metrics").json()["rows"] == metrics
+    assert c.post("/api/runs", json={"id": "r1", "config": {}}).status_code == 409   # the id is taken
+    assert c.delete("/api/runs/r1").json() == {"id": "r1", "deleted": True}
+    assert not (tmp_path / "runs" / "r1").exists() and c.get("/api/runs/r1").status_code == 404
+
+
+def test_stop_resume_and_a_second_studio(tmp_path, index_dir, tiny_data):
+    """A second studio on the same runs directory sees the run the first started and can stop it;
+    the run stops with a checkpoint (SIGTERM), resumes from it, and cannot be deleted while running."""
+    first, second = client(tmp_path / "runs"), client(tmp_path / "runs")
+    config = settings(index_dir, tiny_data, max_steps=100000, save_every=0, eval_every=0)
+    assert first.post("/api/runs", json={"id": "long", "config": config}).status_code == 201
+    running = wait_for(second, "long", ("running",))
+    assert running["pid"] != os.getpid()
+    assert second.delete("/api/runs/long").status_code == 409
+    assert second.post("/api/runs/long/resume").status_code == 409
+    assert second.post("/api/runs/long/stop").status_code == 202
+    stopped = wait_for(first, "long", ("stopped", "failed"))
+    assert stopped["state"] == "stopped" and "checkpoint" in stopped["message"]
+    step = stopped["step"]
+    assert first.post("/api/runs/long/resume").status_code == 202
+    wait_for(first, "long", ("running",))
+    deadline = time.monotonic() + 60
+    while first.get("/api/runs/long").json()["step"] <= step and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert first.get("/api/runs/long").json()["step"] > step   # it went on from the checkpoint
+    assert first.post("/api/runs/long/stop").status_code == 202
+    assert wait_for(first, "long", ("stopped", "failed"))["state"] == "stopped"
+    assert first.post("/api/runs/long/stop").status_code == 409
+
+
+def test_a_run_that_fails_before_training_shows_why(tmp_path, index_dir, huanhuan_rows):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q"}\n', encoding="utf-8")
+    c = client(tmp_path / "runs")
+    assert c.post("/api/runs", json={"id": "bad", "config": {"model.path": str(index_dir),
+                                                               "data.path": str(bad)}}).status_code == 201
+    failed = wait_for(c, "bad", ("failed", "finished"))
+    assert failed["state"] == "failed" and f"{bad}:1: output: missing" in failed["message"]
+    assert c.post("/api/runs/bad/resume").status_code == 400   # nothing to resume from
+
+
+def test_bad_ids_and_settings_are_refused(tmp_path):
+    runs = tmp_path / "runs"
+    c = client(runs)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("{}")
+    runs.mkdir(exist_ok=True)
+    (runs / "link").symlink_to(outside)
+    for run_id in ("..", ".studio", "a b", "x" * 65, "-rf", "link"):
+        r = c.get(f"/api/runs/{run_id}")
+        assert r.status_code in (400, 404), (run_id, r.status_code)
+        assert c.delete(f"/api/runs/{run_id}").status_code in (400, 404)
+    assert c.get("/api/runs/link").status_code == 400 and outside.exists()
+    assert c.get("/api/runs/%2E%2E%2Foutside").status_code in (400, 404)
+    assert c.get("/api/runs/nothing").status_code == 404
+    r = c.post("/api/runs", json={"id": "../escape", "config": {}})
+    assert r.status_code == 400 and "run id" in r.json()["error"]["message"]
+    r = c.post("/api/runs", json={"id": "ok", "config": {"train.learning_rate": 5, "train.nonsense": 1}})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "train.learning_rate" in message and "train.nonsense" in message
+    assert c.post("/api/runs", content=b"[1,2", headers={"content-type": "application/json"}).status_code == 400
+    assert not (runs / "ok").exists() and not (runs / "escape").exists() and not (tmp_path / "escape").exists()
+    assert c.post("/api/runs/nothing/stop").status_code == 404
+
+
+def test_the_key_guards_every_route(tmp_path):
+    c = client(tmp_path / "runs", api_key="s3cret")
+    for method, path in (("GET", "/"), ("GET", "/api/runs"), ("GET", "/api/config"), ("POST", "/api/runs"),
+                         ("POST", "/api/data/check"), ("GET", "/api/runs/x/events"), ("DELETE", "/api/runs/x")):
+        assert c.request(method, path).status_code == 401, path
+    assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_the_form_and_the_data_check(tmp_path, index_dir, tiny_data):
+    c = client(tmp_path / "runs")
+    fields = {f["key"]: f for f in c.get("/api/config").json()["fields"]}
+    assert fields["train.learning_rate"]["type"] == "float" and "AdamW" in fields["train.learning_rate"]["doc"]
+    assert fields["model.template"]["choices"] == ["auto", "index", "self-llm"]
+    assert fields["train.report_to"]["type"] == "list" and "serve.port" not in fields
+    good = c.post("/api/data/check", json={"config": {"model.path": str(index_dir), "data.path": str(tiny_data)}}).json()
+    assert good["ok"] and good["report"]["examples_kept"] == 31
+    spans = good["examples"][0]["spans"]
+    assert any(s["supervised"] for s in spans) and not spans[0]["supervised"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\nnot json\n', encoding="utf-8")
+    r = c.post("/api/data/check", json={"config": {"model.path": str(index_dir), "data.path": str(bad)}}).json()
+    assert not r["ok"] and f"{bad}:2: output: missing" in r["error"] and f"{bad}:3:1: malformed JSON" in r["error"]
+    assert "<title>chatlora studio</title>" in c.get("/").text

@@ -1,0 +1,102 @@
+"""`chatlora studio` in a real headless Chromium, as a person uses it: check a data file with a bad row
+and see the error; start a run from the form; watch its loss curve get points; stop it; resume it.
+Saves a screenshot (CHATLORA_SCREENSHOTS=DIR keeps it). CI installs chromium; elsewhere it skips."""
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatlora.studio.app import build_app
+from chatlora.studio.runs import RunsDir
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
+                                reason="needs Debian's chromium (CI installs it)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def studio_server(root: Path):
+    import uvicorn
+
+    from chatlora.serve.guard import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(build_app(RunsDir(root)), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def points(page) -> int:
+    return int(page.get_attribute("#r-chart", "data-points") or 0)
+
+
+def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
+    from playwright.sync_api import sync_playwright
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n', encoding="utf-8")
+    with studio_server(tmp_path / "runs") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+
+        page.click("nav button[data-tab=data]")
+        page.fill("#d-path", str(bad))
+        page.fill("#d-model", str(index_dir))
+        page.select_option("#d-template", "index")
+        page.click("#d-check")
+        page.wait_for_selector("#d-out pre.error", timeout=60000)
+        assert f"{bad}:2: output: missing" in page.inner_text("#d-out")
+
+        page.click("nav button[data-tab=train]")
+        page.wait_for_selector("#f-train-max_steps")
+        page.fill("#t-id", "web-1")
+        page.fill("#f-model-path", str(index_dir))
+        page.fill("#f-data-path", str(tiny_data))
+        page.fill("#f-train-max_steps", "100000")
+        page.fill("#f-train-eval_every", "4")
+        page.fill("#f-train-save_every", "0")
+        command = page.inner_text("#t-command")
+        assert command.startswith("chatlora train --output RUNS/web-1") and "train.max_steps=100000" in command
+        page.click("#t-start")
+
+        try:
+            page.wait_for_function("Number(document.getElementById('r-chart').dataset.points || 0) >= 12",
+                                   timeout=120000)
+        except Exception:
+            raise AssertionError(f"start: {page.inner_text('#t-out')}\nstate: {page.inner_text('#r-state')}\nmessage: {page.inner_text('#r-msg')}\n"
+                                 f"log: {page.inner_text('#r-log')[-1500:]}\nlist: {page.inner_text('#r-list')}")
+        assert page.inner_text("#r-title") == "web-1" and page.inner_text("#r-state").startswith("running")
+        page.wait_for_function("document.getElementById('r-log').textContent.includes('held-out loss')")
+        page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
+        page.click("#r-stop")
+        page.wait_for_function("document.getElementById('r-state').textContent.startsWith('stopped')",
+                               timeout=60000)
+        stopped_at = points(page)
+        page.click("#r-resume")
+        page.wait_for_function(f"Number(document.getElementById('r-chart').dataset.points || 0) > {stopped_at}",
+                               timeout=120000)
+        assert "web-1" in page.inner_text("#r-list")
+        page.click("#r-stop")
+        page.wait_for_function("document.getElementById('r-state').textContent.startsWith('stopped')",
+                               timeout=60000)
+        browser.close()
+    keep = os.environ.get("CHATLORA_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "studio.png", Path(keep) / "studio.png")
