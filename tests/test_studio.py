@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from chatlora.studio.app import build_app
@@ -31,6 +32,7 @@ def wait_for(c, run_id, states, timeout=180):
     raise AssertionError(f"{run_id} still {got['state']}: {got.get('log', '')[-2000:]}")
 
 
+@pytest.mark.slow   # a run, its evaluation and its export, each a process
 def test_a_run_from_start_to_finish(tmp_path, index_dir, tiny_data):
     c = client(tmp_path / "runs")
     r = c.post("/api/runs", json={"id": "r1", "config": settings(index_dir, tiny_data, max_steps=3, eval_every=1)})
@@ -46,6 +48,35 @@ def test_a_run_from_start_to_finish(tmp_path, index_dir, tiny_data):
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3] and "event: status" in text
     assert c.get("/api/runs/r1/metrics").json()["rows"] == metrics
     assert c.post("/api/runs", json={"id": "r1", "config": {}}).status_code == 409   # the id is taken
+    # chat: `chatlora serve`'s own route for the run, the same reply as that server gives
+    body = {"messages": [{"role": "user", "content": "你是谁？"}], "temperature": 0, "max_tokens": 6}
+    reply = c.post("/api/runs/r1/serve/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    from chatlora.config import ServeConfig
+    from chatlora.rundir import load_run, load_tuned_model
+    from chatlora.serve.app import Server
+    from chatlora.serve.app import build_app as serve_app
+
+    run = load_run(str(tmp_path / "runs" / "r1"))
+    with TestClient(serve_app(Server(run, load_tuned_model(run), ServeConfig())), base_url="http://127.0.0.1") as s:
+        direct = s.post("/v1/chat/completions", json=body).json()
+    assert reply.json()["choices"][0]["message"] == direct["choices"][0]["message"]
+    assert c.post("/api/runs/r1/serve/v1/chat/completions", json={"messages": []}).status_code == 400
+    assert c.get("/api/runs/r1").json()["system_prompt"] is None
+    # evaluation and export, each its own process
+    assert c.post("/api/runs/r1/export", json={"format": "zip"}).status_code == 400
+    assert c.post("/api/runs/r1/eval", json={"limit": 0}).status_code == 400
+    assert c.post("/api/runs/r1/eval", json={"limit": 2}).status_code == 202
+    assert c.post("/api/runs/r1/export", json={"format": "gguf", "quant": "f16"}).status_code == 202
+    for kind in ("eval", "export"):
+        deadline = time.monotonic() + 180
+        while (state := c.get(f"/api/runs/r1/{kind}").json())["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert state["state"] == "finished", state
+    evaluation = c.get("/api/runs/r1/eval").json()["report"]
+    assert evaluation["examples"] == 2 and set(evaluation["models"]) == {"base", "tuned"}
+    file = c.get("/api/runs/r1/export/file")
+    assert file.status_code == 200 and file.content[:4] == b"GGUF" and "r1-f16-" in file.headers["content-disposition"]
     assert c.delete("/api/runs/r1").json() == {"id": "r1", "deleted": True}
     assert not (tmp_path / "runs" / "r1").exists() and c.get("/api/runs/r1").status_code == 404
 
@@ -101,6 +132,8 @@ def test_bad_ids_and_settings_are_refused(tmp_path):
     assert c.get("/api/runs/link").status_code == 400 and outside.exists()
     assert c.get("/api/runs/%2E%2E%2Foutside").status_code in (400, 404)
     assert c.get("/api/runs/nothing").status_code == 404
+    assert c.post("/api/runs/a%20b/serve/v1/chat/completions", json={}).status_code == 400
+    assert c.post("/api/runs/nothing/serve/v1/chat/completions", json={}).status_code == 409
     r = c.post("/api/runs", json={"id": "../escape", "config": {}})
     assert r.status_code == 400 and "run id" in r.json()["error"]["message"]
     r = c.post("/api/runs", json={"id": "ok", "config": {"train.learning_rate": 5, "train.nonsense": 1}})

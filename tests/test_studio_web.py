@@ -1,5 +1,6 @@
 """`chatlora studio` in a real headless Chromium, as a person uses it: check a data file with a bad row
-and see the error; start a run from the form; watch its loss curve get points; stop it; resume it.
+and see the error; start a run from the form; watch its loss curve get points; stop it; resume it;
+chat with it; evaluate it; export it and download the file.
 Saves a screenshot (CHATLORA_SCREENSHOTS=DIR keeps it). CI installs chromium; elsewhere it skips."""
 
 import contextlib
@@ -15,8 +16,9 @@ from chatlora.studio.app import build_app
 from chatlora.studio.runs import RunsDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
-                                reason="needs Debian's chromium (CI installs it)")
+pytestmark = [pytest.mark.slow,   # ~20 s of training, evaluating and exporting through the page
+              pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
+                                 reason="needs Debian's chromium (CI installs it)")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -95,6 +97,24 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
         page.click("#r-stop")
         page.wait_for_function("document.getElementById('r-state').textContent.startsWith('stopped')",
                                timeout=60000)
+        page.fill("#c-max", "8")
+        page.fill("#c-input", "你是谁？")
+        page.click("#c-send")
+        page.wait_for_function("document.querySelector('#c-log .msg.assistant, #c-log .msg.error') && "
+                               "!document.getElementById('c-send').disabled", timeout=120000)
+        assert page.locator("#c-log .msg.error").count() == 0, page.inner_text("#c-log")
+        assert page.locator("#c-log .msg.user").inner_text() == "你是谁？"
+        page.fill("#e-limit", "2")
+        page.click("#e-start")
+        page.wait_for_selector("#e-out table", timeout=120000)
+        assert "held_out" not in page.inner_text("#e-out") and "bleu4" in page.inner_text("#e-out")
+        page.select_option("#x-quant", "f16")
+        page.click("#x-start")
+        page.wait_for_selector("#x-link", timeout=120000)
+        with page.expect_download() as download:
+            page.click("#x-link")
+        assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
+        page.screenshot(path=str(tmp_path / "studio-eval-export.png"), full_page=True)
         browser.close()
     keep = os.environ.get("CHATLORA_SCREENSHOTS")
     if keep:

@@ -14,6 +14,10 @@ JSON API (the page at / uses nothing else):
     POST   /api/runs/{id}/stop          SIGTERM: the run writes a checkpoint and stops
     POST   /api/runs/{id}/resume        continues from its newest checkpoint
     DELETE /api/runs/{id}               a run that is not running
+    POST   /api/runs/{id}/eval          {"limit"} -> 202, `chatlora eval` into RUN/eval; GET: its state and report
+    POST   /api/runs/{id}/export        {"format": gguf|ollama, "quant"} -> 202; GET: its state; GET .../export/file
+    *      /api/runs/{id}/serve/...     `chatlora serve`'s own routes for the run's newest adapter (one run's
+                                        model loaded at a time): the page's chat uses /v1/chat/completions
 Errors are {"error": {"message", "type"}} with 400 (bad input), 401 (key), 404, 409 (state).
 """
 
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chatlora.config import ASSETS
@@ -42,6 +48,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 
 def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None = LOOPBACK_NAMES) -> FastAPI:
     app = FastAPI(title="chatlora studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RunServing, runs=runs, api_key=api_key, hosts=hosts)   # inside the guard
     app.add_middleware(Guard, api_key=api_key, hosts=None if api_key else hosts, max_body_bytes=MAX_BODY,
                        body_timeout_s=30.0)
 
@@ -108,7 +115,8 @@ def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None
         known(run_id)
         path = runs.path(run_id)
         config = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").is_file() else None
-        return {**runs.summary(run_id), "config_yaml": config, "log": runs.log_tail(run_id)}
+        info = _run_info(path)
+        return {**runs.summary(run_id), "config_yaml": config, "log": runs.log_tail(run_id), **info}
 
     @app.get("/api/runs/{run_id}/metrics")
     async def metrics(run_id: str):
@@ -129,12 +137,92 @@ def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None
     async def resume(run_id: str):
         return await asyncio.to_thread(runs.resume, known(run_id))
 
+    @app.post("/api/runs/{run_id}/eval", status_code=202)
+    async def evaluate(run_id: str, request: Request):
+        return runs.evaluate(known(run_id), (await body(request)).get("limit", 20))
+
+    @app.get("/api/runs/{run_id}/eval")
+    async def evaluation(run_id: str):
+        state = runs.job_state(known(run_id), "eval")
+        if state["state"] == "finished":
+            report = json.loads(Path(state["output"]).read_text(encoding="utf-8"))
+            state["report"] = {"examples": report["examples"], "models": report["models"]}
+        return state
+
+    @app.post("/api/runs/{run_id}/export", status_code=202)
+    async def export(run_id: str, request: Request):
+        data = await body(request)
+        return runs.export(known(run_id), data.get("format", "gguf"), data.get("quant", "q8_0"))
+
+    @app.get("/api/runs/{run_id}/export")
+    async def exported(run_id: str):
+        return runs.job_state(known(run_id), "export")
+
+    @app.get("/api/runs/{run_id}/export/file")
+    async def exported_file(run_id: str):
+        state = runs.job_state(known(run_id), "export")
+        if state["state"] != "finished":
+            raise HTTPException(404, f"run {run_id} has no finished export")
+        output = Path(state["output"])
+        name = output.name if output.name != "model.gguf" else f"{output.parent.name}.gguf"
+        return FileResponse(output, filename=name, media_type="application/octet-stream")
+
     @app.delete("/api/runs/{run_id}")
     async def delete(run_id: str):
         runs.delete(known(run_id))
         return {"id": run_id, "deleted": True}
 
     return app
+
+
+class RunServing:
+    """/api/runs/{id}/serve/...: the run's model behind `chatlora serve`'s own app (serve/app.py), so the
+    studio's chat is the server's chat: same prompts, limits and errors. One run's model is loaded at a
+    time (the first request for another run replaces it); loading happens off the event loop."""
+
+    ROUTE = re.compile(r"^/api/runs/([^/]+)/serve(/.*)$")
+
+    def __init__(self, app, runs: RunsDir, api_key: str | None, hosts):
+        self.app, self.runs, self.api_key, self.hosts = app, runs, api_key, hosts
+        self.loaded: tuple[str, object, object] | None = None   # (run id, Server, its app)
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, scope, receive, send):
+        match = self.ROUTE.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if not match:
+            return await self.app(scope, receive, send)
+        from chatlora.serve.guard import send_error
+
+        run_id, rest = match.groups()
+        try:
+            serving = await self._serving(run_id)
+        except UserError as e:
+            return await send_error(send, 400 if "run id" in str(e) else 409, str(e))
+        await serving(dict(scope, path=rest, raw_path=rest.encode()), receive, send)
+
+    async def _serving(self, run_id: str):
+        path = self.runs.path(run_id)
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"run {run_id} has no adapter to chat with yet")
+        async with self.lock:
+            if self.loaded is None or self.loaded[0] != run_id:
+                if self.loaded is not None:
+                    self.loaded[1].worker.close()
+                    self.loaded = None
+                server = await asyncio.to_thread(_load_server, path)
+                from chatlora.serve.app import build_app as serve_app
+
+                self.loaded = (run_id, server, serve_app(server, self.api_key, self.hosts))
+            return self.loaded[2]
+
+
+def _load_server(path):
+    from chatlora.config import ServeConfig
+    from chatlora.rundir import load_run, load_tuned_model
+    from chatlora.serve.app import Server
+
+    run = load_run(str(path))
+    return Server(run, load_tuned_model(run), ServeConfig())
 
 
 async def _events(runs: RunsDir, run_id: str, start: int, request: Request):
@@ -154,6 +242,18 @@ async def _events(runs: RunsDir, run_id: str, start: int, request: Request):
         if quiet > 2:
             return
         await asyncio.sleep(POLL_S)
+
+
+def _run_info(path) -> dict:
+    """The run's system prompt and sampling defaults (for the chat's controls), once it has them."""
+    import yaml
+
+    try:
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        generate = (yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).get("generate", {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return {"system_prompt": info.get("system_prompt"), "generate": generate}
 
 
 def config_fields() -> list[dict]:

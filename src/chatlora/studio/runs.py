@@ -45,9 +45,9 @@ class RunsDir:
 
     def path(self, run_id: str) -> Path:
         """The folder of run `run_id`; a UserError (400) for anything but a plain name in this folder."""
-        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or run_id in (".", ".."):
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or run_id.endswith((".eval", ".export")):
             raise UserError(f"run id {run_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a "
-                            f"letter or digit")
+                            f"letter or digit (and not ending in .eval or .export)")
         path = self.root / run_id
         if path.resolve().parent != self.root:   # a symlink out of the runs directory
             raise UserError(f"run {run_id} is not inside the runs directory")
@@ -65,7 +65,8 @@ class RunsDir:
         """Every run: folders with a run's config, and launches that have not made their folder yet."""
         found = {p.name for p in self.root.iterdir() if p.is_dir() and RUN_ID.match(p.name)
                  and ((p / "config.yaml").is_file() or (p / "status.json").is_file())}
-        found |= {p.stem for p in (self.root / STUDIO).glob("*.json") if RUN_ID.match(p.stem)}
+        found |= {p.stem for p in (self.root / STUDIO).glob("*.json")
+                  if RUN_ID.match(p.stem) and not p.stem.endswith((".eval", ".export"))}
         return sorted(found)
 
     def exists(self, run_id: str) -> bool:
@@ -111,7 +112,9 @@ class RunsDir:
             return ""
         with log.open("rb") as f:
             f.seek(max(0, log.stat().st_size - LOG_TAIL))
-            return f.read().decode("utf-8", errors="replace")
+            text = f.read().decode("utf-8", errors="replace")
+        # a progress bar redraws its line with carriage returns: keep what a terminal would show
+        return "\n".join(next((p for p in reversed(line.split("\r")) if p.strip()), "") for line in text.split("\n"))
 
     # ---------------------------------------------------------------- acting
 
@@ -170,8 +173,62 @@ class RunsDir:
             if foreign:
                 raise UserError(f"{path} holds files that are not a run's ({', '.join(foreign)}); it is left as it is")
             shutil.rmtree(path)
-        self._record(run_id).unlink(missing_ok=True)
-        self._log(run_id).unlink(missing_ok=True)
+        for kind in ("", ".eval", ".export"):
+            self._record(run_id + kind).unlink(missing_ok=True)
+            self._log(run_id + kind).unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- evaluation and export jobs
+
+    def evaluate(self, run_id: str, limit: int) -> dict:
+        """`chatlora eval` of the run into RUN/eval (replacing an earlier report), as its own process."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100_000:
+            raise UserError("limit must be an integer from 1 to 100000")
+        path = self._adapted(run_id)
+        command = ["chatlora", "eval", str(path), "--limit", str(limit), "--output", str(path / "eval"), "--overwrite"]
+        return self._job(run_id, "eval", command, path / "eval" / "report.json")
+
+    def export(self, run_id: str, fmt: str, quant: str) -> dict:
+        """`chatlora export` of the run into RUNS/.studio/exports/ (a new name each time: never overwritten)."""
+        from chatlora.export import GGUF_TYPES
+
+        if fmt not in ("gguf", "ollama"):
+            raise UserError("format must be gguf or ollama")
+        if quant not in GGUF_TYPES:
+            raise UserError(f"quant must be one of {', '.join(GGUF_TYPES)}")
+        path = self._adapted(run_id)
+        exports = self.root / STUDIO / "exports"
+        exports.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = exports / (f"{run_id}-{quant}-{stamp}.gguf" if fmt == "gguf" else f"{run_id}-{quant}-{stamp}-ollama")
+        command = ["chatlora", "export", str(path), "--format", fmt, "--quant", quant, "--output", str(output)]
+        return self._job(run_id, "export", command, output / "model.gguf" if fmt == "ollama" else output)
+
+    def job_state(self, run_id: str, kind: str) -> dict:
+        """An eval or export job: none, running, finished (its output written after it started) or failed."""
+        record = _json(self._record(f"{run_id}.{kind}")) if self._record(f"{run_id}.{kind}").is_file() else None
+        if record is None:
+            return {"state": "none"}
+        output = Path(record["output"])
+        out = {"command": record["command"], "output": str(output), "log": self.log_tail(f"{run_id}.{kind}")}
+        if _alive(record.get("pid")):
+            return {"state": "running", **out}
+        if output.is_file() and output.stat().st_mtime >= record["started"] - 1:
+            return {"state": "finished", **out, "bytes": output.stat().st_size}
+        return {"state": "failed", **out}
+
+    def _adapted(self, run_id: str) -> Path:
+        path = self.path(run_id)
+        if self.state(run_id)["state"] in ("running", "starting"):
+            raise FileExistsError(f"run {run_id} is training; stop it or let it finish first")
+        if not any(path.glob("checkpoint-*")) and not (path / "final").is_dir():
+            raise UserError(f"run {run_id} has no adapter yet")
+        return path
+
+    def _job(self, run_id: str, kind: str, command: list[str], output: Path) -> dict:
+        if self.job_state(run_id, kind)["state"] == "running":
+            raise FileExistsError(f"run {run_id} already has an {kind} running")
+        self._log(f"{run_id}.{kind}").unlink(missing_ok=True)
+        return self._launch(f"{run_id}.{kind}", command, {"output": str(output)})
 
     def _launch(self, run_id: str, command: list[str], record: dict, new: bool = False) -> dict:
         record_path = self._record(run_id)
