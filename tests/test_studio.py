@@ -167,3 +167,18 @@ def test_the_form_and_the_data_check(tmp_path, index_dir, tiny_data):
     r = c.post("/api/data/check", json={"config": {"model.path": str(index_dir), "data.path": str(bad)}}).json()
     assert not r["ok"] and f"{bad}:2: output: missing" in r["error"] and f"{bad}:3:1: malformed JSON" in r["error"]
     assert "<title>chatlora studio</title>" in c.get("/").text
+    assert "smollm2-demo" in [m["id"] for m in c.get("/api/models").json()["models"]]   # the offline demo model
+
+
+def test_uploaded_data_is_kept_under_a_new_name(tmp_path, index_dir):
+    c = client(tmp_path / "runs")
+    rows = '{"instruction": "q", "output": "a"}\n'.encode()
+    first = c.post("/api/data/upload?name=mine.jsonl", content=rows).json()["path"]
+    second = c.post("/api/data/upload?name=mine.jsonl", content=rows).json()["path"]
+    assert first != second and open(first, "rb").read() == rows
+    assert str(tmp_path / "runs" / ".studio" / "uploads") in first
+    checked = c.post("/api/data/check", json={"config": {"model.path": str(index_dir), "data.path": first}}).json()
+    assert checked["ok"] and checked["report"]["rows_read"] == 1
+    for name in ("../x.jsonl", "x.exe", "", ".hidden.jsonl"):
+        assert c.post(f"/api/data/upload?name={name}", content=rows).status_code == 400, name
+    assert c.post("/api/data/upload?name=empty.csv", content=b"").status_code == 400

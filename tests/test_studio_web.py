@@ -115,6 +115,10 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
             page.click("#x-link")
         assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
         page.screenshot(path=str(tmp_path / "studio-eval-export.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 800})   # a phone: every control within the width
+        for selector in ("#r-stop", "#r-resume", "#c-send", "#c-input", "#x-start", "nav button[data-tab=train]"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
         browser.close()
     keep = os.environ.get("CHATLORA_SCREENSHOTS")
     if keep:

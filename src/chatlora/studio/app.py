@@ -5,6 +5,8 @@
 
 JSON API (the page at / uses nothing else):
     GET    /api/config                  the training form: every field with its documentation and default
+    GET    /api/models                  the models in the cache (and the offline demo model), for the model fields
+    POST   /api/data/upload?name=F      the body is a data file: kept in RUNS/.studio/uploads/, its path answered
     POST   /api/data/check              {"config": {...}} -> the data report, or every bad row
     GET    /api/runs                    every run: state, step, latest loss and held-out loss
     POST   /api/runs                    {"id", "config": {"group.field": value}, "preset"?} -> 201, a `chatlora train` process
@@ -38,7 +40,7 @@ from chatlora.serve.guard import LOOPBACK_NAMES, Guard
 from chatlora.studio.runs import RunsDir
 
 PAGE = ASSETS / "studio.html"
-MAX_BODY = 1_000_000
+MAX_BODY = 256 * 2 ** 20   # an uploaded data file is one request body
 POLL_S = 0.5
 
 
@@ -93,6 +95,14 @@ def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None
     @app.get("/api/config")
     async def config_form():
         return {"fields": config_fields()}
+
+    @app.get("/api/models")
+    async def models():
+        return {"models": cached_models()}
+
+    @app.post("/api/data/upload", status_code=201)
+    async def upload(request: Request, name: str = ""):
+        return {"path": str(await asyncio.to_thread(runs.upload, name, await request.body()))}
 
     @app.post("/api/data/check")
     async def data_check(request: Request):
@@ -242,6 +252,20 @@ async def _events(runs: RunsDir, run_id: str, start: int, request: Request):
         if quiet > 2:
             return
         await asyncio.sleep(POLL_S)
+
+
+def cached_models() -> list[dict]:
+    """Models `--model` finds without the network: downloads in the cache, and the offline demo model."""
+    from chatlora.models.hub import DEMO_MODEL, cache_root, demo_model_path
+
+    root = cache_root() / "models"
+    found = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/*/config.json")) if root.is_dir() else []
+    out = [{"id": name, "path": str(root / name)} for name in found]
+    try:
+        out.append({"id": DEMO_MODEL, "path": str(demo_model_path())})
+    except UserError:
+        pass
+    return out
 
 
 def _run_info(path) -> dict:

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from chatlora.atomic import new_file, write_text
+from chatlora.data.sources import SUFFIXES
 from chatlora.errors import UserError
 from chatlora.rundir import RUN_ENTRIES, read_metrics, run_status
 
@@ -177,6 +179,24 @@ class RunsDir:
             self._record(run_id + kind).unlink(missing_ok=True)
             self._log(run_id + kind).unlink(missing_ok=True)
 
+    def upload(self, name: str, data: bytes) -> Path:
+        """An uploaded data file, kept under RUNS/.studio/uploads/ with a new name (never overwriting)."""
+        base = Path(name).name
+        if not base or base != name or not RUN_ID.match(base.replace(" ", "_")) or Path(base).suffix.lower() not in SUFFIXES:
+            raise UserError(f"upload name {name!r}: a plain file name ending in one of {', '.join(SUFFIXES)}")
+        if not data:
+            raise UserError(f"upload {name}: the file is empty")
+        folder = self.root / STUDIO / "uploads"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{base}"
+        n = 1
+        while target.exists():
+            target = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}-{base}"
+            n += 1
+        with new_file(target) as tmp:
+            tmp.write_bytes(data)
+        return target
+
     # ---------------------------------------------------------------- evaluation and export jobs
 
     def evaluate(self, run_id: str, limit: int) -> dict:
@@ -287,6 +307,4 @@ def _json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from chatlora.atomic import write_text
-
     write_text(path, json.dumps(data, ensure_ascii=False), overwrite=True)
