@@ -15,6 +15,19 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+PROMPTS = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]   # rows of 3 lengths
+
+
+def greedy_reference(model, prompts, steps: int = 20) -> list[list[int]]:
+    """transformers' own greedy tokens for each prompt alone (the reference for the captured decoder)."""
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda"),
+                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
 def lora_model(index_dir, dtype):
     torch.manual_seed(0)
     model = attach(load_model(prepare_base(str(index_dir)), dtype, "cuda"),
@@ -167,12 +180,8 @@ def test_each_familys_captured_decoder_equals_generate_on_cuda(family, family_di
     from chatlora.decode.static import static_decoder
 
     model = load_model(prepare_base(str(family_dir(family))), "float32", "cuda")
-    prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
-    expected = []
-    for p in prompts:
-        out = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda"),
-                             max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    prompts = PROMPTS
+    expected = greedy_reference(model, prompts)
     decoder = static_decoder(model)
     assert decoder is not None and decoder.kernels
     s = Sampling(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
@@ -223,12 +232,8 @@ def test_captured_decoder_follows_the_model_on_cuda(index_dir):
     from chatlora.decode.static import static_decoder
 
     model = load_model(prepare_base(str(index_dir)), "float32", "cuda")
-    prompts = [[1, 17, 230, 99, 42, 4], [1, 5, 3], [3, 77, 78, 79, 80, 81, 82, 83, 84, 85, 4]]
-    expected = []
-    for p in prompts:
-        out = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda"),
-                             max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    prompts = PROMPTS
+    expected = greedy_reference(model, prompts)
     decoder = static_decoder(model)
     assert decoder is not None and decoder.kernels   # the Triton kernels run (kernels.py)
     s = Sampling(max_new_tokens=150, temperature=0, repetition_penalty=1.0)
