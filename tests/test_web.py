@@ -1,8 +1,11 @@
 """The web chat page in a real headless Chromium (Debian's, driven by Playwright): send, stream,
-system prompt, regenerate, clear. CI installs chromium; elsewhere the test skips without it."""
+system prompt, regenerate, clear; at a desktop's width and a phone's. CI installs chromium and a CJK
+font; elsewhere the test skips without chromium. Screenshots go to CHATLORA_SCREENSHOTS (CI:
+test-artifacts/), else a temporary folder."""
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import local_client, running
@@ -45,6 +48,19 @@ def page(site, browser):
     return page
 
 
+def screenshot(page, name: str, tmp_path) -> Path:
+    folder = Path(os.environ.get("CHATLORA_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name))
+    return folder / name
+
+
+def inside(page, selector: str, width: int, height: int) -> bool:
+    box = page.locator(selector).bounding_box()
+    return bool(box) and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= width \
+        and box["y"] + box["height"] <= height
+
+
 def api_reply(site, system: str, user: str) -> str:
     with local_client(build_app(Server(site[1].run, site[1].worker.model, ServeConfig()))) as client:
         body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -60,7 +76,7 @@ def send(page, text: str) -> str:
     return page.locator(".msg.assistant").last.inner_text()
 
 
-def test_page_chats_with_edited_system_prompt_and_controls(page, site):
+def test_page_chats_with_edited_system_prompt_and_controls(page, site, tmp_path):
     assert page.input_value("#system") == "现在你要扮演皇帝身边的女人--甄嬛"
     page.fill("#system", "你是华妃。")
     page.fill("#temperature", "0")
@@ -68,12 +84,36 @@ def test_page_chats_with_edited_system_prompt_and_controls(page, site):
     reply = send(page, "你好")
     assert reply == api_reply(site, "你是华妃。", "你好")
     assert page.locator(".msg.user").inner_text() == "你好"
+    screenshot(page, "chat-desktop.png", tmp_path)
     page.click("#regenerate")
     page.wait_for_function("!document.getElementById('send').disabled", timeout=30000)
     assert page.locator(".msg.assistant").count() == 1
     assert page.locator(".msg.assistant").inner_text() == reply  # greedy: the same reply again
     page.click("#clear")
     assert page.locator(".msg").count() == 0
+
+
+def test_the_page_on_a_phone(site, browser, tmp_path):
+    """At 390 x 800 CSS pixels the settings fold behind a toggle and the conversation, the input, Send
+    and Stop take the width; a message streams its reply as on a desktop."""
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.goto(site[0])
+    assert not page.is_visible("#system") and page.is_visible("#toggle")
+    for selector in ("#input", "#send", "#stop", "#toggle"):
+        assert inside(page, selector, 390, 800), selector
+    assert page.locator("#input").bounding_box()["width"] >= 200   # room to type, not a strip
+    page.click("#toggle")
+    assert page.is_visible("#system") and page.get_attribute("#toggle", "aria-expanded") == "true"
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "12")
+    page.click("#toggle")
+    assert not page.is_visible("#system")
+    reply = send(page, "你是谁？")
+    assert reply == api_reply(site, "现在你要扮演皇帝身边的女人--甄嬛", "你是谁？")
+    for selector in ("#input", "#send", "#stop"):
+        assert inside(page, selector, 390, 800), selector
+    screenshot(page, "chat-phone.png", tmp_path)
+    page.close()
 
 
 def test_the_page_works_whatever_the_system_prompt(tiny_run, browser):
