@@ -113,6 +113,9 @@ def test_the_page_on_a_phone(site, browser, tmp_path):
     for selector in ("#input", "#send", "#stop"):
         assert inside(page, selector, 390, 800), selector
     screenshot(page, "chat-phone.png", tmp_path)
+    page.set_viewport_size({"width": 360, "height": 640})   # the narrowest common phone
+    for selector in ("#input", "#send", "#stop", "#toggle", ".msg.assistant"):
+        assert inside(page, selector, 360, 640), selector
     page.close()
 
 
