@@ -168,6 +168,12 @@ def test_the_form_and_the_data_check(tmp_path, index_dir, tiny_data):
     assert not r["ok"] and f"{bad}:2: output: missing" in r["error"] and f"{bad}:3:1: malformed JSON" in r["error"]
     assert "<title>chatlora studio</title>" in c.get("/").text
     assert "smollm2-demo" in [m["id"] for m in c.get("/api/models").json()["models"]]   # the offline demo model
+    from chatlora.models.hub import dataset_dir
+
+    (dataset_dir("someone/listed") / "data").mkdir(parents=True)
+    (dataset_dir("someone/listed") / "data" / "train.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    assert {"id": "someone/listed", "data": "hf:someone/listed", "path": str(dataset_dir("someone/listed"))} \
+        in c.get("/api/datasets").json()["datasets"]
 
 
 def test_uploaded_data_is_kept_under_a_new_name(tmp_path, index_dir):

@@ -6,6 +6,7 @@
 JSON API (the page at / uses nothing else):
     GET    /api/config                  the training form: every field with its documentation and default
     GET    /api/models                  the models in the cache (and the offline demo model), for the model fields
+    GET    /api/datasets                the hub datasets in the cache, as data paths (hf:OWNER/NAME)
     POST   /api/data/upload?name=F      the body is a data file: kept in RUNS/.studio/uploads/, its path answered
     POST   /api/data/check              {"config": {...}} -> the data report, or every bad row
     GET    /api/runs                    every run: state, step, latest loss and held-out loss
@@ -99,6 +100,10 @@ def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None
     @app.get("/api/models")
     async def models():
         return {"models": cached_models()}
+
+    @app.get("/api/datasets")
+    async def datasets():
+        return {"datasets": cached_datasets()}
 
     @app.post("/api/data/upload", status_code=201)
     async def upload(request: Request, name: str = ""):
@@ -266,6 +271,16 @@ def cached_models() -> list[dict]:
     except UserError:
         pass
     return out
+
+
+def cached_datasets() -> list[dict]:
+    """Hub datasets `chatlora download --dataset` has fetched, as the data paths that read them."""
+    from chatlora.models.hub import cache_root
+
+    root = cache_root() / "datasets"
+    names = sorted({p.relative_to(root).parts[0] + "/" + p.relative_to(root).parts[1]
+                    for p in root.glob("*/*/*") if len(p.relative_to(root).parts) >= 3}) if root.is_dir() else []
+    return [{"id": name, "data": f"hf:{name}", "path": str(root / name)} for name in names]
 
 
 def _run_info(path) -> dict:
