@@ -188,3 +188,36 @@ def test_uploaded_data_is_kept_under_a_new_name(tmp_path, index_dir):
     for name in ("../x.jsonl", "x.exe", "", ".hidden.jsonl"):
         assert c.post(f"/api/data/upload?name={name}", content=rows).status_code == 400, name
     assert c.post("/api/data/upload?name=empty.csv", content=b"").status_code == 400
+
+
+def test_the_studio_command(tmp_path):
+    """`chatlora studio` serves the runs directory on loopback, refuses a public address without a key
+    (exit 2, one line, no traceback), and stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from helpers import free_port
+
+    refused = subprocess.run([sys.executable, "-m", "chatlora", "studio", "--runs-dir", str(tmp_path / "r"),
+                              "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "CHATLORA_API_KEY"})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and "key" in refused.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "chatlora", "studio", "--runs-dir", str(tmp_path / "runs"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while time.monotonic() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health == {"status": "ok", "runs_dir": str((tmp_path / "runs").resolve())}
+        assert httpx.get(f"http://127.0.0.1:{port}/api/runs").json() == {"runs": []}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, -signal.SIGTERM) and "chatlora studio: runs in" in out
