@@ -5,7 +5,7 @@
 Times, for the self-llm job's steps (16 examples, one packed row, CUDA graphs): the captured pass alone
 (device events around `replay`), the host work before it (row building, copy), clipping + AdamW, and
 the whole step as `chatlora train` runs it; then lists the CUDA kernels of one eager fused pass by
-device time (the same kernels the graph replays), with their count.
+GPU kernel time (the same kernels the graph replays), with their count.
 """
 
 import statistics
