@@ -295,8 +295,14 @@ def run_status(run: Path) -> dict:
 
 
 def _read_status_file(run: Path) -> dict:
+    return read_json_object(run / "status.json")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object file chatlora writes beside a run (status, launch records), or {} when it is missing
+    or torn: readers of such files go on with what they know."""
     try:
-        status = json.loads((run / "status.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return status if isinstance(status, dict) else {}
+    return data if isinstance(data, dict) else {}

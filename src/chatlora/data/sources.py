@@ -101,12 +101,14 @@ def source_files(folder: Path) -> list[Path]:
 
 
 def fingerprint(data: str | Path) -> str:
-    """A hash of the data's content (the tokenized-data cache's key): the file's bytes, every file of a
-    folder with its relative name, or a hub dataset's own fingerprint."""
+    """A hash of the data's content (the tokenized-data cache's key): the file's bytes, or every file of
+    a folder with its relative name (a hub dataset's cached copy is such a folder, with the split named)."""
     data = str(data)
     if data.startswith(HUB_PREFIX):
         name, split = hub_dataset(data)
-        return hashlib.sha256(f"{data}:{_load_hub(name, split)._fingerprint}".encode()).hexdigest()
+        if not dataset_dir(name).is_dir():
+            _load_hub(name, split)   # says how to fetch it
+        return hashlib.sha256(f"{split}\0{fingerprint(dataset_dir(name))}".encode()).hexdigest()
     path = Path(data).expanduser()
     if path.is_dir():
         digest = hashlib.sha256()

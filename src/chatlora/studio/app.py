@@ -285,14 +285,14 @@ def cached_datasets() -> list[dict]:
 
 def _run_info(path) -> dict:
     """The run's system prompt and sampling defaults (for the chat's controls), once it has them."""
-    import yaml
+    import dataclasses
 
-    try:
-        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
-        generate = (yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).get("generate", {})
-    except (OSError, ValueError, yaml.YAMLError):
+    from chatlora.rundir import read_config, read_json_object
+
+    if not (path / "config.yaml").is_file():
         return {}
-    return {"system_prompt": info.get("system_prompt"), "generate": generate}
+    return {"system_prompt": read_json_object(path / "run.json").get("system_prompt"),
+            "generate": dataclasses.asdict(read_config(path).generate)}
 
 
 def config_fields() -> list[dict]:

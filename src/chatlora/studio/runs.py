@@ -30,7 +30,7 @@ from pathlib import Path
 from chatlora.atomic import new_file, write_text
 from chatlora.data.sources import SUFFIXES
 from chatlora.errors import UserError
-from chatlora.rundir import RUN_ENTRIES, read_metrics, run_status
+from chatlora.rundir import RUN_ENTRIES, read_json_object, read_metrics, run_status
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STUDIO = ".studio"   # launch records and logs, beside the runs
@@ -99,7 +99,7 @@ class RunsDir:
         rows = self.metrics(run_id)
         train_rows = [r for r in rows if r.get("loss") is not None]
         held = [r for r in rows if r.get("held_out_loss") is not None]
-        info = _json(path / "run.json")
+        info = read_json_object(path / "run.json")
         record = self._read_record(run_id) or {}
         return {"id": run_id, **self.state(run_id), "name": info.get("name", run_id),
                 "base_model": info.get("base_model") or record.get("config", {}).get("model.path"),
@@ -225,7 +225,7 @@ class RunsDir:
 
     def job_state(self, run_id: str, kind: str) -> dict:
         """An eval or export job: none, running, finished (its output written after it started) or failed."""
-        record = _json(self._record(f"{run_id}.{kind}")) if self._record(f"{run_id}.{kind}").is_file() else None
+        record = read_json_object(self._record(f"{run_id}.{kind}")) if self._record(f"{run_id}.{kind}").is_file() else None
         if record is None:
             return {"state": "none"}
         output = Path(record["output"])
@@ -272,7 +272,7 @@ class RunsDir:
         return {"id": run_id, "state": "starting", "command": record["command"]}
 
     def _read_record(self, run_id: str) -> dict | None:
-        return _json(self._record(run_id)) if self._record(run_id).is_file() else None
+        return read_json_object(self._record(run_id)) if self._record(run_id).is_file() else None
 
 
 _REAPED: dict[int, subprocess.Popen] = {}
@@ -296,14 +296,6 @@ def _alive(pid) -> bool:
 def _yaml_value(value) -> str:
     """A value as `--set` reads it (YAML): JSON is YAML, and strings stay strings."""
     return json.dumps(value, ensure_ascii=False)
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_json(path: Path, data: dict) -> None:
