@@ -13,7 +13,8 @@ preset, 64 examples per step) each run `chatlora train` in a fresh process. Repo
 device synchronized), peak GPU memory, time to the end of the first step (model load, data, capture);
 the loss of the reference, the plain path and the fast path on the same first optimizer step with the
 same initial adapter (dropout off); per-step losses of the plain and fast paths trained side by side;
-with --full-job, the whole 3-epoch command. The table comes last.
+with --full-job, the whole 3-epoch command. With --repeat N, each variant runs N times in interleaved
+rounds and the run with the median rate is reported (every run's rate beside it). The table comes last.
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def in_subprocess(args, name: str) -> dict:
     return json.loads(out.read_text())
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one of an even count), with every run's rate."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["tokens_per_s_each_run"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
 def first_step_losses(cfg, examples) -> dict:
     """The reference's loss, the plain peft path's and the fast path's (graphs) on the same first
     optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
@@ -214,6 +223,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reference-steps", type=int, default=10)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="chatlora variants to time")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each variant this many times, interleaved; report the median run")
     parser.add_argument("--agreement-steps", type=int, default=30, help="0 = skip the loss comparison")
     parser.add_argument("--full-job", action="store_true", help="also time the whole 3-epoch command")
     parser.add_argument("--json", help="write the results here")
@@ -238,9 +249,13 @@ def main() -> None:
     results["reference"] = reference_trainer(cfg, ds.train, args.reference_steps, 3)
     results["reference"]["label"] = "self-llm recipe (HF Trainer, 4x4, ckpt, pad)"
     save()
-    for name in args.variants.split(","):
-        results[name] = in_subprocess(args, name)
-        save()
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeat):   # rounds of every variant: drift on the machine touches each alike
+        for name in variants:
+            runs[name].append(in_subprocess(args, name))
+            results[name] = median_run(runs[name])
+            save()
     if args.agreement_steps:
         results["loss_agreement"] = loss_agreement(args.model_dir, args.agreement_steps)
         save()
@@ -254,6 +269,9 @@ def main() -> None:
         r = results[name]
         print(f"{r['label']:<52}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>7.2f}"
               f"{r.get('time_to_first_step_s', float('nan')):>11.1f}{r['tokens_per_s'] / ref:>7.1f}")
+    if args.repeat > 1:
+        print("tokens/s of each run:", {n: [round(x) for x in results[n]["tokens_per_s_each_run"]]
+                                         for n in args.variants.split(",")})
     print("first-step loss:", {k: round(v, 5) for k, v in results["first_step_loss"].items()})
     if "loss_agreement" in results:
         a = results["loss_agreement"]

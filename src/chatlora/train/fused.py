@@ -11,8 +11,8 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
   - q/k/v and gate/up adapters as batched GEMMs (each module keeps its own dropout mask, as in peft);
   - fused RMSNorm, RoPE on q and k together;
   - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
-    (`torch.nn.attention.varlen`: no work for pairs of different examples, grouped-query heads read
-    as they are); elsewhere one block-diagonal mask per pass for all layers;
+    (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
+    heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
   - the vocabulary projection only at supervised positions;
   - the row padded to a bucket shape (train/packed_row.py) so a few shapes repeat; each shape is
     captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
@@ -29,7 +29,6 @@ not otherwise; the caller then uses the eager path.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -188,9 +187,9 @@ class FusedForward:
 
     def uses_flash(self, device) -> bool:
         """Whether passes on `device` attend with flash attention over the row's sequences (CUDA, half
-        precision, a torch with `varlen_attn` that takes this model's window); else the mask path."""
+        precision, a torch whose flash kernel takes a window); else the mask path."""
         return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-                and _flash_options(self.arch.window) is not None)
+                and _has_varlen_flash())
 
     def _mask(self, segments):
         """The additive attention mask of a packed row: causal, within each segment (and window)."""
@@ -210,13 +209,9 @@ class FusedForward:
     def _flash_attention(self, q, k, v, starts, longest: int):
         """As `_masked_attention`, by flash attention over each sequence between consecutive `starts`
         (empty slots do nothing): the work of the examples' own squares, not the whole row's."""
-        from torch.nn.attention.varlen import varlen_attn
-
-        options = _flash_options(self.arch.window)
-        if self.arch.kv_heads != self.arch.heads and "enable_gqa" not in options:
-            rep = self.arch.heads // self.arch.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return varlen_attn(q, k, v, starts, starts, longest, longest, scale=self.arch.head_dim ** -0.5, **options)
+        window = self.arch.window
+        left = -1 if window is None else window - 1     # keys from query - left to the query itself
+        return _VarlenFlash.apply(q, k, v, starts, longest, self.arch.head_dim ** -0.5, left)
 
     def _head(self, x, targets):
         logits = self.arch.norm(x, self.lm.model.norm.weight) @ self.lm.lm_head.weight.t()
@@ -285,24 +280,40 @@ class FusedForward:
 
 
 @lru_cache(maxsize=None)
-def _flash_options(window: int | None) -> dict | None:
-    """Keyword arguments that make this torch's `varlen_attn` causal (within `window` positions ending
-    at the query, as `Architecture.in_window`) with grouped-query heads read as they are; None when it
-    has no `varlen_attn` or cannot apply the window. Its keywords changed between torch releases."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:   # (left, right): keys from query - left to the query itself
-        options = {"window_size": (-1 if window is None else window - 1, 0)}
-    elif "is_causal" in params and window is None:
-        options = {"is_causal": True}
-    else:
-        return None
-    if "enable_gqa" in params:
-        options["enable_gqa"] = True
-    return options
+def _has_varlen_flash() -> bool:
+    """Whether this torch has the flash kernels `_VarlenFlash` calls, with their window arguments."""
+    forward = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    backward = getattr(torch.ops.aten, "_flash_attention_backward", None)
+    if forward is None or backward is None:
+        return False
+    names = {a.name for a in forward.default._schema.arguments} & {a.name for a in backward.default._schema.arguments}
+    return {"window_size_left", "window_size_right"} <= names
+
+
+class _VarlenFlash(torch.autograd.Function):
+    """Causal flash attention over packed sequences: q [T, heads, d], k and v [T, kv_heads, d], sequence
+    `starts` (int32, the row's end last), optionally within a left window. Why not
+    `torch.nn.attention.varlen.varlen_attn`: before torch 2.13 it refuses fewer K/V heads than query
+    heads, and repeating them (6x for Qwen2.5's 2 K/V heads) costs copies and their gradients' sums,
+    though the flash kernel itself reads grouped heads and sums their gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, starts, longest: int, scale: float, left: int):
+        out, lse, rng, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, starts, starts, longest, longest, 0.0, True, False,
+            scale=scale, window_size_left=left, window_size_right=0)
+        ctx.save_for_backward(q, k, v, out, lse, starts, rng, offset)
+        ctx.shape = (longest, scale, left)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, starts, rng, offset = ctx.saved_tensors
+        longest, scale, left = ctx.shape
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, starts, starts, longest, longest, 0.0, True, rng, offset,
+            scale=scale, window_size_left=left, window_size_right=0)
+        return dq, dk, dv, None, None, None, None
 
 
 @lru_cache(maxsize=None)  # made once per device, before any graph capture (no host copy while capturing)
@@ -389,7 +400,11 @@ class FusedStep:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # Captured on the warm-up stream: what the warm-ups left bound to their stream (cuBLAS
+            # workspaces, autograd nodes that remember it) is then the capturing stream's own. On
+            # torch's separate capture stream, a first capture on a fresh machine could be
+            # invalidated (cudaErrorStreamCaptureImplicit, 2026-11-30, H200).
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 loss = self._forward_backward(static, shape)
             self.net.flat.grad.copy_(saved)
             self._captured[shape] = Captured(static, graph, loss)
