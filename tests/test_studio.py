@@ -221,3 +221,34 @@ def test_the_studio_command(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode in (0, -signal.SIGTERM) and "chatlora studio: runs in" in out
+
+
+def test_downloads_from_the_hub_run_as_processes_and_report_their_end(tmp_path, monkeypatch):
+    """The page's Download buttons: `chatlora download` as its own process (offline here, so it fails
+    with chatlora's message), its state and log; a download an earlier studio started is judged by
+    the cache; ids and kinds checked."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path / "cache"))
+    c = client(tmp_path / "runs")
+    assert c.get("/api/downloads", params={"id": "someone/data", "kind": "dataset"}).json() == {"state": "none"}
+    for bad in ({"id": "../etc", "kind": "dataset"}, {"id": "a/b/c", "kind": "model"}, {"id": "a/b", "kind": "x"}):
+        r = c.post("/api/downloads", json=bad)
+        assert r.status_code == 400, bad
+    r = c.post("/api/downloads", json={"id": "someone/data", "kind": "dataset"})
+    assert r.status_code == 202 and r.json()["command"] == "chatlora download someone/data --dataset"
+    deadline = time.monotonic() + 120
+    while (got := c.get("/api/downloads", params={"id": "someone/data", "kind": "dataset"}).json())["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert got["state"] == "failed" and "chatlora: error: could not download someone/data" in got["log"], got
+    assert "Traceback" not in got["log"]
+    assert c.get("/api/runs").json()["runs"] == []    # a download is not a run
+    # started by an earlier studio (its process is gone): finished once the cache holds the files
+    runs = RunsDir(tmp_path / "runs")
+    record = runs.root / ".studio" / "_download.model.someone--model.json"
+    record.write_text(json.dumps({"pid": 2 ** 22 + 12345, "command": "chatlora download someone/model"}))
+    assert runs.download_state("someone/model", dataset=False)["state"] == "failed"
+    target = tmp_path / "cache" / "models" / "someone" / "model"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    assert runs.download_state("someone/model", dataset=False)["state"] == "finished"

@@ -75,6 +75,10 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
         page.fill("#f-train-save_every", "0")
         command = page.inner_text("#t-command")
         assert command.startswith("chatlora train --output RUNS/web-1") and "train.max_steps=100000" in command
+        page.click("#t-estimate")
+        page.wait_for_function("document.getElementById('t-memory').textContent.includes('peak GPU memory about')",
+                               timeout=60000)
+        assert "with the lowmem preset: about" in page.inner_text("#t-memory")
         page.click("#t-start")
 
         try:

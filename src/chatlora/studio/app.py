@@ -9,6 +9,10 @@ JSON API (the page at / uses nothing else):
     GET    /api/datasets                the hub datasets in the cache, as data paths (hf:OWNER/NAME)
     POST   /api/data/upload?name=F      the body is a data file: kept in RUNS/.studio/uploads/, its path answered
     POST   /api/data/check              {"config": {...}} -> the data report, or every bad row
+    POST   /api/estimate                {"config", "preset"?} -> peak GPU memory of the run (and with lowmem),
+                                        the GPU's memory and a warning when it will not fit
+    POST   /api/downloads               {"id": "OWNER/NAME", "kind": dataset|model} -> 202, `chatlora download`
+    GET    /api/downloads?id=&kind=     that download's state (none, running, finished, failed) and log
     GET    /api/runs                    every run: state, step, latest loss and held-out loss
     POST   /api/runs                    {"id", "config": {"group.field": value}, "preset"?} -> 201, a `chatlora train` process
     GET    /api/runs/{id}               state, summary, configuration, the log's tail
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from pathlib import Path
 
@@ -113,6 +118,20 @@ def build_app(runs: RunsDir, api_key: str | None = None, hosts: frozenset | None
     async def data_check(request: Request):
         settings = (await body(request)).get("config", {})
         return await asyncio.to_thread(check_data, settings)
+
+    @app.post("/api/downloads", status_code=202)
+    async def start_download(request: Request):
+        data = await body(request)
+        return await asyncio.to_thread(runs.download, data.get("id"), _download_kind(data.get("kind")))
+
+    @app.get("/api/downloads")
+    async def download_state(id: str = "", kind: str = "dataset"):
+        return await asyncio.to_thread(runs.download_state, id, _download_kind(kind))
+
+    @app.post("/api/estimate")
+    async def memory_estimate(request: Request):
+        data = await body(request)
+        return await asyncio.to_thread(estimate_memory, data.get("config", {}), data.get("preset") or None)
 
     @app.get("/api/runs")
     async def list_runs():
@@ -343,6 +362,62 @@ def check_data(settings: dict) -> dict:
                 spans.append({"text": text, "supervised": supervised})
         examples.append({"line": e.line, "spans": spans})
     return {"ok": True, "report": {k: v for k, v in ds.report.items() if k != "parts"}, "examples": examples}
+
+
+def _download_kind(kind) -> bool:
+    """True for a dataset download, False for a model's; a UserError for anything else."""
+    if kind not in ("dataset", "model"):
+        raise UserError("kind must be dataset or model")
+    return kind == "dataset"
+
+
+def gpu_memory() -> dict | None:
+    """The first visible GPU's name, total and free memory in bytes (nvidia-smi: no CUDA context in the
+    studio's process), or None without one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    try:
+        line = subprocess.run(["nvidia-smi", "-i", index, "--query-gpu=name,memory.total,memory.free",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip().splitlines()[0]
+        name, total, free = (part.strip() for part in line.rsplit(",", 2))
+        return {"name": name, "total_bytes": int(total) * 2 ** 20, "free_bytes": int(free) * 2 ** 20}
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
+
+
+def estimate_memory(settings: dict, preset: str | None = None) -> dict:
+    """The Train form's memory estimate (train/memory.py) for its settings and preset, over the run's
+    whole plan; with a GPU, whether it fits and, when not, a warning (with the lowmem preset's figure)."""
+    from chatlora.config import load_config
+    from chatlora.data.dataset import dataset_for_config
+    from chatlora.train.memory import advice, estimate_run
+
+    if not isinstance(settings, dict):
+        raise UserError("config must be an object of GROUP.FIELD: value")
+    overrides = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items()]
+    cfg = load_config(overrides=overrides, preset=preset)
+    cfg.data.on_error = "stop"
+    try:
+        loaded = dataset_for_config(cfg)
+    except UserError as e:
+        return {"ok": False, "error": str(e)}
+    model_config = json.loads((loaded.base.dir / "config.json").read_text(encoding="utf-8"))
+    need = estimate_run(cfg, model_config, loaded.dataset.train)
+    gpu = gpu_memory()
+    if isinstance(need, str):
+        return {"ok": True, "estimate": None, "reason": need, "gpu": gpu, "warning": None}
+    lowmem = None
+    if preset != "lowmem" and not cfg.train.gradient_checkpointing:
+        other = estimate_run(load_config(overrides=overrides, preset="lowmem"), model_config, loaded.dataset.train)
+        lowmem = None if isinstance(other, str) else other
+    warning = advice(need, gpu["name"], gpu["total_bytes"], gpu["free_bytes"], lowmem) if gpu else None
+    return {"ok": True, "estimate": need.as_json(), "lowmem": lowmem.as_json() if lowmem else None,
+            "gpu": gpu, "warning": warning}
 
 
 def studio(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> int:

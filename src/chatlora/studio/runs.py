@@ -33,6 +33,7 @@ from chatlora.errors import UserError
 from chatlora.rundir import RUN_ENTRIES, read_json_object, read_metrics, run_status
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 STUDIO = ".studio"   # launch records and logs, beside the runs
 LOG_TAIL = 4000
 
@@ -236,6 +237,42 @@ class RunsDir:
             return {"state": "finished", **out, "bytes": output.stat().st_size}
         return {"state": "failed", **out}
 
+    # ---------------------------------------------------------------- downloads from the hub
+
+    def download(self, repo_id: str, dataset: bool) -> dict:
+        """`chatlora download [--dataset] OWNER/NAME` as its own process: the studio's one way to the
+        network, taken only when the page asks for it."""
+        if not isinstance(repo_id, str) or not HUB_ID.match(repo_id):
+            raise UserError(f"{repo_id!r} is not a hub id (OWNER/NAME)")
+        key = _download_key(repo_id, dataset)
+        if self.download_state(repo_id, dataset)["state"] == "running":
+            raise FileExistsError(f"{repo_id} is already downloading")
+        self._log(key).unlink(missing_ok=True)
+        command = ["chatlora", "download", repo_id, *(["--dataset"] if dataset else [])]
+        return self._launch(key, command, {"repo": repo_id, "dataset": dataset})
+
+    def download_state(self, repo_id: str, dataset: bool) -> dict:
+        """none, running, finished or failed (by the exit status of a download this studio started; for
+        one an earlier studio started, by whether the cache now holds it), with the log's tail."""
+        from chatlora.models import hub
+
+        if not isinstance(repo_id, str) or not HUB_ID.match(repo_id):
+            raise UserError(f"{repo_id!r} is not a hub id (OWNER/NAME)")
+        key = _download_key(repo_id, dataset)
+        record = self._read_record(key)
+        if record is None:
+            return {"state": "none"}
+        out = {"command": record["command"], "log": self.log_tail(key)}
+        pid = record.get("pid")
+        if _alive(pid):
+            return {"state": "running", **out}
+        if pid in _REAPED:
+            done = _REAPED[pid].returncode == 0
+        else:
+            target = hub.dataset_dir(repo_id) if dataset else hub.download_dir(repo_id)
+            done = target.is_dir() and any(target.iterdir())
+        return {"state": "finished" if done else "failed", **out}
+
     def _adapted(self, run_id: str) -> Path:
         path = self.path(run_id)
         if self.state(run_id)["state"] in ("running", "starting"):
@@ -291,6 +328,11 @@ def _alive(pid) -> bool:
     except OSError:
         return True
     return True
+
+
+def _download_key(repo_id: str, dataset: bool) -> str:
+    """The launch record's name of a download: never a run id (those start with a letter or digit)."""
+    return f"_download.{'dataset' if dataset else 'model'}.{repo_id.replace('/', '--')}"
 
 
 def _yaml_value(value) -> str:
