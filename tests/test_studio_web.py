@@ -1,11 +1,14 @@
-"""`chatlora studio` in a real headless Chromium, as a person uses it: check a data file with a bad row
-and see the error; start a run from the form; watch its loss curve get points; stop it; resume it;
-chat with it; evaluate it; export it and download the file.
+"""`chatlora studio` in a real headless Chromium, as a person uses it, on the offline demo model (the
+form's default, SmolLM2-135M-Instruct): check a data file with a bad row and see the error; estimate
+the run's memory; start a run from the form; watch its loss and learning-rate curves get points; stop
+it; resume it; chat with it; evaluate it; export it and download the file.
 Saves a screenshot (CHATLORA_SCREENSHOTS=DIR keeps it). CI installs chromium; elsewhere it skips."""
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ from chatlora.studio.app import build_app
 from chatlora.studio.runs import RunsDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,   # ~20 s of training, evaluating and exporting through the page
+pytestmark = [pytest.mark.slow,   # about a minute of training, evaluating and exporting through the page
               pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
                                  reason="needs Debian's chromium (CI installs it)")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,13 +44,18 @@ def studio_server(root: Path):
     finally:
         server.should_exit = True
         thread.join(15)
+        for record in (root / ".studio").glob("*.json"):   # a failed test leaves no process behind
+            pid = json.loads(record.read_text() or "{}").get("pid")
+            if isinstance(pid, int):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def points(page) -> int:
     return int(page.get_attribute("#r-chart", "data-points") or 0)
 
 
-def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
+def test_check_start_watch_stop_resume(tmp_path, tiny_data):
     from playwright.sync_api import sync_playwright
 
     bad = tmp_path / "bad.jsonl"
@@ -59,8 +67,7 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
 
         page.click("nav button[data-tab=data]")
         page.fill("#d-path", str(bad))
-        page.fill("#d-model", str(index_dir))
-        page.select_option("#d-template", "index")
+        assert page.input_value("#d-model") == "smollm2-demo"
         page.click("#d-check")
         page.wait_for_selector("#d-out pre.error", timeout=60000)
         assert f"{bad}:2: output: missing" in page.inner_text("#d-out")
@@ -68,8 +75,11 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
         page.click("nav button[data-tab=train]")
         page.wait_for_selector("#f-train-max_steps")
         page.fill("#t-id", "web-1")
-        page.fill("#f-model-path", str(index_dir))
+        assert page.input_value("#f-model-path") == "smollm2-demo"
         page.fill("#f-data-path", str(tiny_data))
+        page.fill("#f-data-max_seq_tokens", "128")
+        page.fill("#f-train-examples_per_step", "2")
+        page.fill("#f-train-micro_batch_examples", "2")
         page.fill("#f-train-max_steps", "100000")
         page.fill("#f-train-eval_every", "4")
         page.fill("#f-train-save_every", "0")
@@ -82,12 +92,13 @@ def test_check_start_watch_stop_resume(tmp_path, index_dir, tiny_data):
         page.click("#t-start")
 
         try:
-            page.wait_for_function("Number(document.getElementById('r-chart').dataset.points || 0) >= 12",
+            page.wait_for_function("Number(document.getElementById('r-chart').dataset.points || 0) >= 8",
                                    timeout=120000)
         except Exception:
             raise AssertionError(f"start: {page.inner_text('#t-out')}\nstate: {page.inner_text('#r-state')}\nmessage: {page.inner_text('#r-msg')}\n"
                                  f"log: {page.inner_text('#r-log')[-1500:]}\nlist: {page.inner_text('#r-list')}")
         assert page.inner_text("#r-title") == "web-1" and page.inner_text("#r-state").startswith("running")
+        assert int(page.get_attribute("#r-lr", "data-points") or 0) >= 8
         page.wait_for_function("document.getElementById('r-log').textContent.includes('held-out loss')")
         page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
         page.click("#r-stop")
