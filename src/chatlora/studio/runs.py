@@ -30,10 +30,10 @@ from pathlib import Path
 from chatlora.atomic import new_file, write_text
 from chatlora.data.sources import SUFFIXES
 from chatlora.errors import UserError
+from chatlora.models.hub import HUB_ID, dataset_dir, download_dir
 from chatlora.rundir import RUN_ENTRIES, read_json_object, read_metrics, run_status
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 STUDIO = ".studio"   # launch records and logs, beside the runs
 LOG_TAIL = 4000
 
@@ -128,8 +128,8 @@ class RunsDir:
             return args + ["--resume"]
         if preset:
             args += ["--preset", preset]
-        for key, value in settings.items():
-            args += ["--set", f"{key}={_yaml_value(value)}"]
+        for override in form_overrides(settings):
+            args += ["--set", override]
         return args
 
     def start(self, run_id: str, settings: dict, preset: str | None = None) -> dict:
@@ -138,9 +138,7 @@ class RunsDir:
         from chatlora.config import load_config
 
         path = self.path(run_id)
-        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
-            raise UserError("config must be an object of GROUP.FIELD: value")
-        cfg = load_config(overrides=[f"{k}={_yaml_value(v)}" for k, v in settings.items()], preset=preset)
+        cfg = load_config(overrides=form_overrides(settings), preset=preset)
         if path.exists():
             raise FileExistsError(f"run {run_id} exists")
         total = cfg.train.max_steps
@@ -254,8 +252,6 @@ class RunsDir:
     def download_state(self, repo_id: str, dataset: bool) -> dict:
         """none, running, finished or failed (by the exit status of a download this studio started; for
         one an earlier studio started, by whether the cache now holds it), with the log's tail."""
-        from chatlora.models import hub
-
         if not isinstance(repo_id, str) or not HUB_ID.match(repo_id):
             raise UserError(f"{repo_id!r} is not a hub id (OWNER/NAME)")
         key = _download_key(repo_id, dataset)
@@ -269,7 +265,7 @@ class RunsDir:
         if pid in _REAPED:
             done = _REAPED[pid].returncode == 0
         else:
-            target = hub.dataset_dir(repo_id) if dataset else hub.download_dir(repo_id)
+            target = dataset_dir(repo_id) if dataset else download_dir(repo_id)
             done = target.is_dir() and any(target.iterdir())
         return {"state": "finished" if done else "failed", **out}
 
@@ -335,9 +331,12 @@ def _download_key(repo_id: str, dataset: bool) -> str:
     return f"_download.{'dataset' if dataset else 'model'}.{repo_id.replace('/', '--')}"
 
 
-def _yaml_value(value) -> str:
-    """A value as `--set` reads it (YAML): JSON is YAML, and strings stay strings."""
-    return json.dumps(value, ensure_ascii=False)
+def form_overrides(settings) -> list[str]:
+    """A form's settings ({"group.field": value}) as `--set` overrides (each value as JSON, which YAML
+    reads, strings staying strings); a UserError when they are not such an object."""
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise UserError("config must be an object of GROUP.FIELD: value")
+    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in settings.items()]
 
 
 def _write_json(path: Path, data: dict) -> None:
