@@ -75,6 +75,7 @@ def test_runs_the_fused_pass_does_not_take_are_not_estimated():
     assert "plain peft path" in estimate_run(plain, model, [])
     assert "gemma2" in estimate_run(load_config(), dict(model, model_type="gemma2"), [])
     assert "DoRA" in estimate_run(load_config(overrides=["lora.dora=true"]), model, [])
+    assert "no training examples" in estimate_run(load_config(), model, [])
 
 
 def test_the_warning_says_what_to_change():

@@ -138,6 +138,8 @@ def estimate_run(cfg, model_config: dict, examples, steps: int | None = None) ->
         return f"no estimate for model type {model_type!r} (the fused pass covers {', '.join(FAMILIES)})"
     if cfg.lora.dora:
         return "no estimate for DoRA (the plain peft path trains it)"
+    if not examples:
+        return "no estimate: no training examples are left after the data check"
     dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
     return estimate(ModelShape.from_config(model_config), dtype=dtype, rank=cfg.lora.r, targets=cfg.lora.targets,
                     dropout=cfg.lora.dropout, checkpoint=cfg.train.gradient_checkpointing,
