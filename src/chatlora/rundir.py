@@ -77,9 +77,10 @@ class Run:
         return self.info.get("name") or self.dir.name
 
 
-def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict, name: str | None = None) -> None:
+def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict, name: str | None = None) -> str:
     """The files that make `run` self-describing (written at the start of training). `name`: what the
-    run is called when served and exported (default: the name it had, else its folder's name)."""
+    run is called when served and exported (default: the name it had, else its folder's name); returns
+    the name it was given."""
     run.mkdir(parents=True, exist_ok=True)
     before = json.loads((run / "run.json").read_text(encoding="utf-8")) if (run / "run.json").is_file() else {}
     write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
@@ -90,9 +91,10 @@ def write_run_files(run: Path, cfg: Config, base: BaseModel, fmt, report: dict, 
     write_text(run / "run.json", json.dumps(info, indent=2, ensure_ascii=False), overwrite=True)
     write_text(run / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False), overwrite=True)
     with new_directory(run / "tokenizer", replace=True) as tmp:
-        for name in TOKENIZER_FILES:
-            if (base.dir / name).is_file():
-                shutil.copyfile(base.dir / name, tmp / name)
+        for file in TOKENIZER_FILES:
+            if (base.dir / file).is_file():
+                shutil.copyfile(base.dir / file, tmp / file)
+    return info["name"]
 
 
 def read_config(run: Path) -> Config:
@@ -273,7 +275,7 @@ def write_status(run: Path, state: str, **fields) -> None:
 def end_status(run: Path, state: str, message: str = "") -> None:
     """The end of this process's training of `run` (only if this process is the one status.json names:
     a run directory refused at start is someone else's)."""
-    status = _read_status_file(run)
+    status = read_json_object(run / "status.json")
     if status.get("state") == "running" and status.get("pid") == os.getpid():
         write_status(run, state, step=status.get("step"), started=status.get("started"), message=message[:2000])
 
@@ -281,7 +283,7 @@ def end_status(run: Path, state: str, message: str = "") -> None:
 def run_status(run: Path) -> dict:
     """status.json as it stands: a `running` run whose process is gone on this host is `interrupted`.
     A run directory from before status files: finished when final/ is complete, else stopped."""
-    status = _read_status_file(run)
+    status = read_json_object(run / "status.json")
     if not status:
         return {"state": "finished" if (run / "final" / MARKER).is_file() else "stopped"}
     if status.get("state") == "running" and status.get("host") == socket.gethostname():
@@ -292,10 +294,6 @@ def run_status(run: Path) -> dict:
         except (PermissionError, OSError, ValueError, KeyError):
             pass
     return status
-
-
-def _read_status_file(run: Path) -> dict:
-    return read_json_object(run / "status.json")
 
 
 def read_json_object(path: Path) -> dict:

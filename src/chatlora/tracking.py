@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chatlora.atomic import write_text
 from chatlora.errors import UserError
+from chatlora.rundir import read_json_object
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "swanlab": "swanlab"}
 IDS_FILE = "trackers.json"
@@ -75,13 +76,11 @@ def report_eval(run: Path, names: list[str], run_name: str, config: dict, step: 
 def _installed(name: str) -> bool:
     import importlib.util
 
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "swanlab": "swanlab"}[name]
-    return importlib.util.find_spec(module) is not None
+    return importlib.util.find_spec(name) is not None   # each tracker's module has its name
 
 
 def _read_ids(run: Path) -> dict:
-    path = run / IDS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_object(run / IDS_FILE)
 
 
 def _write_ids(run: Path, ids: dict) -> None:

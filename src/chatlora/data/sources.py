@@ -25,6 +25,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from chatlora.data.rows import (
     BadField,
@@ -36,7 +37,7 @@ from chatlora.data.rows import (
     to_messages,
 )
 from chatlora.errors import UserError
-from chatlora.models.hub import cache_root, dataset_dir
+from chatlora.models.hub import HUB_ID, cache_root, dataset_dir
 
 JSON_SUFFIXES = (".json", ".jsonl")
 TEXT_TABLES = {".csv": ",", ".tsv": "\t"}
@@ -52,7 +53,7 @@ def read_source(data: str | Path, system_prompt: str | None = None) -> ReadResul
     data = str(data)
     if data.startswith(HUB_PREFIX):
         name, split = hub_dataset(data)
-        return _rows_result(f"{data}", _hub_rows(name, split), system_prompt, "row")
+        return _rows_result(data, _hub_rows(name, split), system_prompt, "row")
     path = Path(data).expanduser()
     if path.is_dir():
         files = source_files(path)
@@ -71,21 +72,20 @@ def read_source(data: str | Path, system_prompt: str | None = None) -> ReadResul
     return _read_file(path, system_prompt)
 
 
-class SourcePart:
-    """One file of a source: its rows are numbered base+1 .. end across the source."""
-
-    def __init__(self, base: int, end: int, path: str, unit: str):
-        self.base, self.end, self.path, self.unit = base, end, path, unit
-
-    def to_json(self) -> list:
-        return [self.base, self.end, self.path, self.unit]
+class SourcePart(NamedTuple):
+    """One file of a source: its rows are numbered base+1 .. end across the source (a dataset report
+    keeps these as JSON lists)."""
+    base: int
+    end: int
+    path: str
+    unit: str    # "line" (text files) or "row" (tables)
 
 
 def locate(parts: list, number: int) -> str:
     """`file:line` (text files) or `file: row N` (tables) of the row numbered `number` in its source;
-    `parts`: SourceParts or their JSON form (a dataset report keeps them)."""
+    `parts`: SourceParts or their JSON lists."""
     for part in parts:
-        base, end, path, unit = part.to_json() if isinstance(part, SourcePart) else part
+        base, end, path, unit = part
         if base < number <= end or part is parts[-1]:
             return f"{path}:{number - base}" if unit == "line" else f"{path}: row {number - base}"
     return str(number)
@@ -121,7 +121,7 @@ def fingerprint(data: str | Path) -> str:
 def hub_dataset(data: str) -> tuple[str, str]:
     """'hf:OWNER/NAME[:SPLIT]' -> (OWNER/NAME, SPLIT or train)."""
     name, _, split = data[len(HUB_PREFIX):].partition(":")
-    if name.count("/") != 1 or not all(name.split("/")):
+    if not HUB_ID.match(name):
         raise UserError(f"data {data!r}: a hub dataset is hf:OWNER/NAME or hf:OWNER/NAME:SPLIT")
     return name, split or "train"
 
@@ -134,8 +134,8 @@ def _read_file(path: Path, system_prompt: str | None) -> ReadResult:
         result = _rows_result(str(path), _arrow_rows(path), system_prompt, "row")
     else:   # JSON, whatever the name says (the existing behaviour for .txt and no suffix)
         result = read_conversations(path, system_prompt)
-        lines = read_data_bytes(path).count(b"\n") + 1
-        result.parts = [SourcePart(0, lines, str(path), "line")]
+        last = max([c.line for c in result.conversations] + [e.line for e in result.errors], default=0)
+        result.parts = [SourcePart(0, last, str(path), "line")]
     return result
 
 

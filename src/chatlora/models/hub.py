@@ -149,12 +149,13 @@ def download_dataset(name: str, revision: str | None = None) -> Path:
         huggingface_hub.snapshot_download(name, repo_type="dataset", revision=revision, local_dir=target,
                                           ignore_patterns=["*.py"])
     except Exception as e:
-        raise UserError(_hub_failure(name, e).replace("is not on Hugging Face", "is not a dataset on Hugging Face")) from None
+        raise UserError(_hub_failure(name, e, "a dataset ")) from None
     return target
 
 
-def _hub_failure(model_id: str, error: Exception) -> str:
-    """What went wrong fetching from Hugging Face, and what to do about it."""
+def _hub_failure(model_id: str, error: Exception, kind: str = "") -> str:
+    """What went wrong fetching from Hugging Face, and what to do about it (`kind`: "a dataset " for
+    dataset repositories)."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(error, GatedRepoError):
@@ -163,7 +164,7 @@ def _hub_failure(model_id: str, error: Exception) -> str:
     if isinstance(error, RevisionNotFoundError):
         return f"{model_id} has no such revision on Hugging Face ({error})"
     if isinstance(error, RepositoryNotFoundError):
-        return (f"{model_id} is not on Hugging Face, or is private (log in with `hf auth login` or set "
+        return (f"{model_id} is not {kind}on Hugging Face, or is private (log in with `hf auth login` or set "
                 f"HF_TOKEN); check the id's spelling")
     return f"could not download {model_id} from Hugging Face: {error}"
 

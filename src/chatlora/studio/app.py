@@ -297,8 +297,7 @@ def cached_datasets() -> list[dict]:
     from chatlora.models.hub import cache_root
 
     root = cache_root() / "datasets"
-    names = sorted({p.relative_to(root).parts[0] + "/" + p.relative_to(root).parts[1]
-                    for p in root.glob("*/*/*") if len(p.relative_to(root).parts) >= 3}) if root.is_dir() else []
+    names = sorted(d.relative_to(root).as_posix() for d in root.glob("*/*") if d.is_dir() and any(d.iterdir()))
     return [{"id": name, "data": f"hf:{name}", "path": str(root / name)} for name in names]
 
 

@@ -303,13 +303,13 @@ class _VarlenFlash(torch.autograd.Function):
             q, k, v, starts, starts, longest, longest, 0.0, True, False,
             scale=scale, window_size_left=left, window_size_right=0)
         ctx.save_for_backward(q, k, v, out, lse, starts, rng, offset)
-        ctx.shape = (longest, scale, left)
+        ctx.settings = (longest, scale, left)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, starts, rng, offset = ctx.saved_tensors
-        longest, scale, left = ctx.shape
+        longest, scale, left = ctx.settings
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, starts, starts, longest, longest, 0.0, True, rng, offset,
             scale=scale, window_size_left=left, window_size_right=0)

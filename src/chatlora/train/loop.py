@@ -204,7 +204,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
                                      "data": _digest(ds.train)}, ranks)
     if main:
-        write_run_files(run, cfg, base, fmt, ds.report, name)
+        name = write_run_files(run, cfg, base, fmt, ds.report, name)
         write_status(run, "running", started=round(time.time(), 3))
 
     model = attach(load_model(base, cfg.model.dtype, device), cfg.lora)
@@ -236,8 +236,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         say(f"resuming from {checkpoint} (step {start} of {total})" if checkpoint else
             f"no complete checkpoint in {run}; starting from step 0")
     metrics = Metrics(run / "metrics.jsonl", keep_through_step=start) if main else None
-    trackers = Trackers(t.report_to, run, json.loads((run / "run.json").read_text(encoding="utf-8"))["name"],
-                        cfg.to_dict(), resume_step=start) if main and t.report_to else None
+    trackers = Trackers(t.report_to, run, name, cfg.to_dict(), resume_step=start) if main and t.report_to else None
 
     def record(row: dict) -> None:
         metrics.log(row)

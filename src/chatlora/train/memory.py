@@ -43,6 +43,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Adapted projections, grouped by the input they read (the fused pass's groups).
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
+GROUPS_ALL = [name for names in GROUPS.values() for name in names]
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,6 @@ class ModelShape:
             per_layer += 2 * self.head_dim
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.layers * per_layer + embeddings + self.hidden
-
-
-GROUPS_ALL = [name for names in GROUPS.values() for name in names]
 
 
 @dataclass(frozen=True)
