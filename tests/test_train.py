@@ -267,3 +267,58 @@ def test_head_on_supervised_positions_equals_full_logits(index_dir, index_tok, h
     assert abs(fast_loss - full_loss) < 1e-6
     for name in full:
         torch.testing.assert_close(fast[name], full[name], atol=1e-7, rtol=1e-5)
+
+
+def test_deferred_read_back_reports_every_step_and_skips_a_non_finite_update(index_dir, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """On one GPU a step's loss and gradient norm come back while the next step runs, and the fused
+    optimizer skips a non-finite step on the device. Forced here on CPU (fused AdamW takes the same
+    flag): every metrics row is written, in order, equal to the synchronous loop's; a NaN step
+    applies no update, and the run stops naming it before the next step's update."""
+    import json
+
+    from chatlora.train import loop as train_module
+
+    def rows(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    settings = dict(max_steps=6, eval_every=3, save_every=0, examples_per_step=8, micro_batch_examples=4)
+    train(config_for(index_dir, tiny_data, **settings), tmp_path / "sync")
+    monkeypatch.setattr(train_module, "defers_read_back", lambda device, ranks: True)
+    train(config_for(index_dir, tiny_data, **settings), tmp_path / "deferred")
+    sync, deferred = rows(tmp_path / "sync"), rows(tmp_path / "deferred")
+    assert [r["step"] for r in deferred] == [r["step"] for r in sync] == [0, 1, 2, 3, 3, 4, 5, 6, 6]
+    for a, b in zip(sync, deferred):
+        assert a.keys() == b.keys()
+        for key in ("loss", "held_out_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+    updates = []   # (found_inf, whether the weights moved) per optimizer step
+
+    class Watched(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            before = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+            out = super().step(*args, **kwargs)
+            after = [p.detach() for g in self.param_groups for p in g["params"]]
+            updates.append((float(getattr(self, "found_inf", 0.0)),
+                            any(not torch.equal(x, y) for x, y in zip(before, after))))
+            return out
+
+    calls = {"n": 0}
+    real = train_module.loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += model.training
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 4 else loss   # from step 3 on (2 micro-batches a step)
+
+    monkeypatch.setattr(train_module, "loss_sum", poisoned)
+    monkeypatch.setattr(torch.optim, "AdamW", Watched)
+    run = tmp_path / "nan"
+    with pytest.raises(UserError, match="step 3: loss nan"):
+        train(config_for(index_dir, tiny_data, max_steps=6, save_every=2, examples_per_step=8,
+                         micro_batch_examples=4), run)
+    assert updates == [(0.0, True), (0.0, True), (1.0, False)]   # no update for step 3, none after it
+    assert latest_checkpoint(run).name == "checkpoint-2" and not (run / "final").exists()
+    assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2]

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -220,9 +221,11 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
     if sharded:
         distributed.shard_model(model, ranks)
     params = [p for _, p in trainable_parameters(model)]
-    # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of tensors)
+    defer = defers_read_back(device, ranks)
+    # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of
+    # tensors); it also skips a step on the device when told the step's figures are not finite
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                  fused=device.startswith("cuda"))
+                                  fused=device.startswith("cuda") or defer)
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
     total = plan.total_steps(t.epochs, t.max_steps)
@@ -274,6 +277,17 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                             adapter, opt, name=name)
         distributed.barrier(ranks)
 
+    def report(outcome: StepOutcome) -> None:
+        """A finished step's metrics row and progress, once its figures are back from the device; the
+        run stops naming the step when they are not finite (its update was not applied)."""
+        loss, grad_norm = outcome.figures.checked(outcome.done)
+        if main:
+            record({"step": outcome.done, "epoch": round(outcome.done / plan.steps_per_epoch, 4), "loss": loss,
+                    "lr": outcome.lr, "grad_norm": grad_norm, "tokens": outcome.tokens,
+                    "tokens_per_s": round(outcome.tokens / outcome.seconds, 1), "elapsed_s": outcome.elapsed})
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{outcome.lr:.2e}", tok_s=f"{outcome.tokens / outcome.seconds:.0f}")
+        bar.update(1)
+
     state = "failed"
     try:
         if start == 0 and ds.held_out:  # the base model's held-out loss: where the curve starts
@@ -283,6 +297,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
+        pending: StepOutcome | None = None   # the previous step, its figures still on their way back
         try:
             for step in range(start, total):
                 began = time.perf_counter()
@@ -294,25 +309,31 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                 loss_t = stepper.backward(step, examples, mine, supervised)
                 stepper.reduce()
                 distributed.sum_([loss_t], ranks)
-                loss = loss_t.item()
-                grad_norm = stepper.clip_grad_norm_(t.max_grad_norm).item()
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}")
+                grad_norm_t = stepper.clip_grad_norm_(t.max_grad_norm)
+                if pending is not None:   # read while the device works on this step
+                    report(pending)
+                    pending = None
+                figures = StepFigures(loss_t, grad_norm_t, defer)
+                if defer:   # no host sync: a non-finite step's update is skipped on the device
+                    optimizer.found_inf = figures.not_finite
+                else:
+                    figures.checked(step + 1)   # raises, naming the step, before any update
                 optimizer.step()
                 stepper.zero_grad()
                 done = step + 1
                 tokens = sum(len(e.input_ids) for e in examples)
-                seconds = time.perf_counter() - began
-                if main:
-                    record({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                            "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-                            "elapsed_s": round(time.perf_counter() - started, 3)})
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-                bar.update(1)
-                if t.eval_every and done % t.eval_every == 0 and done < total:
-                    evaluate(done)
+                outcome = StepOutcome(done, lr, tokens, time.perf_counter() - began,
+                                      round(time.perf_counter() - started, 3), figures)
+                evaluating = bool(t.eval_every and done % t.eval_every == 0 and done < total)
                 stopping = distributed.any_true(bool(stop_signal), ranks)
-                if (t.save_every and done % t.save_every == 0) or stopping:
+                saving = bool(t.save_every and done % t.save_every == 0) or stopping
+                if defer and not (evaluating or saving or done == total):
+                    pending = outcome   # reported next step; a checkpoint or evaluation waits for it
+                else:
+                    report(outcome)
+                if evaluating:
+                    evaluate(done)
+                if saving:
                     save(done)
                 if stopping:
                     code = 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
@@ -340,6 +361,52 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if trackers:
             trackers.finish(state)
     return run / "final"
+
+
+def defers_read_back(device: str, ranks: Ranks) -> bool:
+    """Whether a step's loss and gradient norm come back to the host while the next step runs (one GPU):
+    the device then never waits for the host between steps. With several processes every rank
+    agrees on each step's figures at once instead."""
+    return device.startswith("cuda") and not ranks.active
+
+
+class StepFigures:
+    """A step's loss and gradient norm on their way to the host: read back at once, or (`defer`)
+    copied into pinned memory behind the step's work, with a device-side flag for the optimizer."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, defer: bool):
+        both = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        self.ready = None
+        if defer:
+            self.not_finite = (~torch.isfinite(both).all()).float()   # fused AdamW's found_inf
+            self.host = torch.empty(2, dtype=torch.float32, pin_memory=both.is_cuda)
+            self.host.copy_(both, non_blocking=True)
+            if both.is_cuda:
+                self.ready = torch.cuda.Event()
+                self.ready.record()
+        else:
+            self.host = both.cpu()
+
+    def checked(self, done: int) -> tuple[float, float]:
+        """(loss, gradient norm) of the step that made `done` steps; NonFiniteError naming it if
+        either is NaN or infinite."""
+        if self.ready is not None:
+            self.ready.synchronize()   # this step's figures only: later queued work runs on
+        loss, grad_norm = self.host.tolist()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteError(f"step {done}: loss {loss}, gradient norm {grad_norm}")
+        return loss, grad_norm
+
+
+@dataclass
+class StepOutcome:
+    """A finished optimizer step, as its metrics row reports it."""
+    done: int             # steps done after it
+    lr: float
+    tokens: int
+    seconds: float        # host time of the step
+    elapsed: float        # since the run started
+    figures: StepFigures
 
 
 def say(text: str) -> None:
