@@ -210,6 +210,48 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
     assert after[-1] - after[0] < 2 * 2 ** 20, [a / 2 ** 20 for a in after]
 
 
+def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir, huanhuan_rows, tmp_path,
+                                                                       monkeypatch):
+    """On one GPU the loop reads a step's figures one step late; a NaN gradient at step 3 must still
+    apply no update (fused AdamW's found_inf, on the device) and stop the run naming step 3, leaving
+    checkpoint-2 as the last thing written."""
+    from chatlora.errors import UserError
+    from chatlora.train import loop as train_module
+    from chatlora.train.checkpoint import latest_checkpoint
+
+    updates = []   # whether the adapter weights moved, per optimizer step
+
+    class Watched(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            before = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+            out = super().step(*args, **kwargs)
+            updates.append(any(not torch.equal(x, p) for x, p in
+                               zip(before, [p for g in self.param_groups for p in g["params"]])))
+            return out
+
+    real = train_module._FusedStep.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poisoned(self, max_norm):
+        calls["n"] += 1
+        if calls["n"] == 3:   # the adapters' one flat gradient
+            self.fast.net.flat.grad.fill_(float("nan"))
+        return real(self, max_norm)
+
+    monkeypatch.setattr(train_module._FusedStep, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(torch.optim, "AdamW", Watched)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:64]))
+    cfg = load_config(overrides=["train.max_steps=6", "train.save_every=2", "train.eval_every=0"],
+                      flags={"model.path": str(index_dir), "data.path": str(data)})
+    assert train_module.defers_read_back("cuda", train_module.Ranks(0, 1))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="step 3: loss .*gradient norm nan"):
+        train(cfg, run)
+    assert updates == [True, True, False]
+    assert latest_checkpoint(run).name == "checkpoint-2" and not (run / "final").exists()
+
+
 def test_training_uses_graphs_by_default_on_cuda(index_dir, huanhuan_rows, tmp_path):
     from chatlora.train.loop import fused_step
 
