@@ -36,7 +36,10 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(loaded, path, b
     with in_background(server) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + path, json=body, timeout=httpx.Timeout(10, read=0.5))   # gives up, closes
-        time.sleep(1.0)   # 50 tokens' worth: a generation that ignored the disconnect would run on
+        deadline = time.monotonic() + 10   # a busy machine may take a while to notice the disconnect
+        while not (taken and taken[0].ended) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # ended well short of its 200+ tokens: a generation that ignored the disconnect would run on
         assert taken and taken[0].cancel.is_set()
         assert taken[0].ended and taken[0].generated < 45, taken[0].generated
         assert httpx.get(url + "/health").json()["queued"] == 0
