@@ -368,3 +368,16 @@ def test_worker_on_cuda_survives_a_failing_step_and_cuts_replies_on_shutdown(tin
 
     run = load_run(tiny_run)
     worker_faults_and_cut(run, load_tuned_model(run, device="cuda", dtype="float32"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nf4_dequantize_kernel_equals_torchao_on_cuda(dtype):
+    """The Triton kernel that de-quantises NF4 weights in the fused pass gives torchao's weights bit
+    for bit, for each compute dtype and for second-level blocks smaller than QLoRA's 256."""
+    from chatlora.models import quantize
+
+    nf4 = quantize._torchao_nf4()
+    for shape in [(1024, 2048), (192, 576), (96, 64)]:
+        w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).to("cuda", dtype)
+        q = nf4.NF4Tensor.from_tensor(w, quantize.BLOCK, quantize.scaler_block_size(w.numel()))
+        assert torch.equal(quantize.dequantize(q), q.get_original_weight()), shape

@@ -52,6 +52,19 @@ def test_each_part_moves_with_what_drives_it():
     assert wide.weights == 2 * large.weights
 
 
+def test_a_4bit_base_counts_its_projections_at_nf4s_size():
+    """NF4 projections: 0.5 byte per weight plus one 8-bit scale per 64, the embeddings and head in
+    bf16, and one fused projection (Qwen3's gate/up: 2 x 6144 x 2048) de-quantised at a time."""
+    shape = ModelShape.from_config(QWEN3)
+    settings = dict(dtype="bfloat16", rank=8, targets=TARGETS, dropout=0.1, checkpoint=False,
+                    largest=PassShape(1024, 512, 32))
+    full, nf4 = estimate(shape, **settings), estimate(shape, **settings, nf4=True)
+    projections = 28 * (2048 * (2048 + 2 * 1024) + 2048 * 2048 + 3 * 2048 * 6144)
+    assert full.weights - nf4.weights == pytest.approx(projections * (2 - 0.515625) - 2 * 6144 * 2048 * 2, abs=8)
+    assert (nf4.adapters, nf4.activations, nf4.head) == (full.adapters, full.activations, full.head)
+    assert nf4.weights / memory.GIB == pytest.approx(1.30, abs=0.01)   # of 3.20 GiB in bf16
+
+
 def test_the_largest_pass_follows_the_step_plan(index_dir, index_tok, huanhuan_rows):
     from helpers import examples_for
 

@@ -38,7 +38,7 @@ TRAIN_FLAGS = {"--epochs": "train.epochs", "--max-steps": "train.max_steps", "--
                "--examples-per-step": "train.examples_per_step", "--micro-batch-examples": "train.micro_batch_examples",
                "--save-every": "train.save_every", "--keep-last": "train.keep_last", "--eval-every": "train.eval_every",
                "--seed": "train.seed", "--lora-r": "lora.r", "--lora-alpha": "lora.alpha",
-               "--lora-dropout": "lora.dropout", "--report-to": "train.report_to"}
+               "--lora-dropout": "lora.dropout", "--report-to": "train.report_to", "--quantize": "model.quantize"}
 SERVE_FLAGS = {"--host": "serve.host", "--port": "serve.port", "--max-tokens-cap": "serve.max_tokens_cap",
                "--queue-size": "serve.queue_size", "--max-batch": "serve.max_batch",
                "--max-body-bytes": "serve.max_body_bytes", "--deadline": "serve.deadline_s",

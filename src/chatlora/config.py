@@ -48,6 +48,9 @@ class ModelConfig:
                     DEFAULT_MODEL)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc(
         "weight dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU", "auto")
+    quantize: Literal["none", "nf4"] = doc(
+        "the frozen base weights while training: none (the weight dtype) or nf4 (4-bit NF4 with double "
+        "quantisation, QLoRA); merges, exports and chat use the 16-bit base", "none")
     template: Literal["auto", "index", "self-llm"] = doc(
         "chat format: index (Index's official), self-llm (the tutorial's), auto (the tokenizer's own; "
         "Index models default to index)", "auto")
@@ -290,6 +293,10 @@ def _check_ranges(cfg: Config) -> list[str]:
         (all(getattr(cfg.serve, f) > 0 for f in ("deadline_s", "header_timeout_s", "body_timeout_s")),
          "serve's deadline and timeouts must be > 0"),
         (cfg.serve.grace_s >= 0, "serve.grace_s must be >= 0"),
+        (not (cfg.model.quantize == "nf4" and cfg.lora.dora),
+         "lora.dora cannot be trained on a 4-bit base (model.quantize=nf4): DoRA reads the base weights' norms"),
+        (not (cfg.model.quantize == "nf4" and cfg.train.distributed == "shard"),
+         "train.distributed=shard cannot shard a 4-bit base (model.quantize=nf4); use train.distributed=replicate"),
         (set(cfg.train.report_to) <= set(TRACKERS),
          f"train.report_to: unknown tracker(s) {', '.join(t for t in cfg.train.report_to if t not in TRACKERS)} "
          f"(trackers: {', '.join(TRACKERS)})"),

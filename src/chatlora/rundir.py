@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,13 +37,13 @@ import yaml
 from chatlora.atomic import new_directory, write_lines, write_text
 from chatlora.config import Config, config_from_dict, system_prompt_for
 from chatlora.errors import UserError
-from chatlora.models.load import BaseModel, load_model, load_tokenizer, prepare_base
+from chatlora.models.load import BaseModel, load_model, load_tokenizer, parameter_count, pick_dtype, prepare_base
 from chatlora.models.tokenizer import TOKENIZER_FILES
 from chatlora.templates import chat_format
 from chatlora.train.checkpoint import MARKER, damage, latest_checkpoint
 
 # Changing any of these would change what a resumed run computes; resuming refuses it.
-RESUME_FIXED = ("model.path", "model.template", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
+RESUME_FIXED = ("model.path", "model.template", "model.quantize", "lora.r", "lora.alpha", "lora.dropout", "lora.targets",
                 "lora.rslora", "lora.dora", "data.path", "data.system_prompt", "data.max_seq_tokens",
                 "data.on_overlength", "data.held_out_fraction", "data.seed", "data.parse_special_tokens",
                 "train.examples_per_step",
@@ -136,12 +137,36 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_base_model(run: Run, device: str | None = None, dtype: str | None = None):
-    """The run's base model alone, in eval mode, decoding as the run's `generate` settings say."""
+    """The run's base model alone, in eval mode, decoding as the run's `generate` settings say. A run
+    trained on a 4-bit base gets its 16-bit base (merging into 4-bit weights loses quality), unless
+    that does not fit the GPU: then the 4-bit one, the adapter to be kept unmerged (`base_precision`)."""
     from chatlora.decode.engine import configure
 
-    model = load_model(run.base, dtype or run.cfg.model.dtype, device)
+    dtype = dtype or run.cfg.model.dtype
+    model = load_model(run.base, dtype, device, base_precision(run, device, dtype))
     configure(model, run.cfg.generate)
     return model
+
+
+def base_precision(run: Run, device: str | None, dtype: str) -> str:
+    """How to load a run's base for using it: "none" (16 bits) or "nf4", said in a line for a run
+    trained on a 4-bit base."""
+    import torch
+
+    if run.cfg.model.quantize != "nf4":
+        return "none"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    need = parameter_count(run.base.dir) * pick_dtype(dtype, device).itemsize
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        if need * 1.1 + 2**30 > free:
+            print(f"chatlora: {run.dir.name} was trained on a 4-bit base; its 16-bit base ({need / 2**30:.1f} GiB) "
+                  f"does not fit this GPU's {free / 2**30:.1f} GiB free, so the 4-bit base runs with the adapter "
+                  f"unmerged (transformers' decoding, slower)", file=sys.stderr)
+            return "nf4"
+    print(f"chatlora: {run.dir.name} was trained on a 4-bit base; the adapter is applied to its 16-bit base "
+          f"(merging into 4-bit weights would lose quality)", file=sys.stderr)
+    return "none"
 
 
 def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = None):

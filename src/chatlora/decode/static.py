@@ -12,7 +12,7 @@ forward exactly, and both are about as far from it: median logits error 0.035 fo
 for transformers', argmax agreement 88% for both (bench/NOTES.md, `bench/decode_speed.py`).
 In float32, greedy tokens equal `generate`'s (tests).
 
-    decoder = static_decoder(model)          # None off-GPU, for unsupported models, or switched off
+    decoder = static_decoder(model)          # None off-GPU, for unsupported models, a 4-bit base, or switched off
 
 It is a backend of the decode loop (loop.py), through the row API that plain.py implements too:
 `fit` (a cache of the right size, live rows moved into it), `join` (prefill prompts into free rows)
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from chatlora.decode.arithmetic import DecodeModel
 from chatlora.decode.sampling import penalize
 from chatlora.models.arch import unsupported_reason
+from chatlora.models.quantize import is_quantized
 
 ATTEND_BUCKET = 128     # the step attends to the first multiple of this many cache columns
 CACHE_BUCKET = 512      # cache length: prompt + new tokens, rounded up (few sizes: few captures)
@@ -86,7 +87,7 @@ def static_decoder(model) -> "StaticDecoder | None":
         decoder = getattr(model, "_chatlora_decoder", None)
         if decoder is None:
             lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-            if next(lm.parameters()).device.type != "cuda" or unsupported_reason(lm):
+            if next(lm.parameters()).device.type != "cuda" or unsupported_reason(lm) or is_quantized(lm):
                 return None
             if hasattr(model, "merge_adapter"):
                 model.merge_adapter()

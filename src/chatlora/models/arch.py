@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from chatlora.models.quantize import QuantizedWeight, is_nf4, quantized_matmul
+
 # Each fused projection: the parent module of its linear layers, and their names in output order.
 PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
                "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
@@ -156,8 +158,9 @@ class Architecture:
 @dataclass
 class Projection:
     """One fused projection: the base weights of `modules` (linear layers reading the same input)
-    concatenated; each module's weight is a view into `weight`."""
-    weight: torch.Tensor     # [sum of outs, in]
+    concatenated; each module's weight is a view into `weight`. A 4-bit base keeps its modules' NF4
+    weights apart instead (`QuantizedWeight`), de-quantised together where a pass uses them."""
+    weight: torch.Tensor | QuantizedWeight     # [sum of outs, in]
     modules: list            # the model's modules (peft LoRA layers where adapted), in output order
     outs: list[int]
     bias: torch.Tensor | None = None   # [sum of outs], the modules' biases concatenated (views again)
@@ -219,14 +222,25 @@ def rotate(x, cos, sin):
     return torch.addcmul(x * cos, x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2), sin)
 
 
-def fuse_weights(modules, kind: str = "weight") -> torch.Tensor | None:
+def times_weight_t(x, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None):
+    """x @ weight.T (+ bias) for a projection's 16-bit weight or its 4-bit one (de-quantised for the
+    product and again for its backward, never kept)."""
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_matmul(x, weight)
+        return y if bias is None else y + bias
+    return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def fuse_weights(modules, kind: str = "weight") -> torch.Tensor | QuantizedWeight | None:
     """The base weights (or biases: `kind`) of linear `modules` reading the same input, concatenated
     ([sum of outs, in]; None for biases the modules do not have); each module's tensor becomes a view
     into it, so nothing is held twice and whatever reads or updates the modules (saving,
-    `merge_adapter`) sees the fused tensor."""
+    `merge_adapter`) sees the fused tensor. NF4 weights stay apart in a `QuantizedWeight`."""
     bases = [getattr(m, "base_layer", m) for m in modules]
     if any(getattr(b, kind) is None for b in bases):
         return None
+    if any(is_nf4(getattr(b, kind)) for b in bases):
+        return QuantizedWeight([getattr(b, kind) for b in bases])
     fused = torch.cat([getattr(b, kind).detach() for b in bases])
     start = 0
     for b in bases:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import torch
 from chatlora.atomic import file_sha256, new_directory, write_text
 from chatlora.errors import UserError
 from chatlora.models import hub
+from chatlora.models.arch import TARGETS
+from chatlora.models.quantize import quantize_base
 from chatlora.models.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
 CONVERSION_VERSION = 3  # bump when a conversion's output changes, so old cached copies are redone
@@ -78,8 +81,10 @@ def pick_dtype(dtype: str = "auto", device: str | torch.device | None = None) ->
     return torch.float32
 
 
-def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None):
-    """The base model in eval mode on `device` (default: the GPU if there is one)."""
+def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None, quantize: str = "none"):
+    """The base model in eval mode on `device` (default: the GPU if there is one). `quantize="nf4"`:
+    the decoder layers' projection weights in 4-bit NF4 (models/quantize.py), each quantised on
+    `device` on its way there, so the 16-bit model never has to fit the GPU whole."""
     from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +94,21 @@ def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None):
     except ValueError as e:
         raise UserError(f"transformers cannot load {base.dir} natively ({e}). chatlora never runs a "
                         f"model repository's own code; use a model transformers supports.") from None
+    if quantize == "nf4":
+        quantize_base(model, TARGETS, device)
     return model.to(device).eval()
+
+
+def parameter_count(directory: Path) -> int:
+    """The number of weights in a model directory's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 # ---------------------------------------------------------------- conversion into the cache

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from chatlora.errors import UserError
+from chatlora.models.quantize import is_quantized
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -59,5 +60,9 @@ def load_adapter(base_model, directory: Path, trainable: bool = False):
 
 
 def merge(peft_model):
-    """The base model with every adapter update added into its weights (peft merge_and_unload)."""
+    """The base model with every adapter update added into its weights (peft merge_and_unload). Never
+    into 4-bit weights: rounding the sum back to NF4 loses most of a LoRA update (load the 16-bit base)."""
+    if is_quantized(peft_model):
+        raise UserError("refusing to merge an adapter into 4-bit NF4 weights (the update would be rounded "
+                        "away); merge into the 16-bit base instead")
     return peft_model.merge_and_unload()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate
+from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
@@ -256,8 +256,7 @@ class FusedForward:
     def _linear(self, g: AdaptedProjection, x, w, drop=None):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
         bit-packed masks to apply instead of drawing new ones)."""
-        bias = g.base.bias
-        y = x @ g.base.weight.t() if bias is None else torch.addmm(bias, x, g.base.weight.t())
+        y = times_weight_t(x, g.base.weight, g.base.bias)
         if not g.adapters:
             return y
         t, d_in = x.shape

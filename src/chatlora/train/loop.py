@@ -31,8 +31,10 @@ from tqdm import tqdm
 from chatlora.config import Config
 from chatlora.data.dataset import dataset_for_config
 from chatlora.errors import UserError
+from chatlora.models.arch import TARGETS
 from chatlora.models.load import load_model
 from chatlora.models.lora import attach, trainable_parameters
+from chatlora.models.quantize import describe as describe_quantized
 from chatlora.rundir import Metrics, end_status, plot_losses, prepare_run_dir, write_run_files, write_status
 from chatlora.tracking import Trackers
 from chatlora.train import distributed
@@ -208,7 +210,10 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         name = write_run_files(run, cfg, base, fmt, ds.report, name)
         write_status(run, "running", started=round(time.time(), 3))
 
-    model = attach(load_model(base, cfg.model.dtype, device), cfg.lora)
+    model = attach(load_model(base, cfg.model.dtype, device, cfg.model.quantize), cfg.lora)
+    quantized = describe_quantized(model, TARGETS)
+    if quantized and main:
+        say(quantized.line())
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -3,7 +3,8 @@
 What the fused training pass (train/fused.py) holds at its peak, the end of the forward pass of the
 run's largest pass, counted from what its operations keep for backward:
 
-  - the frozen base weights in the compute dtype;
+  - the frozen base weights in the compute dtype (with a 4-bit base: the projections at ~4.1 bits per
+    weight, and the largest fused projection de-quantised while its GEMM runs);
   - the LoRA weights in float32 with their gradients and AdamW's two moments, plus the compute-dtype
     copy each pass makes;
   - per token and layer: the two RMSNorm inputs; for each adapted projection group, its input's
@@ -38,6 +39,7 @@ GIB = 2 ** 30
 CONTEXT_BYTES = GIB   # CUDA context, cuBLAS workspaces and the allocator's cache, beyond allocations
 MARGIN = 0.05         # the estimate was 0-3% under the measured peaks
 ADAPTER_STATE_BYTES = 16   # per LoRA parameter: float32 weight, gradient, AdamW's two moments
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64   # 4-bit index, 8-bit block scale per 64 (second-level scales: ~0)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # Adapted projections, grouped by the input they read (the fused pass's groups).
@@ -141,7 +143,7 @@ def estimate_run(cfg, model_config: dict, examples, steps: int | None = None) ->
     dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
     return estimate(ModelShape.from_config(model_config), dtype=dtype, rank=cfg.lora.r, targets=cfg.lora.targets,
                     dropout=cfg.lora.dropout, checkpoint=cfg.train.gradient_checkpointing,
-                    largest=largest_pass(examples, cfg.train, steps))
+                    largest=largest_pass(examples, cfg.train, steps), nf4=cfg.model.quantize == "nf4")
 
 
 def advice(need: MemoryEstimate, card_name: str, card_bytes: int, free_bytes: int,
@@ -165,8 +167,10 @@ def advice(need: MemoryEstimate, card_name: str, card_bytes: int, free_bytes: in
 
 
 def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str], dropout: float,
-             checkpoint: bool, largest: PassShape) -> MemoryEstimate:
-    """Peak memory of the fused training pass over `largest` (see the module's notes)."""
+             checkpoint: bool, largest: PassShape, nf4: bool = False) -> MemoryEstimate:
+    """Peak memory of the fused training pass over `largest` (see the module's notes). `nf4`: the
+    projections' base weights in 4-bit NF4 (models/quantize.py), plus the largest fused projection
+    de-quantised for its GEMM."""
     e = DTYPE_BYTES[dtype]
     t, s = largest.tokens, largest.supervised
     adapted = [name for name in GROUPS_ALL if name in targets]
@@ -194,6 +198,12 @@ def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str], dr
     else:
         activations = shape.layers * t * layer + working
         head = s * shape.vocab * 12 + s * shape.hidden * e
-    return MemoryEstimate(weights=shape.parameters * e,
+    weights = shape.parameters * e
+    if nf4:
+        projections = shape.layers * sum(i * o for i, o in map(shape.projection_shape, GROUPS_ALL))
+        fused = max(sum(o for _, o in map(shape.projection_shape, names)) * shape.projection_shape(names[0])[0]
+                    for names in GROUPS.values())
+        weights += int(projections * (NF4_BYTES_PER_WEIGHT - e)) + fused * e
+    return MemoryEstimate(weights=weights,
                           adapters=lora_parameters * (ADAPTER_STATE_BYTES + e),
                           activations=activations, head=head, largest_pass=largest)
