@@ -266,6 +266,8 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chatlora.config import GGUF_TYPES
+
     parser = argparse.ArgumentParser(prog="chatlora", description="LoRA fine-tuning of chat LLMs, fast "
                                      "and correct: data check, train, chat, serve, evaluate, export.")
     parser.add_argument("--version", action="version", version=f"chatlora {__version__}")
@@ -339,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory (or a checkpoint inside one)")
     ex.add_argument("--format", choices=["gguf", "ollama"], default="gguf",
                     help="gguf: one llama.cpp file; ollama: the GGUF and a Modelfile (default: %(default)s)")
-    ex.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0",
-                    help="weight type in the GGUF (default: %(default)s)")
+    ex.add_argument("--quant", choices=GGUF_TYPES, default="q8_0",
+                    help="weight type in the GGUF; q4_k_m is written by llama.cpp's quantiser "
+                         "(llama-cpp-python) (default: %(default)s)")
     ex.add_argument("--output", help="file (gguf) or directory (ollama) to create; never overwritten "
                                      "(default: NAME-QUANT.gguf or NAME-ollama here)")
     ex.add_argument("--name", help="the model's name (default: the run's name, see train --name)")

@@ -28,6 +28,7 @@ from chatlora.errors import UserError
 
 DEFAULT_MODEL = "IndexTeam/Index-1.9B-Chat"
 TRACKERS = ("tensorboard", "wandb", "mlflow", "swanlab")   # train.report_to (tracking.py)
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k_m")   # export --quant (export.py)
 BUNDLED_DATA = "huanhuan"  # the name that selects the dataset shipped inside the package
 # The system prompt the self-llm tutorial trains the bundled dataset with.
 HUANHUAN_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"

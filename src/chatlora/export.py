@@ -16,7 +16,9 @@ the chat template inside; reading it back must give the merged model's logits (t
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from chatlora.atomic import new_directory, new_file, refuse_existing
+from chatlora.config import GGUF_TYPES
 from chatlora.errors import UserError
 from chatlora.models.lora import merge
 from chatlora.models.tokenizer import TOKENIZER_FILES, pre_tokenizer_name
@@ -66,7 +69,13 @@ def _index_tokenizer_config(path: Path, chat_template: str) -> None:
 
 # ---------------------------------------------------------------- GGUF (llama.cpp) and Ollama
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+# Types the `gguf` package quantises (blocks of 32 weights along a row). The 4- and 5-bit ones keep
+# the token embeddings and the output head at q8_0: as llama.cpp's own quantiser keeps them at more
+# bits, since their error reaches every logit.
+BLOCK_TYPES = {"q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+# Types only llama.cpp's quantiser writes (K-quants: 256-weight super-blocks and per-tensor choices):
+# the f16 file is written first and llama.cpp (llama-cpp-python) quantises it.
+LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 # llama.cpp's architecture for each model type; Mistral is a Llama there (without its sliding window).
@@ -121,13 +130,29 @@ def _add_tensor(writer, name: str, data, quant: str) -> None:
     import numpy as np
 
     data = data.astype(np.float32)
+    if quant in BLOCK_TYPES and quant != "q8_0" and name in ("token_embd.weight", "output.weight"):
+        quant = "q8_0"
     if data.ndim == 1 or quant == "f32":  # norms stay f32, as llama.cpp writes them
         writer.add_tensor(name, data)
-    elif quant == "f16" or (quant == "q8_0" and data.shape[-1] % 32):
+    elif quant in ("f16", "q4_k_m") or (quant in BLOCK_TYPES and data.shape[-1] % 32):
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        qtype = gguf.GGMLQuantizationType.BF16 if quant == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        qtype = getattr(gguf.GGMLQuantizationType, "BF16" if quant == "bf16" else BLOCK_TYPES[quant])
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape read from bytes
+
+
+def _llama_cpp_quantize(source: Path, target: Path, quant: str) -> None:
+    """llama.cpp's quantiser (through llama-cpp-python) from an f16 GGUF to `quant`."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--quant {quant} is written by llama.cpp's quantiser: pip install llama-cpp-python "
+                        f"(or export q8_0/f16 and run llama.cpp's llama-quantize yourself)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[quant])
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise UserError(f"llama.cpp could not quantise {source.name} to {quant}")
 
 
 def _add_tokenizer(writer, run, vocab_size: int) -> None:
@@ -236,7 +261,15 @@ def export_gguf(run_path: str | Path, output: str | Path | None = None, quant: s
         print(f"chatlora: llama.cpp attends to the whole context; this model attends within {window} tokens, "
               f"so prompts and replies beyond that are computed differently there")
     with new_file(output) as tmp:
-        _write_gguf(gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH[c.model_type]), run, merged, quant)
+        if quant in LLAMA_CPP_TYPES:
+            f16 = tmp.with_name(tmp.name + ".f16")
+            try:
+                _write_gguf(gguf.GGUFWriter(str(f16), arch=GGUF_ARCH[c.model_type]), run, merged, "f16")
+                _llama_cpp_quantize(f16, tmp, quant)
+            finally:
+                f16.unlink(missing_ok=True)
+        else:
+            _write_gguf(gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH[c.model_type]), run, merged, quant)
     return output
 
 
@@ -263,8 +296,7 @@ def _write_gguf(writer, run, merged, quant: str) -> None:
     writer.add_rope_freq_base(_rope_theta(c))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"))
     _add_tokenizer(writer, run, c.vocab_size)
     state = merged.state_dict()
     if "lm_head.weight" not in state or c.tie_word_embeddings:

@@ -208,7 +208,7 @@ class RunsDir:
 
     def export(self, run_id: str, fmt: str, quant: str) -> dict:
         """`chatlora export` of the run into RUNS/.studio/exports/ (a new name each time: never overwritten)."""
-        from chatlora.export import GGUF_TYPES
+        from chatlora.config import GGUF_TYPES
 
         if fmt not in ("gguf", "ollama"):
             raise UserError("format must be gguf or ollama")
