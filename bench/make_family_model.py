@@ -3,7 +3,7 @@ in its family's chat layout.
 
     python bench/make_family_model.py qwen3-1.7b OUT_DIR [--layers N] [--qwen-vocabulary qwen.tiktoken]
 
-Shapes (from the models' config.json files): Qwen3-1.7B, Qwen2.5-1.5B, Llama-3.2-1B. Each is
+Shapes (from the models' config.json files): Qwen3-1.7B, Qwen3-8B, Qwen2.5-1.5B, Llama-3.2-1B. Each is
 written by transformers' own class as a Hugging Face directory (safetensors). The tokenizer is a
 small byte-level BPE trained on the bundled data with the family's special tokens, pre-tokenizer
 and chat template (chatlora.testing.make_chat_tokenizer); the real tokenizers cannot be downloaded
@@ -34,6 +34,10 @@ SHAPES = {
                                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                                  tie_word_embeddings=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3-8b": ("qwen3", dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                               tie_word_embeddings=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     "qwen2.5-1.5b": ("qwen2", dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                    num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                                    tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -68,7 +72,7 @@ def main() -> None:
                     pad_token_id=tok.pad_token_id, **({"num_hidden_layers": args.layers} if args.layers else {}))
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init of 2B weights: fast on a GPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init of 2-8B weights: fast on a GPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():

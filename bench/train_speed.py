@@ -8,7 +8,10 @@ Every path sees the same tokenized huanhuan examples (chatlora's `index` templat
 weights. The reference is the tutorial's: `transformers.Trainer`, batch 4 x accumulation 4,
 gradient checkpointing, `DataCollatorForSeq2Seq` padding to the longest. chatlora's variants
 (`VARIANTS`: plain peft model, fused pass eager, the default fused pass + CUDA graphs, the lowmem
-preset, 64 examples per step) each run `chatlora train` in a fresh process. Reported: real
+preset, 64 examples per step, and on the 4-bit NF4 base: default, lowmem, plain) each run
+`chatlora train` in a fresh process. `--references none,nf4` also runs the recipe on the NF4 base
+(the HF QLoRA recipe, torchao's layers); `--held-out-steps N` trains bf16 LoRA and QLoRA N steps each
+and compares their held-out losses. Reported: real
 (unpadded) tokens/s and seconds per optimizer step (medians over the timed steps, after warm-up,
 device synchronized), peak GPU memory, time to the end of the first step (model load, data, capture);
 the loss of the reference, the plain path and the fast path on the same first optimizer step with the
@@ -40,19 +43,21 @@ from chatlora.train.loop import accumulate_gradients, train  # noqa: E402
 from chatlora.train.steps import StepPlan, pack  # noqa: E402
 
 
-def job_config(model_dir: str, preset: str | None = None, **train):
-    overrides = ["data.held_out_fraction=0", "train.eval_every=0", "train.save_every=0"]
+def job_config(model_dir: str, preset: str | None = None, quantize: str = "none", **train):
+    overrides = ["data.held_out_fraction=0", "train.eval_every=0", "train.save_every=0", f"model.quantize={quantize}"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(overrides=overrides, flags={"model.path": model_dir}, preset=preset)
 
 
-def reference_trainer(cfg, examples, steps: int, warmup: int) -> dict:
-    """The tutorial's training, exactly: HF Trainer + peft, batch 4 x 4, gradient checkpointing."""
+def reference_trainer(cfg, examples, steps: int, warmup: int, quantize: str = "none") -> dict:
+    """The tutorial's training, exactly: HF Trainer + peft, batch 4 x 4, gradient checkpointing.
+    `quantize="nf4"`: the same on the 4-bit NF4 base (torchao's layers, as chatlora loads it), the
+    HF QLoRA recipe."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     data = dataset_for_config(cfg)
     base, tok = data.base, data.tok
-    model = load_model(base, "bfloat16", "cuda")
+    model = load_model(base, "bfloat16", "cuda", quantize)
     model.enable_input_require_grads()  # what the tutorial's peft + checkpointing setup needs
     model = attach(model, cfg.lora)
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
@@ -93,19 +98,22 @@ def _seq2seq_collator(pad_id: int):
     return collate
 
 
-VARIANTS = {  # name: (label, preset, train overrides)
-    "plain": ("chatlora, plain peft model (fast_path=plain)", None, {"fast_path": "plain"}),
-    "eager": ("chatlora, fused pass, no graphs (fast_path=eager)", None, {"fast_path": "eager"}),
-    "graphs": ("chatlora train (default: fused pass + CUDA graphs)", None, {}),
-    "lowmem": ("chatlora train --preset lowmem", "lowmem", {}),
+VARIANTS = {  # name: (label, preset, train overrides, base weights)
+    "plain": ("chatlora, plain peft model (fast_path=plain)", None, {"fast_path": "plain"}, "none"),
+    "eager": ("chatlora, fused pass, no graphs (fast_path=eager)", None, {"fast_path": "eager"}, "none"),
+    "graphs": ("chatlora train (default: fused pass + CUDA graphs)", None, {}, "none"),
+    "lowmem": ("chatlora train --preset lowmem", "lowmem", {}, "none"),
     "batch64": ("chatlora, 64 examples per step", None,
-                {"examples_per_step": 64, "micro_batch_examples": 64, "micro_batch_tokens": 4096}),
+                {"examples_per_step": 64, "micro_batch_examples": 64, "micro_batch_tokens": 4096}, "none"),
+    "nf4": ("chatlora train --quantize nf4", None, {}, "nf4"),
+    "nf4_lowmem": ("chatlora train --quantize nf4 --preset lowmem", "lowmem", {}, "nf4"),
+    "nf4_plain": ("chatlora, plain peft on the NF4 base (fast_path=plain)", None, {"fast_path": "plain"}, "nf4"),
 }
 
 
 def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
-    label, preset, overrides = VARIANTS[name]
-    cfg = job_config(model_dir, preset=preset, **overrides)
+    label, preset, overrides, quantize = VARIANTS[name]
+    cfg = job_config(model_dir, preset=preset, quantize=quantize, **overrides)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     run = Path(tempfile.mkdtemp()) / "run"
@@ -188,6 +196,23 @@ def loss_agreement(model_dir: str, steps: int) -> dict:
     return out
 
 
+def held_out_agreement(model_dir: str, steps: int) -> dict:
+    """bf16 LoRA and QLoRA (the NF4 base) trained side by side, the default fused pass, same seed and
+    data (dropout on, as the job has it): the held-out loss after `steps` steps, and its start."""
+    out = {}
+    for quantize in ("none", "nf4"):
+        cfg = job_config(model_dir, quantize=quantize, max_steps=steps, eval_every=steps)
+        cfg.data.held_out_fraction = 0.05
+        run = Path(tempfile.mkdtemp()) / "run"
+        train(cfg, run)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        held = [r["held_out_loss"] for r in rows if "held_out_loss" in r]
+        out[quantize] = {"held_out_loss_start": held[0], "held_out_loss": held[-1],
+                         "final_train_loss": [r["loss"] for r in rows if "loss" in r][-1]}
+    out["relative_difference"] = (out["nf4"]["held_out_loss"] - out["none"]["held_out_loss"]) / out["none"]["held_out_loss"]
+    return out
+
+
 def full_job(model_dir: str, workdir: Path) -> dict:
     """The whole self-llm job as a user runs it: `chatlora train` with every default (3 epochs, held-out
     loss, checkpoints), model from the safetensors copy in the cache, data from the tokenized cache."""
@@ -226,6 +251,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each variant this many times, interleaved; report the median run")
     parser.add_argument("--agreement-steps", type=int, default=30, help="0 = skip the loss comparison")
+    parser.add_argument("--references", default="none",
+                        help="the HF recipe on these bases: none (bf16), nf4 (QLoRA, torchao), or both: none,nf4")
+    parser.add_argument("--held-out-steps", type=int, default=0,
+                        help="also train bf16 LoRA and QLoRA this many steps and compare held-out losses")
+    parser.add_argument("--skip-first-step", action="store_true", help="skip the first-step loss comparison")
     parser.add_argument("--full-job", action="store_true", help="also time the whole 3-epoch command")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one variant in this process (clean memory)
@@ -244,11 +274,17 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    results["first_step_loss"] = first_step_losses(cfg, ds.train)
+    if not args.skip_first_step:
+        results["first_step_loss"] = first_step_losses(cfg, ds.train)
     torch.cuda.empty_cache()
-    results["reference"] = reference_trainer(cfg, ds.train, args.reference_steps, 3)
-    results["reference"]["label"] = "self-llm recipe (HF Trainer, 4x4, ckpt, pad)"
-    save()
+    references = args.references.split(",")
+    for quantize in references:
+        name = "reference" if quantize == "none" else f"reference_{quantize}"
+        results[name] = reference_trainer(cfg, ds.train, args.reference_steps, 3, quantize)
+        results[name]["label"] = ("self-llm recipe (HF Trainer, 4x4, ckpt, pad)" if quantize == "none" else
+                                  f"HF QLoRA recipe ({quantize}, torchao; 4x4, ckpt, pad)")
+        torch.cuda.empty_cache()
+        save()
     variants = args.variants.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeat):   # rounds of every variant: drift on the machine touches each alike
@@ -259,20 +295,31 @@ def main() -> None:
     if args.agreement_steps:
         results["loss_agreement"] = loss_agreement(args.model_dir, args.agreement_steps)
         save()
+    if args.held_out_steps:
+        results["held_out_agreement"] = held_out_agreement(args.model_dir, args.held_out_steps)
+        save()
     if args.full_job:
         results["full_job"] = full_job(args.model_dir, Path(tempfile.mkdtemp()))
         save()
-    ref = results["reference"]["tokens_per_s"]
     print(json.dumps(results, indent=1)[:3000])
-    print(f"\n{'path':<52}{'tokens/s':>9}{'s/step':>8}{'GiB':>7}{'1st step s':>11}{'x ref':>7}")
-    for name in ["reference"] + args.variants.split(","):
+    print(f"\n{'path':<56}{'tokens/s':>9}{'s/step':>8}{'GiB':>7}{'1st step s':>11}{'x ref':>7}")
+    shown = [("reference" if q == "none" else f"reference_{q}") for q in references] + variants
+    for name in shown:   # each against the recipe on its own base (x ref)
         r = results[name]
-        print(f"{r['label']:<52}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>7.2f}"
+        nf4 = name == "reference_nf4" or (name in VARIANTS and VARIANTS[name][3] == "nf4")
+        ref = results.get("reference_nf4" if nf4 else "reference", {}).get("tokens_per_s", float("nan"))
+        print(f"{r['label']:<56}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>8.4f}{r['peak_gib']:>7.2f}"
               f"{r.get('time_to_first_step_s', float('nan')):>11.1f}{r['tokens_per_s'] / ref:>7.1f}")
     if args.repeat > 1:
         print("tokens/s of each run:", {n: [round(x) for x in results[n]["tokens_per_s_each_run"]]
                                          for n in args.variants.split(",")})
-    print("first-step loss:", {k: round(v, 5) for k, v in results["first_step_loss"].items()})
+    if "first_step_loss" in results:
+        print("first-step loss:", {k: round(v, 5) for k, v in results["first_step_loss"].items()})
+    if "held_out_agreement" in results:
+        h = results["held_out_agreement"]
+        print(f"held-out loss after {args.held_out_steps} steps: bf16 LoRA {h['none']['held_out_loss']:.4f}, "
+              f"QLoRA {h['nf4']['held_out_loss']:.4f} ({100 * h['relative_difference']:+.2f}%; both started at "
+              f"{h['none']['held_out_loss_start']:.4f} / {h['nf4']['held_out_loss_start']:.4f})")
     if "loss_agreement" in results:
         a = results["loss_agreement"]
         print(f"{args.agreement_steps} steps, dropout off: max relative step-loss difference plain vs graphs "

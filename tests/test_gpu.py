@@ -28,9 +28,9 @@ def greedy_reference(model, prompts, steps: int = 20) -> list[list[int]]:
     return out
 
 
-def lora_model(index_dir, dtype):
+def lora_model(index_dir, dtype, quantize="none"):
     torch.manual_seed(0)
-    model = attach(load_model(prepare_base(str(index_dir)), dtype, "cuda"),
+    model = attach(load_model(prepare_base(str(index_dir)), dtype, "cuda", quantize),
                    load_config(overrides=["lora.dropout=0"]).lora)
     for name, p in trainable_parameters(model):
         if "lora_B" in name:
@@ -107,6 +107,43 @@ def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, hua
                 loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
             grads = torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])
             out.append((loss, grads))
+        results[mode] = out
+    for mode, ref_mode, limit in (("graphs", "eager", 1e-5), ("graphs+checkpoint", "eager", 1e-5),
+                                  ("eager", "peft", tol)):
+        for (a, ga), (b, gb) in zip(results[mode], results[ref_mode]):
+            assert abs(a - b) / abs(b) < limit, (mode, a, b)
+            assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
+
+
+@pytest.mark.parametrize("family, dtype, tol", [("index", "float32", 1e-4), ("index", "bfloat16", 2e-2),
+                                               ("qwen3", "float32", 1e-4), ("qwen2", "bfloat16", 2e-2)])
+def test_nf4_captured_pass_equals_peft_on_torchaos_layers_on_cuda(family, dtype, tol, index_dir, family_dir,
+                                                                  index_tok, huanhuan_rows):
+    """A 4-bit base on the GPU: the captured pass (the Triton kernel de-quantising inside the graph,
+    forward and backward, with and without checkpointing) gives the eager pass's loss and gradients,
+    which give peft's over torchao's NF4 layers (bf16: within bf16 rounding)."""
+    from helpers import examples_for
+
+    from chatlora.models.quantize import is_quantized
+    from chatlora.train.fused import FusedStep
+
+    directory = index_dir if family == "index" else family_dir(family)
+    steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 0)]
+    results = {}
+    for mode in ("peft", "eager", "graphs", "graphs+checkpoint"):
+        model = lora_model(directory, dtype, quantize="nf4")
+        assert is_quantized(model)
+        fast = None if mode == "peft" else FusedStep(model, "cuda", graphs=mode != "eager",
+                                                    checkpoint=mode == "graphs+checkpoint")
+        out = []
+        for examples in steps:
+            if fast:
+                fast.zero_grad()
+                loss = fast.accumulate(examples, 16, 300).item()
+            else:
+                model.zero_grad(set_to_none=True)
+                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
+            out.append((loss, torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])))
         results[mode] = out
     for mode, ref_mode, limit in (("graphs", "eager", 1e-5), ("graphs+checkpoint", "eager", 1e-5),
                                   ("eager", "peft", tol)):

@@ -16,24 +16,31 @@ QWEN25 = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_
               num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 LLAMA32 = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+QWEN3_8B = dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Peaks `bench/train_speed.py` measured on the H200 (torch.cuda.max_memory_allocated, bench/results/
-# 2026-11-30-h200-train-*.json) and the largest pass of each run's 25 steps (bench/memory_estimate.py).
-MEASURED = [  # shape, lowmem (checkpointing), largest pass (tokens, supervised), measured GiB
-    (INDEX, False, (1280, 640), 10.30),
-    (INDEX, True, (1024, 512), 4.81),
-    (INDEX, False, (4096, 2048), 22.82),     # 64 examples per pass
-    (QWEN3, False, (1408, 704), 9.47),
-    (QWEN25, False, (1408, 704), 9.01),
-    (LLAMA32, False, (2048, 512), 7.30),
+# 2026-11-30-h200-train-*.json) and the largest pass of each run's steps (bench/memory_estimate.py).
+MEASURED = [  # shape, lowmem (checkpointing), 4-bit base, largest pass (tokens, supervised), measured GiB
+    (INDEX, False, False, (1280, 640), 10.30),
+    (INDEX, True, False, (1024, 512), 4.81),
+    (INDEX, False, False, (4096, 2048), 22.82),     # 64 examples per pass
+    (QWEN3, False, False, (1408, 704), 9.47),
+    (QWEN25, False, False, (1408, 704), 9.01),
+    (LLAMA32, False, False, (2048, 512), 7.30),
+    (INDEX, False, True, (1280, 640), 7.55),
+    (INDEX, True, True, (1024, 512), 2.10),
+    (QWEN3_8B, False, False, (1408, 704), 28.65),
+    (QWEN3_8B, False, True, (1408, 704), 18.87),
+    (QWEN3_8B, True, True, (1024, 512), 6.97),
 ]
 
 
-@pytest.mark.parametrize("shape, lowmem, largest, measured", MEASURED)
-def test_the_estimate_is_within_five_percent_of_the_measured_peaks(shape, lowmem, largest, measured):
+@pytest.mark.parametrize("shape, lowmem, nf4, largest, measured", MEASURED)
+def test_the_estimate_is_within_five_percent_of_the_measured_peaks(shape, lowmem, nf4, largest, measured):
     got = estimate(ModelShape.from_config(shape), dtype="bfloat16", rank=8, targets=TARGETS, dropout=0.1,
-                   checkpoint=lowmem, largest=PassShape(*largest, 32))
+                   checkpoint=lowmem, largest=PassShape(*largest, 32), nf4=nf4)
     assert abs(got.total / memory.GIB / measured - 1) < 0.05, (got.as_json(), measured)
 
 
