@@ -116,7 +116,8 @@ def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, hua
 
 
 @pytest.mark.parametrize("family, dtype, tol", [("index", "float32", 1e-4), ("index", "bfloat16", 2e-2),
-                                               ("qwen3", "float32", 1e-4), ("qwen2", "bfloat16", 2e-2)])
+                                               ("qwen3", "float32", 1e-4), ("qwen2", "bfloat16", 2e-2),
+                                               ("llama3", "bfloat16", 2e-2), ("mistral", "float32", 1e-4)])
 def test_nf4_captured_pass_equals_peft_on_torchaos_layers_on_cuda(family, dtype, tol, index_dir, family_dir,
                                                                   index_tok, huanhuan_rows):
     """A 4-bit base on the GPU: the captured pass (the Triton kernel de-quantising inside the graph,

@@ -32,7 +32,7 @@ from chatlora.atomic import file_sha256, new_directory, write_text
 from chatlora.errors import UserError
 from chatlora.models import hub
 from chatlora.models.arch import TARGETS
-from chatlora.models.quantize import quantize_base
+from chatlora.models.quantize import quantize_base, quiet_optional_imports
 from chatlora.models.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_index_tokenizer
 
 CONVERSION_VERSION = 3  # bump when a conversion's output changes, so old cached copies are redone
@@ -89,8 +89,9 @@ def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None, 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base.dir), dtype=pick_dtype(dtype, device), trust_remote_code=False)
+        with quiet_optional_imports():   # transformers imports torchao/bitsandbytes here when installed
+            model = AutoModelForCausalLM.from_pretrained(
+                str(base.dir), dtype=pick_dtype(dtype, device), trust_remote_code=False)
     except ValueError as e:
         raise UserError(f"transformers cannot load {base.dir} natively ({e}). chatlora never runs a "
                         f"model repository's own code; use a model transformers supports.") from None

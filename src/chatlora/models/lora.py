@@ -16,14 +16,21 @@ from pathlib import Path
 import torch
 
 from chatlora.errors import UserError
-from chatlora.models.quantize import is_quantized
+from chatlora.models.quantize import is_quantized, quiet_optional_imports
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def peft_module():
+    """peft, imported quietly (`quiet_optional_imports`: it probes torchao and bitsandbytes)."""
+    with quiet_optional_imports():
+        import peft
+    return peft
+
+
 def attach(model, lora_cfg):
     """Wrap `model` with trainable LoRA adapters on `lora_cfg.targets`; everything else frozen."""
-    from peft import LoraConfig, get_peft_model
+    LoraConfig, get_peft_model = peft_module().LoraConfig, peft_module().get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in lora_cfg.targets if t not in names]
@@ -52,8 +59,7 @@ def save_adapter(model, directory: Path, state_dict: dict | None = None) -> None
 
 
 def load_adapter(base_model, directory: Path, trainable: bool = False):
-    from peft import PeftModel
-
+    PeftModel = peft_module().PeftModel
     if not all((Path(directory) / f).is_file() for f in ADAPTER_FILES):
         raise UserError(f"{directory} is not a LoRA adapter directory (needs {', '.join(ADAPTER_FILES)})")
     return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)

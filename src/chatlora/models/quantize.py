@@ -21,6 +21,7 @@ Embeddings, norms and the output head stay in the compute dtype, as in QLoRA.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -40,19 +41,29 @@ except ImportError:
     triton = None
 
 
-def _torchao_nf4():
-    """torchao's NF4 module, imported without its optional C++ extensions' load messages."""
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+@contextlib.contextmanager
+def quiet_optional_imports():
+    """Imports during which the optional quantisation libraries' load messages are kept quiet: torchao
+    warns about C++ extensions it cannot load (chatlora uses none), bitsandbytes about a CPU kernel it
+    could not fetch, torch about their enum registrations. peft imports both when they are installed."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "bitsandbytes", "torch.utils._pytree")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError as exc:
-        raise UserError("model.quantize=nf4 needs torchao: pip install 'torchao>=0.18'") from exc
+        yield
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
+
+
+def _torchao_nf4():
+    """torchao's NF4 module."""
+    try:
+        with quiet_optional_imports():
+            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError as exc:
+        raise UserError("model.quantize=nf4 needs torchao: pip install 'torchao>=0.18'") from exc
     return nf4_tensor
 
 

@@ -29,7 +29,7 @@ import torch
 
 from chatlora.atomic import file_sha256, new_directory
 from chatlora.errors import UserError
-from chatlora.models.lora import save_adapter
+from chatlora.models.lora import peft_module, save_adapter
 from chatlora.train.distributed import like
 
 MARKER = "COMPLETE"
@@ -176,7 +176,7 @@ def latest_checkpoint(run: Path, with_final: bool = False) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, ranks=None, sharded: bool = False) -> dict:
     """Restore adapter weights, optimizer and RNG states (this rank's) from `path`; return its
     trainer_state. A run resumes with the number of processes it was written with."""
-    from peft import set_peft_model_state_dict
+    set_peft_model_state_dict = peft_module().set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = json.loads((path / "trainer_state.json").read_text())
