@@ -83,36 +83,48 @@ def test_batched_generation_on_cuda_equals_single(index_dir):
     assert got == singles
 
 
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
-def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
-    """Captured CUDA-graph passes (several bucket shapes, several replays with new data) give the
-    eager fused pass's loss and gradients, which give the plain peft model's."""
-    from helpers import examples_for
-
+def losses_and_gradients(make_model, steps, modes) -> dict[str, list]:
+    """For each mode ("peft": the plain peft model; "eager", "graphs", "graphs+checkpoint": the fused
+    pass), a fresh model from `make_model()` trained on each step's examples from zeroed gradients:
+    [(loss, every LoRA gradient flattened)] per step. 300 tokens per pass: 3-4 passes per step."""
     from chatlora.train.fused import FusedStep
 
-    steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 32, 0)]
     results = {}
-    for mode in ("peft", "eager", "graphs", "graphs+checkpoint"):
-        model = lora_model(index_dir, dtype)
+    for mode in modes:
+        model = make_model()
         fast = None if mode == "peft" else FusedStep(model, "cuda", graphs=mode != "eager",
                                                     checkpoint=mode == "graphs+checkpoint")
         out = []
         for examples in steps:
             if fast:
                 fast.zero_grad()
-                loss = fast.accumulate(examples, 16, 300).item()   # 300 tokens: 3-4 passes per step
+                loss = fast.accumulate(examples, 16, 300).item()
             else:
                 model.zero_grad(set_to_none=True)
                 loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
-            grads = torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])
-            out.append((loss, grads))
+            out.append((loss, torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])))
         results[mode] = out
-    for mode, ref_mode, limit in (("graphs", "eager", 1e-5), ("graphs+checkpoint", "eager", 1e-5),
-                                  ("eager", "peft", tol)):
-        for (a, ga), (b, gb) in zip(results[mode], results[ref_mode]):
-            assert abs(a - b) / abs(b) < limit, (mode, a, b)
-            assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
+    return results
+
+
+def assert_close_steps(results, mode, ref_mode, limit) -> None:
+    for (a, ga), (b, gb) in zip(results[mode], results[ref_mode]):
+        assert abs(a - b) / abs(b) < limit, (mode, a, b)
+        assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_fast_pass_graphs_equal_eager_and_peft_on_cuda(index_dir, index_tok, huanhuan_rows, dtype, tol):
+    """Captured CUDA-graph passes (several bucket shapes, several replays with new data) give the
+    eager fused pass's loss and gradients, which give the plain peft model's."""
+    from helpers import examples_for
+
+    steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 32, 0)]
+    results = losses_and_gradients(lambda: lora_model(index_dir, dtype), steps,
+                                   ("peft", "eager", "graphs", "graphs+checkpoint"))
+    assert_close_steps(results, "graphs", "eager", 1e-5)
+    assert_close_steps(results, "graphs+checkpoint", "eager", 1e-5)
+    assert_close_steps(results, "eager", "peft", tol)
 
 
 @pytest.mark.parametrize("family, dtype, tol", [("index", "float32", 1e-4), ("index", "bfloat16", 2e-2),
@@ -126,31 +138,15 @@ def test_nf4_captured_pass_equals_peft_on_torchaos_layers_on_cuda(family, dtype,
     from helpers import examples_for
 
     from chatlora.models.quantize import is_quantized
-    from chatlora.train.fused import FusedStep
 
     directory = index_dir if family == "index" else family_dir(family)
+    assert is_quantized(lora_model(directory, dtype, quantize="nf4"))
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 0)]
-    results = {}
-    for mode in ("peft", "eager", "graphs", "graphs+checkpoint"):
-        model = lora_model(directory, dtype, quantize="nf4")
-        assert is_quantized(model)
-        fast = None if mode == "peft" else FusedStep(model, "cuda", graphs=mode != "eager",
-                                                    checkpoint=mode == "graphs+checkpoint")
-        out = []
-        for examples in steps:
-            if fast:
-                fast.zero_grad()
-                loss = fast.accumulate(examples, 16, 300).item()
-            else:
-                model.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
-            out.append((loss, torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])))
-        results[mode] = out
-    for mode, ref_mode, limit in (("graphs", "eager", 1e-5), ("graphs+checkpoint", "eager", 1e-5),
-                                  ("eager", "peft", tol)):
-        for (a, ga), (b, gb) in zip(results[mode], results[ref_mode]):
-            assert abs(a - b) / abs(b) < limit, (mode, a, b)
-            assert ((ga - gb).norm() / gb.norm()).item() < limit * 10, mode
+    results = losses_and_gradients(lambda: lora_model(directory, dtype, quantize="nf4"), steps,
+                                   ("peft", "eager", "graphs", "graphs+checkpoint"))
+    assert_close_steps(results, "graphs", "eager", 1e-5)
+    assert_close_steps(results, "graphs+checkpoint", "eager", 1e-5)
+    assert_close_steps(results, "eager", "peft", tol)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
@@ -159,26 +155,9 @@ def test_each_familys_captured_pass_equals_peft_on_cuda(family, family_dir, inde
     loss and gradients (tests/test_fastpath.py checks the eager pass on CPU)."""
     from helpers import examples_for
 
-    from chatlora.train.fused import FusedStep
-
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 16]) for i in (0, 16, 0)]
-    results = []
-    for fused in (False, True):
-        model = lora_model(family_dir(family), "float32")
-        fast = FusedStep(model, "cuda", graphs=True) if fused else None
-        out = []
-        for examples in steps:
-            if fast:
-                fast.zero_grad()
-                loss = fast.accumulate(examples, 16, 300).item()
-            else:
-                model.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(model, examples, 16, lambda ex: pack(ex, "cuda"), 300).item()
-            out.append((loss, torch.cat([p.grad.float().flatten() for _, p in trainable_parameters(model)])))
-        results.append(out)
-    for (a, ga), (b, gb) in zip(*results):
-        assert abs(a - b) / abs(a) < 1e-5
-        assert ((ga - gb).norm() / ga.norm()).item() < 1e-4
+    results = losses_and_gradients(lambda: lora_model(family_dir(family), "float32"), steps, ("peft", "graphs"))
+    assert_close_steps(results, "graphs", "peft", 1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
