@@ -24,7 +24,7 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.loop import fused_step  # noqa: E402
+from chatlora.train.gradients import fused_step  # noqa: E402
 from chatlora.train.packed_row import pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan, micro_batches  # noqa: E402
 

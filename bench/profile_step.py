@@ -19,7 +19,7 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.loop import accumulate_gradients  # noqa: E402
+from chatlora.train.gradients import accumulate_gradients  # noqa: E402
 from chatlora.train.steps import StepPlan, pack, pad  # noqa: E402
 
 

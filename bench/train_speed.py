@@ -39,7 +39,8 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach  # noqa: E402
-from chatlora.train.loop import accumulate_gradients, train  # noqa: E402
+from chatlora.train.gradients import accumulate_gradients  # noqa: E402
+from chatlora.train.loop import train  # noqa: E402
 from chatlora.train.steps import StepPlan, pack  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.serve.app import Server, build_app, in_background
 from chatlora.templates import chat_format
-from chatlora.train.loop import accumulate_gradients
+from chatlora.train.gradients import accumulate_gradients
 
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 

@@ -12,8 +12,8 @@ from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE
 from chatlora.testing import make_index_dir
 from chatlora.train.fused import FusedStep, unsupported_reason
-from chatlora.train.loop import accumulate_gradients
-from chatlora.train.packed_row import PassShape, host_row, row_parts
+from chatlora.train.gradients import accumulate_gradients
+from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import pack
 
 
@@ -177,7 +177,7 @@ def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhua
 
 def test_fast_path_on_request_without_support_is_an_error(tmp_path, smollm2_base):
     from chatlora.errors import UserError
-    from chatlora.train.loop import fused_step
+    from chatlora.train.gradients import fused_step
 
     cfg = load_config(overrides=["train.fast_path=graphs"])
     model, _ = lora_model_for(smollm2_base)
@@ -283,3 +283,45 @@ def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
     for t, s in shapes:
         per_bucket.setdefault(t, set()).add(s)
     assert max(len(v) for v in per_bucket.values()) <= 8
+
+
+def test_held_out_loss_through_the_fused_pass_equals_peft_in_eval_mode(index_dir, index_tok, huanhuan_rows):
+    """Evaluation through the fused forward pass (no dropout, no gradients) gives what the plain peft
+    model gives in eval mode, and leaves no gradient behind; with dropout the pass would differ."""
+    from chatlora.train.steps import held_out_loss, supervised_count
+
+    model, _ = lora_model(index_dir, dropout=0.3)
+    examples = examples_for(index_tok, huanhuan_rows[:12])
+    ref = held_out_loss(model, examples, 4, "cpu", 300)
+    assert model.training
+    fast = FusedStep(model, "cpu")
+    fast.zero_grad()
+    got = fast.held_out_loss_sum(examples, 4, 300).item() / supervised_count(examples)
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert fast.net.flat.grad.abs().sum() == 0
+    shape = pass_shape(examples)
+    row = host_row(examples, shape)
+    with torch.no_grad():   # the same examples in one pass, dropout on
+        dropped = fast.net.loss_sum(**row_parts(row, shape)).item() / supervised_count(examples)
+    assert abs(dropped - ref) > 1e-3
+
+
+def test_training_evaluates_through_the_fused_pass_as_the_plain_path_does(index_dir, tiny_data, tmp_path):
+    """The loop's held-out losses (the base model's, every eval_every steps, the final one) are the
+    same through the fused pass as through the plain peft model (dropout off: the same training)."""
+    import json
+
+    from helpers import config_for
+
+    from chatlora.train.loop import train
+
+    held = {}
+    for path in ("plain", "eager"):
+        cfg = config_for(index_dir, tiny_data, max_steps=4, eval_every=2, fast_path=path)
+        cfg.lora.dropout, cfg.data.held_out_fraction = 0.0, 0.2
+        train(cfg, tmp_path / path)
+        rows = [json.loads(x) for x in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
+        held[path] = [(r["step"], r["held_out_loss"]) for r in rows if "held_out_loss" in r]
+    assert [s for s, _ in held["eager"]] == [s for s, _ in held["plain"]] == [0, 2, 4]
+    for (_, a), (_, b) in zip(held["eager"], held["plain"]):
+        assert a == pytest.approx(b, rel=1e-5)

@@ -8,7 +8,8 @@ import torch
 from chatlora.config import load_config
 from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
-from chatlora.train.loop import accumulate_gradients, train
+from chatlora.train.gradients import accumulate_gradients
+from chatlora.train.loop import train
 from chatlora.train.steps import pack, pad
 
 pytestmark = [pytest.mark.gpu,
@@ -233,8 +234,9 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
     apply no update (fused AdamW's found_inf, on the device) and stop the run naming step 3, leaving
     checkpoint-2 as the last thing written."""
     from chatlora.errors import UserError
-    from chatlora.train import loop as train_module
     from chatlora.train.checkpoint import latest_checkpoint
+    from chatlora.train.distributed import Ranks
+    from chatlora.train.gradients import FusedGradients, defers_read_back
 
     updates = []   # whether the adapter weights moved, per optimizer step
 
@@ -246,7 +248,7 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
                                zip(before, [p for g in self.param_groups for p in g["params"]])))
             return out
 
-    real = train_module._FusedStep.clip_grad_norm_
+    real = FusedGradients.clip_grad_norm_
     calls = {"n": 0}
 
     def poisoned(self, max_norm):
@@ -255,13 +257,13 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
             self.fast.net.flat.grad.fill_(float("nan"))
         return real(self, max_norm)
 
-    monkeypatch.setattr(train_module._FusedStep, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(FusedGradients, "clip_grad_norm_", poisoned)
     monkeypatch.setattr(torch.optim, "AdamW", Watched)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:64]))
     cfg = load_config(overrides=["train.max_steps=6", "train.save_every=2", "train.eval_every=0"],
                       flags={"model.path": str(index_dir), "data.path": str(data)})
-    assert train_module.defers_read_back("cuda", train_module.Ranks(0, 1))
+    assert defers_read_back("cuda", Ranks(0, 1))
     run = tmp_path / "run"
     with pytest.raises(UserError, match="step 3: loss .*gradient norm nan"):
         train(cfg, run)
@@ -270,7 +272,7 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
 
 
 def test_training_uses_graphs_by_default_on_cuda(index_dir, huanhuan_rows, tmp_path):
-    from chatlora.train.loop import fused_step
+    from chatlora.train.gradients import fused_step
 
     cfg = load_config(flags={"model.path": str(index_dir)})
     model = lora_model(index_dir, "bfloat16")

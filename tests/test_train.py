@@ -14,7 +14,7 @@ from chatlora.errors import UserError
 from chatlora.models.load import load_model, prepare_base
 from chatlora.rundir import run_status, write_status
 from chatlora.templates import IGNORE
-from chatlora.train.checkpoint import latest_checkpoint
+from chatlora.train.checkpoint import CheckpointWriter, latest_checkpoint
 from chatlora.train.loop import train
 from chatlora.train.steps import pack, pad
 
@@ -90,17 +90,17 @@ def test_saved_adapter_loads_in_plain_peft_with_same_logits(index_dir, tiny_data
 
 
 def test_nan_stops_run_and_no_non_finite_tensor_is_written(index_dir, tiny_data, tmp_path, monkeypatch):
-    from chatlora.train import loop as train_module
+    from chatlora.train import gradients as gradients_module
 
     calls = {"n": 0}
-    real = train_module.loss_sum
+    real = gradients_module.loss_sum
 
     def poisoned(model, batch):
         calls["n"] += model.training  # count training micro-batches only, not held-out evaluation
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] > 4 else loss  # from step 3 on (2 micro-batches a step)
 
-    monkeypatch.setattr(train_module, "loss_sum", poisoned)
+    monkeypatch.setattr(gradients_module, "loss_sum", poisoned)
     run = tmp_path / "run"
     with pytest.raises(UserError, match="step 3: loss nan"):
         train(config_for(index_dir, tiny_data, max_steps=6, save_every=1, examples_per_step=8,
@@ -277,6 +277,7 @@ def test_deferred_read_back_reports_every_step_and_skips_a_non_finite_update(ind
     applies no update, and the run stops naming it before the next step's update."""
     import json
 
+    from chatlora.train import gradients as gradients_module
     from chatlora.train import loop as train_module
 
     def rows(run):
@@ -306,14 +307,14 @@ def test_deferred_read_back_reports_every_step_and_skips_a_non_finite_update(ind
             return out
 
     calls = {"n": 0}
-    real = train_module.loss_sum
+    real = gradients_module.loss_sum
 
     def poisoned(model, batch):
         calls["n"] += model.training
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] > 4 else loss   # from step 3 on (2 micro-batches a step)
 
-    monkeypatch.setattr(train_module, "loss_sum", poisoned)
+    monkeypatch.setattr(gradients_module, "loss_sum", poisoned)
     monkeypatch.setattr(torch.optim, "AdamW", Watched)
     run = tmp_path / "nan"
     with pytest.raises(UserError, match="step 3: loss nan"):
@@ -322,3 +323,47 @@ def test_deferred_read_back_reports_every_step_and_skips_a_non_finite_update(ind
     assert updates == [(0.0, True), (0.0, True), (1.0, False)]   # no update for step 3, none after it
     assert latest_checkpoint(run).name == "checkpoint-2" and not (run / "final").exists()
     assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_checkpoints_written_in_the_background_hold_what_the_loop_writes_in_line(index_dir, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    """On a GPU checkpoints are written on a thread of their own from a snapshot. Forced here on CPU:
+    the same files, byte for byte, as writing in line (though training moved on meanwhile), the
+    writes on the writer's thread; a write that fails stops the run with its error."""
+    import hashlib
+    import threading
+
+    from chatlora.train import checkpoint as checkpoint_module
+    from chatlora.train import loop as train_module
+
+    def files(run):
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for d in ("checkpoint-4", "checkpoint-6", "final") for p in sorted((run / d).iterdir())}
+
+    settings = dict(max_steps=6, save_every=2, examples_per_step=8, micro_batch_examples=4)
+    train(config_for(index_dir, tiny_data, **settings), tmp_path / "inline")
+    threads = []
+    real_write = checkpoint_module.write_checkpoint
+
+    def watched(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "CheckpointWriter", lambda background: CheckpointWriter(True))
+    monkeypatch.setattr(train_module, "write_checkpoint", watched)
+    train(config_for(index_dir, tiny_data, **settings), tmp_path / "background")
+    assert files(tmp_path / "background") == files(tmp_path / "inline")
+    assert threads == ["chatlora-checkpoint"] * 4   # checkpoint-2, -4, -6 and final/
+
+    def failing(run, step, *args, **kwargs):
+        if step == 2:
+            raise UserError("no space left for checkpoint-2 (test)")
+        return real_write(run, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "write_checkpoint", failing)
+    run = tmp_path / "failing"
+    with pytest.raises(UserError, match="no space left for checkpoint-2"):
+        train(config_for(index_dir, tiny_data, **settings), run)
+    assert not (run / "final").exists() and latest_checkpoint(run) is None
+    assert run_status(run)["state"] == "failed"

@@ -10,9 +10,10 @@ A checkpoint is assembled in a hidden temporary directory, every file flushed to
 into place in one step (atomic.new_directory). Its marker records what it holds, so a checkpoint
 damaged later (a truncated or emptied file, a copy interrupted by hand) is recognised: the newest
 checkpoint that verifies is used, and each damaged newer one is named in a warning. No tensor that
-is not finite is written.
+is not finite is written. On a GPU the training loop writes them on a thread of its own
+(`CheckpointWriter`) from a snapshot copied off the device, so the GPU does not wait for the disk.
 
-    save_checkpoint(run, step, model, optimizer, {"epoch": 1}, keep_last=2)
+    write_checkpoint(run, step, model, snapshot(model, optimizer), {"epoch": 1}, keep_last=2)
     path = latest_checkpoint(run)        # None if there is none that verifies
     state = load_checkpoint(path, model, optimizer)
 """
@@ -22,7 +23,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,33 +68,89 @@ def check_finite(named_tensors, what: str) -> None:
             raise NonFiniteError(f"{what} {name} holds NaN or infinite values")
 
 
-def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep_last: int = 0,
-                    extra: dict[str, torch.Tensor] | None = None, adapter_state: dict | None = None,
-                    optimizer_state: dict | None = None, name: str | None = None) -> Path:
-    """Write checkpoint-<step> (or `name`, e.g. "final") atomically; then keep only the newest
-    `keep_last` checkpoints (0 = all). `extra`: more resume tensors (every rank's RNG states in a
-    multi-process run); `adapter_state` and `optimizer_state`: full copies to write instead of the
-    model's and optimizer's own (sharded mode)."""
+@dataclass
+class Snapshot:
+    """What a checkpoint holds, copied off the device: writing it reads nothing training changes."""
+    adapter: dict[str, torch.Tensor]     # the trainable weights by parameter name (CPU copies)
+    resume: dict[str, torch.Tensor]      # optimizer tensors, RNG states, `extra` (CPU copies)
+    optimizer: dict                      # the optimizer's hyper-parameters and scalars (JSON)
+
+
+def snapshot(model, optimizer, extra: dict[str, torch.Tensor] | None = None, adapter_state: dict | None = None,
+             optimizer_state: dict | None = None) -> Snapshot:
+    """The model's adapter weights and the optimizer's state as they are now. `extra`: more resume
+    tensors (every rank's RNG states in a multi-process run); `adapter_state` and `optimizer_state`:
+    full copies to take instead of the model's and optimizer's own (sharded mode)."""
+    named = adapter_state.items() if adapter_state is not None else \
+        ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    tensors, opt_json = _optimizer_tensors(optimizer_state or optimizer.state_dict())
+    resume = {**tensors, **_rng_tensors(), **(extra or {})}
+    return Snapshot({n: t.detach().to("cpu", copy=True) for n, t in named},
+                    {k: t.to("cpu", copy=True) for k, t in resume.items()}, opt_json)
+
+
+def write_checkpoint(run: Path, step: int, model, snap: Snapshot, state: dict, keep_last: int = 0,
+                     name: str | None = None) -> Path:
+    """Write `snap` as checkpoint-<step> (or `name`, e.g. "final") atomically; then keep only the
+    newest `keep_last` checkpoints (0 = all). `model` gives the adapter's configuration only."""
     from safetensors.torch import save_file
 
-    trainable = list(adapter_state.items()) if adapter_state is not None else \
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    check_finite(trainable, "adapter weight")
-    tensors, opt_json = _optimizer_tensors(optimizer_state or optimizer.state_dict())
-    check_finite(tensors.items(), "optimizer state")
-    resume = {**tensors, **_rng_tensors(), **(extra or {})}
-    needed = sum(t.numel() * t.element_size() for t in [p for _, p in trainable] + list(resume.values()))
+    check_finite(snap.adapter.items(), "adapter weight")
+    check_finite(snap.resume.items(), "optimizer state")
+    needed = sum(t.numel() * t.element_size() for t in [*snap.adapter.values(), *snap.resume.values()])
     final = run / (name or f"checkpoint-{step}")
     with new_directory(final, replace=True, needed_bytes=needed) as tmp:
-        save_adapter(model, tmp, adapter_state)
-        save_file(resume, str(tmp / "resume_state.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": opt_json, **state},
+        save_adapter(model, tmp, snap.adapter)
+        save_file(snap.resume, str(tmp / "resume_state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": snap.optimizer, **state},
                                                            indent=1, ensure_ascii=False))
         (tmp / MARKER).write_text(json.dumps({"files": _fingerprints(tmp)}, indent=1))
     if keep_last > 0:
         for old in complete_checkpoints(run)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time, on a thread of its own when `background`: the training loop
+    takes a snapshot (its only wait: the copies off the GPU) and goes on while the files are written,
+    checksummed and renamed into place. A failed write is raised by the next `write`, `check` or
+    `wait`; `wait` before anything must be on disk (final/, a stop)."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, job) -> None:
+        self.wait()
+        if not self.background:
+            job()
+            return
+        self._thread = threading.Thread(target=self._run, args=(job,), name="chatlora-checkpoint")
+        self._thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:   # raised on the training thread by check() / wait()
+            self._error = e
+
+    def check(self) -> None:
+        """Raise a finished write's failure, without waiting for one under way."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def join(self) -> None:
+        """Let a write under way finish; its failure stays for `check`."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        self.join()
+        self.check()
 
 
 def _fingerprints(directory: Path) -> dict[str, dict]:

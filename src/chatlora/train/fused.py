@@ -42,6 +42,7 @@ from chatlora.templates import IGNORE
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import micro_batches, supervised_count
 
+NO_DROPOUT = "no dropout"   # `_layer`'s drops for evaluation: the adapters' inputs as they are
 HEAD_CHUNK = 128  # supervised positions per vocabulary projection when checkpointing (logits' memory)
 ADAPTER = "default"
 
@@ -155,14 +156,15 @@ class FusedForward:
     # ---------------------------------------------------------------- the function
 
     def loss_sum(self, ids, positions, segments, supervised, targets, starts=None,
-                 checkpoint: bool = False) -> torch.Tensor:
+                 checkpoint: bool = False, dropout: bool = True) -> torch.Tensor:
         """Sum of cross-entropies at `supervised` positions of one packed row (padding: target IGNORE).
         `starts`: where each sequence slot of the row begins, then the row's length (`host_row`); the
         flash path attends within them, the mask path reads `segments` instead.
 
         `checkpoint`: keep only each layer's input for backward and recompute the layer there. Its
         dropout masks are then drawn up front and kept bit-packed (1 bit per element), so the recompute
-        applies the same masks without replaying RNG state (which would not survive graph capture)."""
+        applies the same masks without replaying RNG state (which would not survive graph capture).
+        `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
@@ -172,7 +174,9 @@ class FusedForward:
             attention = partial(self._masked_attention, mask=self._mask(segments))
         h = F.embedding(ids, self.lm.model.embed_tokens.weight)
         for layer in self.layers:
-            if checkpoint or self.packed_dropout:
+            if not dropout:
+                h = self._layer(h, layer, w, rope, attention, NO_DROPOUT)
+            elif checkpoint or self.packed_dropout:
                 drops = self._draw_masks(layer, ids.shape[0], ids.device)
                 run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
                               preserve_rng_state=False) if checkpoint else self._layer
@@ -248,14 +252,15 @@ class FusedForward:
             return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):
-            y = self._linear(layer.projections[name], x, w, drops[name] if drops else None)
+            y = self._linear(layer.projections[name], x, w, drops if drops is NO_DROPOUT else
+                             drops[name] if drops else None)
             return y if residual is None else residual + y
 
         return block(arch, h, layer.layer, attend, linear)
 
     def _linear(self, g: AdaptedProjection, x, w, drop=None):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
-        bit-packed masks to apply instead of drawing new ones)."""
+        bit-packed masks to apply instead of drawing new ones, or NO_DROPOUT)."""
         y = times_weight_t(x, g.base.weight, g.base.bias)
         if not g.adapters:
             return y
@@ -263,7 +268,7 @@ class FusedForward:
         wa, wb = w
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
-            d_out, r, p = g.base.outs[0], first.rank, first.dropout
+            d_out, r, p = g.base.outs[0], first.rank, 0.0 if drop is NO_DROPOUT else first.dropout
             a, b = wa[first.a_chunk].view(n, r, d_in), wb[first.b_chunk].view(n, d_out, r)
             xs = x.expand(n, t, d_in)
             xs = xs if not p else F.dropout(xs, p, True) if drop is None else _apply_mask(xs, drop[0], p)
@@ -272,7 +277,7 @@ class FusedForward:
         parts = list(y.split(g.base.outs, dim=1))
         for k, ad in enumerate(g.adapters):
             a, b = wa[ad.a_chunk].view(ad.rank, d_in), wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank)
-            p = ad.dropout
+            p = 0.0 if drop is NO_DROPOUT else ad.dropout
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -333,7 +338,7 @@ def _dropout_p(module) -> float:
 
 class FusedStep:
     """Forward + backward of one optimizer step's examples through `FusedForward`, pass by pass,
-    with the loss normalization of `train.accumulate_gradients` (sum / supervised tokens of the step).
+    with the loss normalization of `gradients.accumulate_gradients` (sum / supervised tokens of the step).
     `graphs=True` (CUDA) captures each bucket shape once and replays it; `checkpoint=True` recomputes
     each layer in backward (memory for speed)."""
 
@@ -375,6 +380,17 @@ class FusedStep:
             else:
                 part = self._forward_backward(row.to(self.device), shape)
             total = total + part
+        return total
+
+    def held_out_loss_sum(self, examples, micro_batch_examples: int, max_tokens: int | None) -> torch.Tensor:
+        """Sum of cross-entropies over every supervised token of `examples`, forward passes only, no
+        dropout and no gradients (0-d tensor, no host sync): evaluation at the fused pass's speed."""
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
+                shape = pass_shape(chunk)
+                row = host_row(chunk, shape).to(self.device)
+                total = total + self.net.loss_sum(**row_parts(row, shape), dropout=False)
         return total
 
     def _forward_backward(self, row, shape: PassShape) -> torch.Tensor:

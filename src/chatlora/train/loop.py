@@ -9,7 +9,8 @@ micro-batches give the same gradient as one batch of all their examples, and pac
 same as padded ones (tests/test_train.py proves both).
 
 Side activities are single calls guarded by a step condition: held-out loss every `eval_every`
-steps, a checkpoint every `save_every`. SIGINT/SIGTERM finish the current step, write a checkpoint
+steps (through the step's own path, gradients.py), a checkpoint every `save_every` (on a GPU
+written on a thread of its own, checkpoint.CheckpointWriter). SIGINT/SIGTERM finish the current step, write a checkpoint
 and exit non-zero; a non-finite loss or gradient stops the run naming the step.
 """
 
@@ -23,6 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,16 +41,17 @@ from chatlora.rundir import Metrics, end_status, plot_losses, prepare_run_dir, w
 from chatlora.tracking import Trackers
 from chatlora.train import distributed
 from chatlora.train.checkpoint import (
+    CheckpointWriter,
     NonFiniteError,
     check_finite,
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    snapshot,
+    write_checkpoint,
 )
-from chatlora.train.distributed import Ranks
-from chatlora.train.fused import FusedStep, unsupported_reason
-from chatlora.train.steps import StepPlan, held_out_loss, loss_sum, micro_batches, pack, pad, supervised_count
+from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, defers_read_back, fused_step
+from chatlora.train.steps import StepPlan, pack, pad, supervised_count
 
 
 class Interrupted(Exception):
@@ -74,76 +77,6 @@ def lr_at(step: int, total: int, cfg) -> float:
         case _:
             factor = 1.0
     return cfg.learning_rate * factor
-
-
-def accumulate_gradients(model, examples, micro_batch_examples: int, collate,
-                         micro_batch_tokens: int | None = None, supervised: int | None = None,
-                         grad_scale: float = 1.0) -> torch.Tensor:
-    """Backward over one optimizer step's examples, micro-batch by micro-batch, each micro-batch's
-    token-loss sum divided by the supervised tokens of the WHOLE step (`supervised`: of all ranks'
-    examples when several processes share the step): the gradients equal those of one batch holding
-    every example. `grad_scale` multiplies the gradients only (sharded mode: FSDP averages over
-    ranks). Returns the step's loss (0-d, no host sync)."""
-    supervised = supervised or supervised_count(examples)
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for chunk in micro_batches(examples, micro_batch_examples, micro_batch_tokens):
-        part = loss_sum(model, collate(chunk)) / supervised
-        (part * grad_scale if grad_scale != 1.0 else part).backward()
-        total = total + part.detach()
-    return total
-
-
-class _PlainStep:
-    """An optimizer step's gradient work on the peft model itself: this rank's backward, the sum
-    across ranks, clipping, zeroing. `_FusedStep` does the same for the fused pass, so the training
-    loop has one path."""
-
-    def __init__(self, model, params, t, collate, ranks: Ranks, sharded: bool):
-        self.model, self.params, self.t, self.collate = model, params, t, collate
-        self.ranks, self.sharded = ranks, sharded
-        self.tokens = t.micro_batch_tokens if t.packing else None
-
-    def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
-        t, world = self.t, self.ranks.world
-        loss = accumulate_gradients(self.model, mine, t.micro_batch_examples, self.collate, self.tokens,
-                                    supervised, world if self.sharded else 1.0)
-        if self.sharded:  # every rank runs as many passes as the busiest one (FSDP gathers layers together)
-            passes = lambda part: len(micro_batches(part, t.micro_batch_examples, self.tokens))  # noqa: E731
-            busiest = max(passes(distributed.shard(examples, Ranks(r, world))) for r in range(world))
-            for _ in range(busiest - passes(mine)):
-                (loss_sum(self.model, self.collate(examples[:1])) * 0.0).backward()
-        return loss
-
-    def reduce(self) -> None:
-        if not self.sharded:  # FSDP has already reduced them
-            distributed.sum_gradients(self.params, self.ranks)
-
-    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-
-class _FusedStep:
-    """`_PlainStep`'s interface over the fused pass (`fused.FusedStep`)."""
-
-    def __init__(self, fast: FusedStep, t, ranks: Ranks):
-        self.fast, self.t, self.ranks = fast, t, ranks
-
-    def backward(self, step: int, examples, mine, supervised: int) -> torch.Tensor:
-        return self.fast.accumulate(mine, self.t.micro_batch_examples, self.t.micro_batch_tokens, supervised)
-
-    def reduce(self) -> None:
-        distributed.sum_([self.fast.net.flat.grad], self.ranks)
-
-    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
-        return self.fast.clip_grad_norm_(max_norm)
-
-    def zero_grad(self) -> None:  # zeroed, not freed: the captured passes write into this buffer
-        self.fast.zero_grad()
 
 
 def train(cfg: Config, output: str | Path, resume: bool = False, overwrite: bool = False,
@@ -252,13 +185,13 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             trackers.log(row)
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
     fast = None if sharded else fused_step(model, cfg, device)
-    stepper = _FusedStep(fast, t, ranks) if fast else _PlainStep(model, params, t, collate, ranks, sharded)
+    stepper = FusedGradients(fast, t, ranks) if fast else PlainGradients(model, params, t, collate, ranks, sharded, device)
 
     def evaluate(step: int) -> None:
         if not ds.held_out:
             return
         if main or sharded:  # a sharded model runs on every rank together
-            loss = held_out_loss(model, ds.held_out, t.micro_batch_examples, device, t.micro_batch_tokens)
+            loss = stepper.held_out_loss(ds.held_out)
         if main:
             record({"step": step, "held_out_loss": loss})
             say(f"held-out loss at step {step}: {loss:.4f} ({len(ds.held_out)} examples)")
@@ -272,14 +205,21 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         state = {i: distributed.full_tensors(st.items(), ranks) for i, st in sd["state"].items()}
         return adapter, {"state": state, "param_groups": sd["param_groups"]}
 
+    # On a GPU the files are written while training goes on; CPU runs write in line (they would
+    # share their cores with the writer anyway, and a test's kill then lands after a whole checkpoint).
+    writer = CheckpointWriter(background=device.startswith("cuda"))
+
     def save(done: int, name: str | None = None) -> None:
-        """checkpoint-<done>, or final/ (the same contents: a finished run resumes from it)."""
+        """checkpoint-<done>, or final/ (the same contents: a finished run resumes from it), which is
+        on disk when this returns, as every checkpoint before it is."""
         rng = distributed.gather_rng(ranks)
         adapter, opt = full_copies()
         if main:
-            save_checkpoint(run, done, model, optimizer, {"epoch": done / plan.steps_per_epoch,
-                                                          "world_size": ranks.world}, t.keep_last, rng,
-                            adapter, opt, name=name)
+            snap = snapshot(model, optimizer, rng, adapter, opt)
+            state = {"epoch": done / plan.steps_per_epoch, "world_size": ranks.world}
+            writer.write(partial(write_checkpoint, run, done, model, snap, state, t.keep_last, name))
+            if name is not None:
+                writer.wait()
         distributed.barrier(ranks)
 
     def report(outcome: StepOutcome) -> None:
@@ -305,6 +245,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         pending: StepOutcome | None = None   # the previous step, its figures still on their way back
         try:
             for step in range(start, total):
+                writer.check()   # a checkpoint that failed to write stops the run now, not at the end
                 began = time.perf_counter()
                 examples = [ds.train[i] for i in plan.indices(step)]
                 mine, supervised = distributed.shard(examples, ranks), supervised_count(examples)
@@ -341,6 +282,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
                 if saving:
                     save(done)
                 if stopping:
+                    writer.wait()   # the checkpoint the message names is on disk
                     code = 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
                     raise Interrupted(code, f"stopped by signal after step {done}; a checkpoint "
                                       f"is in {run}/checkpoint-{done}. Resume with:\n    chatlora train "
@@ -351,6 +293,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             raise UserError(f"training stopped: {e}. No checkpoint was written for this step; lower "
                             f"train.learning_rate or set train.max_grad_norm.") from None
         finally:
+            writer.join()   # a write under way finishes (its failure, if any, is the run's next error)
             bar.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -366,41 +309,6 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if trackers:
             trackers.finish(state)
     return run / "final"
-
-
-def defers_read_back(device: str, ranks: Ranks) -> bool:
-    """Whether a step's loss and gradient norm come back to the host while the next step runs (one GPU):
-    the device then never waits for the host between steps. With several processes every rank
-    agrees on each step's figures at once instead."""
-    return device.startswith("cuda") and not ranks.active
-
-
-class StepFigures:
-    """A step's loss and gradient norm on their way to the host: read back at once, or (`defer`)
-    copied into pinned memory behind the step's work, with a device-side flag for the optimizer."""
-
-    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, defer: bool):
-        both = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
-        self.ready = None
-        if defer:
-            self.not_finite = (~torch.isfinite(both).all()).float()   # fused AdamW's found_inf
-            self.host = torch.empty(2, dtype=torch.float32, pin_memory=both.is_cuda)
-            self.host.copy_(both, non_blocking=True)
-            if both.is_cuda:
-                self.ready = torch.cuda.Event()
-                self.ready.record()
-        else:
-            self.host = both.cpu()
-
-    def checked(self, done: int) -> tuple[float, float]:
-        """(loss, gradient norm) of the step that made `done` steps; NonFiniteError naming it if
-        either is NaN or infinite."""
-        if self.ready is not None:
-            self.ready.synchronize()   # this step's figures only: later queued work runs on
-        loss, grad_norm = self.host.tolist()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise NonFiniteError(f"step {done}: loss {loss}, gradient norm {grad_norm}")
-        return loss, grad_norm
 
 
 @dataclass
@@ -426,24 +334,3 @@ def _digest(examples) -> str:
     for e in examples:
         h.update(repr((e.input_ids, e.labels)).encode())
     return h.hexdigest()
-
-
-def fused_step(model, cfg: Config, device: str) -> FusedStep | None:
-    """The fused training pass when `train.fast_path` asks for it and the model allows it, else None."""
-    t = cfg.train
-    mode = t.fast_path
-    if mode == "auto":
-        mode = "graphs" if device.startswith("cuda") else "plain"
-    if mode == "plain":
-        return None
-    reason = unsupported_reason(model, cfg.lora) or (None if t.packing else "train.packing is off")
-    if reason is None and mode == "graphs" and not device.startswith("cuda"):
-        reason = "CUDA graphs need a GPU"
-    if reason:
-        if t.fast_path != "auto":
-            raise UserError(f"train.fast_path={t.fast_path} is not available: {reason}")
-        print(f"chatlora: the fast training path does not cover this run ({reason}); using the plain peft model")
-        return None
-    step = FusedStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
-    step.zero_grad()
-    return step
