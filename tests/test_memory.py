@@ -131,6 +131,10 @@ def test_the_studio_estimates_a_run_and_warns_on_a_small_card(tmp_path, index_di
     assert r["lowmem"]["total"] < e["total"] and e["largest_pass"]["tokens"] > 0
     lowmem = c.post("/api/estimate", json={"config": config, "preset": "lowmem"}).json()
     assert lowmem["lowmem"] is None and lowmem["estimate"]["total"] == r["lowmem"]["total"]
+    asked = []   # the form's 4-bit base reaches the estimate (a tiny model's GiB round to 0)
+    monkeypatch.setattr(memory, "estimate", lambda *a, **kw: asked.append(kw["nf4"]) or estimate(*a, **kw))
+    c.post("/api/estimate", json={"config": dict(config, **{"model.quantize": "nf4"})})
+    assert asked[0] is True
     tiny_card = {"name": "Tiny GPU", "total_bytes": 2 ** 20, "free_bytes": 2 ** 20}
     monkeypatch.setattr(studio_app, "gpu_memory", lambda: tiny_card)
     warned = c.post("/api/estimate", json={"config": config}).json()
