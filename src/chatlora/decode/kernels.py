@@ -22,24 +22,14 @@ interpreter under `TRITON_INTERPRET=1` for tests). Whether a decoder uses them i
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from chatlora.models import triton_kernels
 from chatlora.models.arch import rotate
+from chatlora.models.triton_kernels import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the decoder keeps its torch operations
-    triton = None
-
-
-def available(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
+available = triton_kernels.available   # whether these kernels can run on a device
 
 if triton is not None:
 

@@ -1,8 +1,9 @@
 """4-bit NF4 base weights (QLoRA): the frozen projections of a base model stored as torchao's NF4Tensor.
 
-    from chatlora.models.quantize import quantize_base, dequantize
-    report = quantize_base(lm)              # q/k/v/o/gate/up/down of every layer -> NF4, in place
-    w = dequantize(module.weight)           # the weight in its compute dtype, e.g. inside the fused pass
+    from chatlora.models.quantize import quantize_base, dequantize, describe
+    quantize_base(lm, {"q_proj", ...}, "cuda")   # those modules of every layer -> NF4, in place
+    print(describe(lm, {"q_proj", ...}).line())  # how many, and their bytes before and after
+    w = dequantize(module.weight)                # the weight in its compute dtype, e.g. inside the fused pass
 
 NF4 as QLoRA defines it: blocks of 64 weights, each stored as 4-bit indices into the 16 NF4 values
 scaled by the block's absolute maximum; the block maxima themselves quantised to 8 bits in blocks of
@@ -29,16 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from chatlora.errors import UserError
+from chatlora.models.triton_kernels import available, tl, triton
 
 BLOCK = 64              # weights per scale, as QLoRA
 SCALER_BLOCK = 256      # block scales per second-level scale, as QLoRA; smaller where a weight needs it
-QUANTIZE_CHOICES = ("none", "nf4")
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 @contextlib.contextmanager
@@ -204,9 +199,8 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 
 def kernel_available(device: torch.device) -> bool:
-    if triton is None or os.environ.get("CHATLORA_TRITON") == "0":
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether `dequantize` runs the Triton kernel here (CHATLORA_TRITON=0: torchao's operations)."""
+    return available(device) and os.environ.get("CHATLORA_TRITON") != "0"
 
 
 if triton is not None:
