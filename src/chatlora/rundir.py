@@ -156,8 +156,8 @@ def base_precision(run: Run, device: str | None, dtype: str) -> str:
     if run.cfg.model.quantize != "nf4":
         return "none"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    need = parameter_count(run.base.dir) * pick_dtype(dtype, device).itemsize
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":   # on a CPU the 16-bit base is the one to use
+        need = parameter_count(run.base.dir) * pick_dtype(dtype, device).itemsize
         free = torch.cuda.mem_get_info(torch.device(device))[0]
         if need * 1.1 + 2**30 > free:
             print(f"chatlora: {run.dir.name} was trained on a 4-bit base; its 16-bit base ({need / 2**30:.1f} GiB) "

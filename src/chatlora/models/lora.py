@@ -30,17 +30,17 @@ def peft_module():
 
 def attach(model, lora_cfg):
     """Wrap `model` with trainable LoRA adapters on `lora_cfg.targets`; everything else frozen."""
-    LoraConfig, get_peft_model = peft_module().LoraConfig, peft_module().get_peft_model
+    peft = peft_module()
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in lora_cfg.targets if t not in names]
     if missing:
         raise UserError(f"lora.targets {missing} are not modules of this model "
                         f"(linear layers here include: {', '.join(sorted(_linear_names(model)))})")
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+    config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=list(lora_cfg.targets), use_rslora=lora_cfg.rslora,
                         use_dora=lora_cfg.dora, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def _linear_names(model) -> set[str]:

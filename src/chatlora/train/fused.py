@@ -42,7 +42,6 @@ from chatlora.templates import IGNORE
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import micro_batches, supervised_count
 
-NO_DROPOUT = "no dropout"   # `_layer`'s drops for evaluation: the adapters' inputs as they are
 HEAD_CHUNK = 128  # supervised positions per vocabulary projection when checkpointing (logits' memory)
 ADAPTER = "default"
 
@@ -175,7 +174,7 @@ class FusedForward:
         h = F.embedding(ids, self.lm.model.embed_tokens.weight)
         for layer in self.layers:
             if not dropout:
-                h = self._layer(h, layer, w, rope, attention, NO_DROPOUT)
+                h = self._layer(h, layer, w, rope, attention, dropout=False)
             elif checkpoint or self.packed_dropout:
                 drops = self._draw_masks(layer, ids.shape[0], ids.device)
                 run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
@@ -243,7 +242,7 @@ class FusedForward:
         chunks = w.split(self.a_sizes + self.b_sizes)
         return chunks[:len(self.a_sizes)], chunks[len(self.a_sizes):]
 
-    def _layer(self, h, layer: AdaptedLayer, w, rope, attention, drops=None):
+    def _layer(self, h, layer: AdaptedLayer, w, rope, attention, drops=None, dropout: bool = True):
         arch, t = self.arch, h.shape[0]
 
         def attend(y):
@@ -252,15 +251,14 @@ class FusedForward:
             return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):
-            y = self._linear(layer.projections[name], x, w, drops if drops is NO_DROPOUT else
-                             drops[name] if drops else None)
+            y = self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout)
             return y if residual is None else residual + y
 
         return block(arch, h, layer.layer, attend, linear)
 
-    def _linear(self, g: AdaptedProjection, x, w, drop=None):
+    def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
-        bit-packed masks to apply instead of drawing new ones, or NO_DROPOUT)."""
+        bit-packed masks to apply instead of drawing new ones; `dropout=False`: none, evaluation)."""
         y = times_weight_t(x, g.base.weight, g.base.bias)
         if not g.adapters:
             return y
@@ -268,7 +266,7 @@ class FusedForward:
         wa, wb = w
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
-            d_out, r, p = g.base.outs[0], first.rank, 0.0 if drop is NO_DROPOUT else first.dropout
+            d_out, r, p = g.base.outs[0], first.rank, first.dropout if dropout else 0.0
             a, b = wa[first.a_chunk].view(n, r, d_in), wb[first.b_chunk].view(n, d_out, r)
             xs = x.expand(n, t, d_in)
             xs = xs if not p else F.dropout(xs, p, True) if drop is None else _apply_mask(xs, drop[0], p)
@@ -277,7 +275,7 @@ class FusedForward:
         parts = list(y.split(g.base.outs, dim=1))
         for k, ad in enumerate(g.adapters):
             a, b = wa[ad.a_chunk].view(ad.rank, d_in), wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank)
-            p = 0.0 if drop is NO_DROPOUT else ad.dropout
+            p = ad.dropout if dropout else 0.0
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
