@@ -400,3 +400,32 @@ def test_nf4_dequantize_kernel_equals_torchao_on_cuda(dtype):
         w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).to("cuda", dtype)
         q = nf4.NF4Tensor.from_tensor(w, quantize.BLOCK, quantize.scaler_block_size(w.numel()))
         assert torch.equal(quantize.dequantize(q), q.get_original_weight()), shape
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
+    """The fused pass's RMSNorm and SiLU * up kernels compiled on the GPU, forward and backward, at a
+    real width, against float64 torch (bf16: within its rounding)."""
+    from chatlora.train import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 2048, device="cuda", generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(2048, device="cuda", generator=g) * 0.1 + 1).to(dtype)
+    dy = torch.randn(300, 2048, device="cuda", generator=g).to(dtype)
+    y = kernels.rms_norm(x, w, 1e-6)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.rms_norm(x64, (2048,), w.double(), 1e-6)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    for got, want in ((y, y64), (dx, dx64)):
+        assert ((got.double() - want).norm() / want.norm()).item() < tol
+    gu = torch.randn(300, 2 * 5888, device="cuda", generator=g).to(dtype).requires_grad_(True)
+    do = torch.randn(300, 5888, device="cuda", generator=g).to(dtype)
+    out = kernels.silu_mul(gu)
+    (dgu,) = torch.autograd.grad(out, gu, do)
+    g64 = gu.detach().double().requires_grad_(True)
+    a, b = g64.chunk(2, -1)
+    o64 = torch.nn.functional.silu(a) * b
+    (dg64,) = torch.autograd.grad(o64, g64, do.double())
+    for got, want in ((out, o64), (dgu, dg64)):
+        assert ((got.double() - want).norm() / want.norm()).item() < tol

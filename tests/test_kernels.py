@@ -110,3 +110,76 @@ def test_nf4_dequantize_kernel_equals_torchao_under_the_interpreter(breakage):
         assert done.returncode == 0 and "nf4 kernel matches" in done.stdout, done.stderr[-3000:]
     else:
         assert done.returncode != 0 and "nf4 kernel matches" not in done.stdout
+
+
+TRAINING_CHECK = textwrap.dedent(f"""
+    import sys
+    import torch
+    sys.path.insert(0, {TESTS!r})
+    import json
+    from pathlib import Path
+    import chatlora
+    from helpers import examples_for
+    from chatlora.config import load_config
+    from chatlora.models.load import load_model, load_tokenizer, prepare_base
+    from chatlora.models.lora import attach, trainable_parameters
+    from chatlora.train import kernels
+    from chatlora.train.fused import FusedStep
+    from chatlora.train.gradients import accumulate_gradients
+    from chatlora.train.steps import pack
+
+    # the kernels against float64 torch, forward and backward
+    torch.manual_seed(0)
+    for rows, n in [(5, 64), (3, 200)]:
+        x = torch.randn(rows, n, requires_grad=True)
+        w = torch.randn(n) * 0.1 + 1
+        dy = torch.randn(rows, n)
+        dy_kernel = dy
+        (dx,) = torch.autograd.grad(kernels.rms_norm(x, w, 1e-6), x, dy_kernel)
+        x64 = x.detach().double().requires_grad_(True)
+        (dx64,) = torch.autograd.grad(torch.nn.functional.rms_norm(x64, (n,), w.double(), 1e-6), x64, dy.double())
+        assert (dx.double() - dx64).norm() / dx64.norm() < 1e-6, "rms_norm backward"
+        gu = torch.randn(rows, 2 * n, requires_grad=True)
+        do = torch.randn(rows, n)
+        (dgu,) = torch.autograd.grad(kernels.silu_mul(gu), gu, do)
+        g64 = gu.detach().double().requires_grad_(True)
+        a, b = g64.chunk(2, -1)
+        (dg64,) = torch.autograd.grad(torch.nn.functional.silu(a) * b, g64, do.double())
+        assert (dgu.double() - dg64).norm() / dg64.norm() < 1e-6, "silu_mul backward"
+
+    # the fused pass with them, against peft (float32)
+    base = prepare_base({{index_dir!r}})
+    model = attach(load_model(base, "float32", "cpu"), load_config(overrides=["lora.dropout=0"]).lora).train()
+    for name, p in trainable_parameters(model):
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    rows = json.loads((Path(chatlora.__file__).parent / "assets" / "huanhuan.json").read_text(encoding="utf-8"))
+    examples = examples_for(load_tokenizer(base), rows[:6])
+    ref = accumulate_gradients(model, examples, 16, lambda ex: pack(ex)).item()
+    grads = [p.grad.clone() for _, p in trainable_parameters(model)]
+    model.zero_grad(set_to_none=True)
+    fast = FusedStep(model, "cpu")
+    assert fast.net._elementwise(torch.device("cpu"))[0] is not None   # the kernels are in the pass
+    fast.zero_grad()
+    loss = fast.accumulate(examples, 16, None).item()
+    assert abs(loss - ref) / ref < 1e-5, (loss, ref)
+    for (_, p), g in zip(trainable_parameters(model), grads):
+        assert (p.grad - g).norm() / g.norm() < 1e-4
+    print("training kernels match")
+""")
+
+
+@pytest.mark.parametrize("breakage", [None, "dy_kernel = dy.flip(1)"])
+def test_training_kernels_equal_torch_and_the_fused_pass_equals_peft_with_them(index_dir, breakage):
+    """The training pass's RMSNorm and SiLU * up kernels (train/kernels.py), forward and backward,
+    against float64 torch; then the fused pass running them against peft, under the interpreter. The
+    broken case feeds the kernel another gradient than the reference gets, and must be caught."""
+    script = TRAINING_CHECK.replace("{index_dir!r}", repr(str(index_dir)))
+    if breakage:
+        assert "dy_kernel = dy\n" in script
+        script = script.replace("dy_kernel = dy\n", breakage + "\n")
+    done = run(script)
+    if breakage is None:
+        assert done.returncode == 0 and "training kernels match" in done.stdout, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0 and "rms_norm backward" in done.stderr

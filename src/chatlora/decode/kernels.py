@@ -34,7 +34,7 @@ available = triton_kernels.available   # whether these kernels can run on a devi
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x, weight, out, n, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x, weight, out, rstd_out, n, eps, BLOCK: tl.constexpr, STORE_RSTD: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         keep = offs < n
@@ -42,6 +42,8 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / n + eps)
         w = tl.load(weight + offs, mask=keep, other=0.0).to(tl.float32)
         tl.store(out + row * n + offs, (v * rstd * w).to(out.dtype.element_ty), mask=keep)
+        if STORE_RSTD:   # for a backward pass (train/kernels.py)
+            tl.store(rstd_out + row, rstd)
 
     @triton.jit
     def _rope_to_cache_kernel(y, cos, sin, slot, kc, vc, q, width, nq, nkv, cap,
@@ -194,11 +196,13 @@ if triton is not None:
         tl.store(out + (b * nq + head) * HD + offs_d, result.to(out.dtype.element_ty))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension of a contiguous [rows, n] tensor."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, rstd: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of a contiguous [rows, n] tensor; `rstd` [rows] float32, when
+    given, receives each row's 1 / RMS (what a backward pass needs)."""
     rows, n = x.shape
     out = torch.empty_like(x)
-    _rms_norm_kernel[(rows,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n))
+    _rms_norm_kernel[(rows,)](x, weight, out, rstd if rstd is not None else out, n, eps,
+                              BLOCK=triton.next_power_of_2(n), STORE_RSTD=rstd is not None)
     return out
 
 

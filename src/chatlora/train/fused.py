@@ -9,7 +9,8 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
   - every LoRA weight in one flat buffer (the peft parameters are views into it, their gradients
     views into its gradient): cast to the compute dtype once per pass, the LoRA scale folded into B;
   - q/k/v and gate/up adapters as batched GEMMs (each module keeps its own dropout mask, as in peft);
-  - fused RMSNorm, RoPE on q and k together;
+  - RMSNorm and SiLU(gate) * up as Triton kernels with their backward on a GPU (kernels.py); RoPE on
+    q and k together;
   - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
     (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
     heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
@@ -29,6 +30,7 @@ not otherwise; the caller then uses the eager path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -39,6 +41,7 @@ import torch.utils.checkpoint
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
+from chatlora.train import kernels as train_kernels
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import micro_batches, supervised_count
 
@@ -110,6 +113,8 @@ class FusedForward:
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
         self.flash = True            # tests: False computes the mask path on a GPU too
+        self.kernels = True          # tests: False keeps torch's RMSNorm and SiLU * up on a GPU too
+        self._norm = self._activation = None   # this pass's (`_elementwise`)
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name)) for name in
                                             ("qkv", "o", "gate_up", "down")}) for layer in fused_layers(lm)]
         self.dtype = self.layers[0].layer.qkv.weight.dtype
@@ -165,6 +170,7 @@ class FusedForward:
         applies the same masks without replaying RNG state (which would not survive graph capture).
         `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
+        self._norm, self._activation = self._elementwise(ids.device)
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
         if starts is not None and self.uses_flash(ids.device):
@@ -193,6 +199,15 @@ class FusedForward:
         precision, a torch whose flash kernel takes a window); else the mask path."""
         return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
                 and _has_varlen_flash())
+
+    def _elementwise(self, device):
+        """(norm, activation) for the layer (`models.arch.block`): the training kernels (kernels.py,
+        forward and backward in Triton) where they run, else None (torch's operations)."""
+        if not (self.kernels and train_kernels.available(torch.device(device))
+                and os.environ.get("CHATLORA_TRITON", "1") != "0"):
+            return None, None
+        eps = self.arch.eps
+        return (lambda x, weight: train_kernels.rms_norm(x, weight, eps)), train_kernels.silu_mul
 
     def _mask(self, segments):
         """The additive attention mask of a packed row: causal, within each segment (and window)."""
@@ -254,7 +269,7 @@ class FusedForward:
             y = self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout)
             return y if residual is None else residual + y
 
-        return block(arch, h, layer.layer, attend, linear)
+        return block(arch, h, layer.layer, attend, linear, self._norm, self._activation)
 
     def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True):
         """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:

@@ -1,0 +1,100 @@
+"""Triton kernels of the fused training pass, each with its backward, for the elementwise and row-wise
+steps of a layer that torch runs as several kernels each (bench/NOTES.md: about 2,500 small kernels
+per pass beside the GEMMs):
+  - `rms_norm`: RMSNorm; the forward is the decoder's kernel (decode/kernels.py) keeping each row's
+    1 / RMS, the backward one kernel per row (the norm weights are frozen: no weight gradient);
+  - `silu_mul`: SiLU(gate) * up over the fused gate/up output; the forward is the decoder's kernel,
+    the backward one kernel writing both halves' gradients; only the gate/up output is kept for it.
+Each computes in fp32 and rounds once. tests/test_kernels.py compares them, forward and backward,
+with float64 torch under Triton's interpreter; tests/test_gpu.py compiled on a GPU.
+
+`available(device)`: as for the decode kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chatlora.decode import kernels as decode_kernels
+
+available = decode_kernels.available
+triton, tl = decode_kernels.triton, getattr(decode_kernels, "tl", None)
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_backward_kernel(dy, x, weight, rstd, dx, n, BLOCK: tl.constexpr):
+        """dx = rstd * (g - xhat * mean(xhat * g)), g = w * dy, xhat = x * rstd."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        keep = offs < n
+        v = tl.load(x + row * n + offs, mask=keep, other=0.0).to(tl.float32)
+        g = tl.load(dy + row * n + offs, mask=keep, other=0.0).to(tl.float32) * \
+            tl.load(weight + offs, mask=keep, other=0.0).to(tl.float32)
+        r = tl.load(rstd + row)
+        xhat = v * r
+        mean = tl.sum(xhat * g, axis=0) / n
+        tl.store(dx + row * n + offs, (r * (g - xhat * mean)).to(dx.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _silu_mul_backward_kernel(dout, gu, dgu, inter, BLOCK: tl.constexpr):
+        """d gate = dout * up * s * (1 + gate * (1 - s)), d up = dout * gate * s; s = sigmoid(gate)."""
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        keep = offs < inter
+        gate = tl.load(gu + row * 2 * inter + offs, mask=keep, other=0.0).to(tl.float32)
+        up = tl.load(gu + row * 2 * inter + inter + offs, mask=keep, other=0.0).to(tl.float32)
+        d = tl.load(dout + row * inter + offs, mask=keep, other=0.0).to(tl.float32)
+        s = 1.0 / (1.0 + tl.exp(-gate))
+        dgate = d * up * s * (1.0 + gate * (1.0 - s))
+        tl.store(dgu + row * 2 * inter + offs, dgate.to(dgu.dtype.element_ty), mask=keep)
+        tl.store(dgu + row * 2 * inter + inter + offs, (d * gate * s).to(dgu.dtype.element_ty), mask=keep)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        out = decode_kernels.rms_norm(rows, weight, eps, rstd)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.shape = x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, rstd = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise NotImplementedError("the training kernels take frozen norm weights (LoRA trains adapters only)")
+        dy = dy.reshape(rows.shape).contiguous()
+        dx = torch.empty_like(rows)
+        _rms_norm_backward_kernel[(rows.shape[0],)](dy, rows, weight, rstd, dx, rows.shape[1],
+                                                    BLOCK=triton.next_power_of_2(rows.shape[1]))
+        return dx.view(ctx.shape), None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gu = gate_up.contiguous()
+        ctx.save_for_backward(gu)
+        return decode_kernels.silu_mul(gu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (gu,) = ctx.saved_tensors
+        rows, inter = gu.shape[0], gu.shape[1] // 2
+        dgu = torch.empty_like(gu)
+        block = 1024
+        _silu_mul_backward_kernel[(rows, triton.cdiv(inter, block))](dout.contiguous(), gu, dgu, inter, BLOCK=block)
+        return dgu
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with a frozen `weight`, forward and backward in Triton."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a [rows, 2 * inter] gate/up output, forward and backward in Triton."""
+    return _SiluMul.apply(gate_up)
