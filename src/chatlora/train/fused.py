@@ -14,7 +14,8 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
   - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
     (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
     heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
-  - the vocabulary projection only at supervised positions;
+  - the vocabulary projection only at supervised positions, with the cross-entropy in chunks whose
+    forward pass also computes the input's gradient (no logits kept for backward);
   - the row padded to a bucket shape (train/packed_row.py) so a few shapes repeat; each shape is
     captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
     per pass instead of thousands.
@@ -45,7 +46,7 @@ from chatlora.train import kernels as train_kernels
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import micro_batches, supervised_count
 
-HEAD_CHUNK = 128  # supervised positions per vocabulary projection when checkpointing (logits' memory)
+HEAD_LOGITS = 2 ** 26   # float32 logits per chunk of the vocabulary projection (256 MiB)
 ADAPTER = "default"
 
 
@@ -188,11 +189,8 @@ class FusedForward:
                 h = run(h, layer, w, rope, attention, drops)
             else:
                 h = self._layer(h, layer, w, rope, attention)
-        x = h.index_select(0, supervised)
-        if not checkpoint:
-            return self._head(x, targets)
-        head = partial(torch.utils.checkpoint.checkpoint, self._head, use_reentrant=False, preserve_rng_state=False)
-        return sum(head(xc, tc) for xc, tc in zip(x.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)))
+        x = self.arch.norm(h.index_select(0, supervised), self.lm.model.norm.weight)
+        return chunked_cross_entropy(x, self.lm.lm_head.weight, targets)
 
     def uses_flash(self, device) -> bool:
         """Whether passes on `device` attend with flash attention over the row's sequences (CUDA, half
@@ -230,10 +228,6 @@ class FusedForward:
         window = self.arch.window
         left = -1 if window is None else window - 1     # keys from query - left to the query itself
         return _VarlenFlash.apply(q, k, v, starts, longest, self.arch.head_dim ** -0.5, left)
-
-    def _head(self, x, targets):
-        logits = self.arch.norm(x, self.lm.model.norm.weight) @ self.lm.lm_head.weight.t()
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
     def _draw_masks(self, layer: AdaptedLayer, t: int, device) -> dict[str, list[torch.Tensor] | None]:
         """Bit-packed keep masks for every adapter input of `layer` (per stacked group, or per adapter)."""
@@ -294,6 +288,42 @@ class FusedForward:
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of the cross-entropies of x @ weight.T at `targets` (IGNORE skipped), a chunk of rows at a
+    time; the forward pass also computes x's gradient, (softmax - one-hot) @ weight, and keeps only
+    that ([rows, hidden]): no logits outlive their chunk, in either pass. `weight` is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        for start in range(0, x.shape[0], rows):
+            logits = (x[start:start + rows] @ weight.t()).float()
+            target = targets[start:start + rows]
+            valid = (target != IGNORE)[:, None]
+            index = target.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total = total + ((lse - logits.gather(1, index)) * valid).sum()
+            if grad is not None:
+                p = (logits - lse).exp_().scatter_add_(1, index, -valid.float()).mul_(valid)
+                grad[start:start + rows] = p.to(x.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets) -> torch.Tensor:
+    """`F.cross_entropy(x @ weight.T, targets, ignore_index=IGNORE, reduction="sum")` with float32
+    logits, computed in chunks of at most HEAD_LOGITS logits (the vocabulary projection at supervised
+    positions is the pass's largest tensor: 12 bytes per position and vocabulary entry otherwise)."""
+    rows = max(1, HEAD_LOGITS // weight.shape[0])
+    return _ChunkedCrossEntropy.apply(x, weight, targets, rows)
 
 
 @lru_cache(maxsize=None)
