@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from chatlora.models import triton_kernels
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
@@ -201,7 +202,7 @@ class FusedForward:
     def _elementwise(self, device):
         """(norm, activation) for the layer (`models.arch.block`): the training kernels (kernels.py,
         forward and backward in Triton) where they run, else None (torch's operations)."""
-        if not (self.kernels and train_kernels.available(torch.device(device))
+        if not (self.kernels and triton_kernels.available(torch.device(device))
                 and os.environ.get("CHATLORA_TRITON", "1") != "0"):
             return None, None
         eps = self.arch.eps

@@ -8,7 +8,7 @@ per pass beside the GEMMs):
 Each computes in fp32 and rounds once. tests/test_kernels.py compares them, forward and backward,
 with float64 torch under Triton's interpreter; tests/test_gpu.py compiled on a GPU.
 
-`available(device)`: as for the decode kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
+Where they run: models/triton_kernels.available (CUDA, or the interpreter under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from chatlora.decode import kernels as decode_kernels
-
-available = decode_kernels.available
-triton, tl = decode_kernels.triton, getattr(decode_kernels, "tl", None)
+from chatlora.models.triton_kernels import tl, triton
 
 if triton is not None:
 
