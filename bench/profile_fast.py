@@ -21,7 +21,7 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.fused import FusedStep  # noqa: E402
+from chatlora.train.fused_step import FusedStep  # noqa: E402
 from chatlora.train.packed_row import host_row, pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan  # noqa: E402
 

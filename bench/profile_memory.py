@@ -24,7 +24,7 @@ from chatlora.config import load_config  # noqa: E402
 from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
-from chatlora.train.gradients import fused_step  # noqa: E402
+from chatlora.train.gradients import choose_fused_step  # noqa: E402
 from chatlora.train.packed_row import pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan, micro_batches  # noqa: E402
 
@@ -58,7 +58,7 @@ def main() -> None:
     stage = Stages()
     model = stage("load the model (bf16)", lambda: load_model(base, cfg.model.dtype, "cuda"))
     model = stage("attach LoRA", lambda: attach(model, cfg.lora).train())
-    fast = stage("fused pass set-up (weights fused, flat adapter)", lambda: fused_step(model, cfg, "cuda"))
+    fast = stage("fused pass set-up (weights fused, flat adapter)", lambda: choose_fused_step(model, cfg, "cuda"))
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, fused=True)
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)

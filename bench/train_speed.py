@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,7 @@ VARIANTS = {  # name: (label, preset, train overrides, base weights)
     "plain": ("chatlora, plain peft model (fast_path=plain)", None, {"fast_path": "plain"}, "none"),
     "eager": ("chatlora, fused pass, no graphs (fast_path=eager)", None, {"fast_path": "eager"}, "none"),
     "graphs": ("chatlora train (default: fused pass + CUDA graphs)", None, {}, "none"),
+    "graphs_torch_ops": ("chatlora train, torch's ops for Triton's (CHATLORA_TRITON=0)", None, {}, "none"),
     "lowmem": ("chatlora train --preset lowmem", "lowmem", {}, "none"),
     "batch64": ("chatlora, 64 examples per step", None,
                 {"examples_per_step": 64, "micro_batch_examples": 64, "micro_batch_tokens": 4096}, "none"),
@@ -110,6 +112,8 @@ VARIANTS = {  # name: (label, preset, train overrides, base weights)
     "nf4_lowmem": ("chatlora train --quantize nf4 --preset lowmem", "lowmem", {}, "nf4"),
     "nf4_plain": ("chatlora, plain peft on the NF4 base (fast_path=plain)", None, {"fast_path": "plain"}, "nf4"),
 }
+
+VARIANT_ENVIRONMENT = {"graphs_torch_ops": {"CHATLORA_TRITON": "0"}}   # set in the variant's own process
 
 
 def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
@@ -136,8 +140,9 @@ def in_subprocess(args, name: str) -> dict:
     import subprocess
 
     out = Path(tempfile.mkdtemp()) / f"{name}.json"
+    env = dict(os.environ, **VARIANT_ENVIRONMENT.get(name, {}))
     subprocess.run([sys.executable, __file__, args.model_dir, "--worker", name, "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--json", str(out)], check=True)
+                    "--warmup", str(args.warmup), "--json", str(out)], check=True, env=env)
     return json.loads(out.read_text())
 
 
@@ -152,7 +157,7 @@ def median_run(runs: list[dict]) -> dict:
 def first_step_losses(cfg, examples) -> dict:
     """The reference's loss, the plain peft path's and the fast path's (graphs) on the same first
     optimizer step, same initial adapter (B != 0), dropout off: the same function three ways."""
-    from chatlora.train.fused import FusedStep
+    from chatlora.train.fused_step import FusedStep
 
     data = dataset_for_config(cfg)
     base, tok = data.base, data.tok

@@ -11,7 +11,8 @@ from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.templates import IGNORE
 from chatlora.testing import make_index_dir
-from chatlora.train.fused import FusedStep, unsupported_reason
+from chatlora.train.fused import unsupported_reason
+from chatlora.train.fused_step import FusedStep
 from chatlora.train.gradients import accumulate_gradients
 from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
 from chatlora.train.steps import pack
@@ -177,12 +178,12 @@ def test_training_loop_with_fast_path_matches_plain(tmp_path, index_dir, huanhua
 
 def test_fast_path_on_request_without_support_is_an_error(tmp_path, smollm2_base):
     from chatlora.errors import UserError
-    from chatlora.train.gradients import fused_step
+    from chatlora.train.gradients import choose_fused_step
 
     cfg = load_config(overrides=["train.fast_path=graphs"])
     model, _ = lora_model_for(smollm2_base)
     with pytest.raises(UserError, match="fast_path=graphs"):
-        fused_step(model, cfg, "cpu")
+        choose_fused_step(model, cfg, "cpu")
 
 
 def lora_model_for(base):

@@ -124,7 +124,7 @@ TRAINING_CHECK = textwrap.dedent(f"""
     from chatlora.models.load import load_model, load_tokenizer, prepare_base
     from chatlora.models.lora import attach, trainable_parameters
     from chatlora.train import kernels
-    from chatlora.train.fused import FusedStep
+    from chatlora.train.fused_step import FusedStep
     from chatlora.train.gradients import accumulate_gradients
     from chatlora.train.steps import pack
 

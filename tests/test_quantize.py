@@ -15,7 +15,8 @@ from chatlora.models.arch import TARGETS
 from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
 from chatlora.models.quantize import describe, is_nf4, is_quantized, scaler_block_size
-from chatlora.train.fused import FusedStep, unsupported_reason
+from chatlora.train.fused import unsupported_reason
+from chatlora.train.fused_step import FusedStep
 from chatlora.train.gradients import accumulate_gradients
 from chatlora.train.loop import train
 from chatlora.train.steps import pack

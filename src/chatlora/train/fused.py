@@ -18,11 +18,12 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     forward pass also computes the input's gradient (no logits kept for backward);
   - the row padded to a bucket shape (train/packed_row.py) so a few shapes repeat; each shape is
     captured once (forward + backward into the persistent gradient buffer) and replayed: one launch
-    per pass instead of thousands.
+    per pass instead of thousands (train/fused_step.py).
 
-    step = FusedStep(peft_model, device, graphs=True)
-    step.zero_grad()
-    loss = step.accumulate(examples, micro_batch_examples=16, max_tokens=2048)   # into the peft parameters' .grad
+    net = FusedForward(peft_model)          # the peft parameters become views into net.flat
+    loss = net.loss_sum(**row_parts(row, shape))    # a packed row's summed cross-entropy
+
+One optimizer step's passes, each bucket shape captured once and replayed: train/fused_step.py.
 
 Supported: the families of models/arch.py (Llama, with Index converted into one, Mistral, Qwen2,
 Qwen3), LoRA on any of q,k,v,o,gate,up,down with one scale, no DoRA. `unsupported_reason` says why
@@ -44,8 +45,6 @@ from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.templates import IGNORE
 from chatlora.train import kernels as train_kernels
-from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
-from chatlora.train.steps import micro_batches, supervised_count
 
 HEAD_LOGITS = 2 ** 26   # float32 logits per chunk of the vocabulary projection (256 MiB)
 ADAPTER = "default"
@@ -91,14 +90,6 @@ class AdaptedProjection:
 class AdaptedLayer:
     layer: Layer
     projections: dict[str, AdaptedProjection]   # "qkv", "o", "gate_up", "down" (models.arch.PROJECTIONS)
-
-
-@dataclass
-class Captured:
-    """One bucket shape's pass, captured: its input buffer, the graph, the loss it leaves."""
-    row: torch.Tensor
-    graph: object
-    loss: torch.Tensor
 
 
 class FusedForward:
@@ -378,94 +369,3 @@ def _apply_mask(x, packed, p: float):
 def _dropout_p(module) -> float:
     drop = module.lora_dropout[ADAPTER]
     return drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
-
-
-class FusedStep:
-    """Forward + backward of one optimizer step's examples through `FusedForward`, pass by pass,
-    with the loss normalization of `gradients.accumulate_gradients` (sum / supervised tokens of the step).
-    `graphs=True` (CUDA) captures each bucket shape once and replays it; `checkpoint=True` recomputes
-    each layer in backward (memory for speed)."""
-
-    def __init__(self, model, device, graphs: bool = False, checkpoint: bool = False):
-        self.net = FusedForward(model)
-        self.device = torch.device(device)
-        self.graphs, self.checkpoint = graphs, checkpoint
-        self.divisor = torch.ones((), device=self.device)
-        self._captured: dict[PassShape, Captured] = {}
-        self._pool = None
-        self._side = None
-
-    def zero_grad(self) -> None:
-        self.net.flat.grad.zero_()
-
-    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
-        """`torch.nn.utils.clip_grad_norm_` over the adapter gradients, on the one flat buffer
-        (the total norm is the flat gradient's norm): two kernels instead of one per parameter."""
-        grad = self.net.flat.grad
-        norm = torch.linalg.vector_norm(grad)
-        if max_norm is not None:
-            grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-        return norm
-
-    def accumulate(self, examples, micro_batch_examples: int, max_tokens: int | None,
-                   supervised: int | None = None) -> torch.Tensor:
-        """Backward over the step's examples (loss divided by `supervised`, default: theirs); returns
-        the step's loss (0-d tensor, no host sync)."""
-        self.divisor.fill_(supervised or supervised_count(examples))
-        total = torch.zeros((), device=self.device)
-        for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
-            shape = pass_shape(chunk)
-            row = host_row(chunk, shape)
-            if self.graphs:
-                captured = self._graph(shape, row)
-                captured.row.copy_(row.pin_memory(), non_blocking=True)
-                captured.graph.replay()
-                part = captured.loss.clone()
-            else:
-                part = self._forward_backward(row.to(self.device), shape)
-            total = total + part
-        return total
-
-    def held_out_loss_sum(self, examples, micro_batch_examples: int, max_tokens: int | None) -> torch.Tensor:
-        """Sum of cross-entropies over every supervised token of `examples`, forward passes only, no
-        dropout and no gradients (0-d tensor, no host sync): evaluation at the fused pass's speed."""
-        total = torch.zeros((), device=self.device)
-        with torch.no_grad():
-            for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
-                shape = pass_shape(chunk)
-                row = host_row(chunk, shape).to(self.device)
-                total = total + self.net.loss_sum(**row_parts(row, shape), dropout=False)
-        return total
-
-    def _forward_backward(self, row, shape: PassShape) -> torch.Tensor:
-        loss = self.net.loss_sum(**row_parts(row, shape), checkpoint=self.checkpoint) / self.divisor
-        loss.backward()
-        return loss.detach()
-
-    def _graph(self, shape: PassShape, row: torch.Tensor) -> Captured:
-        """The captured pass for this bucket shape (captured on first use: eager warm-up passes, two
-        for the first shape and one after, then capture; the gradients they added are restored)."""
-        if shape not in self._captured:
-            saved = self.net.flat.grad.clone()
-            static = row.to(self.device)
-            if self._side is None:  # one stream for every warm-up: each new stream costs cuBLAS a
-                self._side = torch.cuda.Stream()  # workspace it keeps (measured: +64 MiB per capture)
-            side = self._side
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(1 if self._captured else 2):
-                    self._forward_backward(static, shape)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # Captured on the warm-up stream: what the warm-ups left bound to their stream (cuBLAS
-            # workspaces, autograd nodes that remember it) is then the capturing stream's own. On
-            # torch's separate capture stream, a first capture on a fresh machine could be
-            # invalidated (cudaErrorStreamCaptureImplicit, 2026-11-30, H200).
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
-                loss = self._forward_backward(static, shape)
-            self.net.flat.grad.copy_(saved)
-            self._captured[shape] = Captured(static, graph, loss)
-        return self._captured[shape]
-

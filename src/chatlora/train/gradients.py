@@ -1,6 +1,6 @@
 """An optimizer step's gradient work, behind one interface for the training loop (loop.py): on the
 peft model itself (`PlainGradients`, over `accumulate_gradients`) or through the fused pass
-(`FusedGradients`, over fused.FusedStep; `fused_step` says which applies): this rank's backward,
+(`FusedGradients`, over fused_step.FusedStep; `choose_fused_step` says which applies): this rank's backward,
 the sum across ranks, clipping, zeroing, the held-out loss. Then the step's loss and gradient norm
 on their way back to the host (`StepFigures`): at once, or on one GPU while the next step runs
 (`defers_read_back`).
@@ -17,7 +17,8 @@ from chatlora.errors import UserError
 from chatlora.train import distributed
 from chatlora.train.checkpoint import NonFiniteError
 from chatlora.train.distributed import Ranks
-from chatlora.train.fused import FusedStep, unsupported_reason
+from chatlora.train.fused import unsupported_reason
+from chatlora.train.fused_step import FusedStep
 from chatlora.train.steps import held_out_loss, loss_sum, micro_batches, supervised_count
 
 
@@ -77,7 +78,7 @@ class PlainGradients:
 
 
 class FusedGradients:
-    """`PlainGradients`' interface over the fused pass (`fused.FusedStep`)."""
+    """`PlainGradients`' interface over the fused pass (`fused_step.FusedStep`)."""
 
     def __init__(self, fast: FusedStep, t, ranks: Ranks):
         self.fast, self.t, self.ranks = fast, t, ranks
@@ -103,7 +104,7 @@ class FusedGradients:
             supervised_count(examples)
 
 
-def fused_step(model, cfg: Config, device: str) -> FusedStep | None:
+def choose_fused_step(model, cfg: Config, device: str) -> FusedStep | None:
     """The fused training pass when `train.fast_path` asks for it and the model allows it, else None."""
     t = cfg.train
     mode = t.fast_path

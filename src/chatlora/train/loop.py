@@ -50,7 +50,7 @@ from chatlora.train.checkpoint import (
     snapshot,
     write_checkpoint,
 )
-from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, defers_read_back, fused_step
+from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, defers_read_back, choose_fused_step
 from chatlora.train.steps import StepPlan, pack, pad, supervised_count
 
 
@@ -184,7 +184,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if trackers:
             trackers.log(row)
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
-    fast = None if sharded else fused_step(model, cfg, device)
+    fast = None if sharded else choose_fused_step(model, cfg, device)
     stepper = FusedGradients(fast, t, ranks) if fast else PlainGradients(model, params, t, collate, ranks, sharded, device)
 
     def evaluate(step: int) -> None:

@@ -1,0 +1,161 @@
+"""One optimizer step's passes through the fused training pass (train/fused.py), each bucket shape
+captured once as a CUDA graph and replayed.
+
+    step = FusedStep(peft_model, device, graphs=True)
+    step.zero_grad()
+    loss = step.accumulate(examples, micro_batch_examples=16, max_tokens=2048)   # into the peft parameters' .grad
+
+A capture can fail for reasons outside the pass (seen on fresh machines: the stream capture
+invalidated midway, cudaErrorStreamCaptureInvalidated). The failed capture's state is undone (the
+allocator's routing into the graph pool, the RNG generator's capture mode, the current stream, the
+gradients the warm-ups added) and the shape is captured once more; if that fails too, that shape's
+passes run eagerly, with a warning: the same arithmetic, more launches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from chatlora.train.fused import FusedForward
+from chatlora.train.packed_row import PassShape, host_row, pass_shape, row_parts
+from chatlora.train.steps import micro_batches, supervised_count
+
+CAPTURE_TRIES = 2   # per bucket shape, before its passes run eagerly
+
+
+@dataclass
+class Captured:
+    """One bucket shape's pass, captured: its input buffer, the graph, the loss it leaves."""
+    row: torch.Tensor
+    graph: torch.cuda.CUDAGraph
+    loss: torch.Tensor
+
+
+class FusedStep:
+    """Forward + backward of one optimizer step's examples through `FusedForward`, pass by pass,
+    with the loss normalization of `gradients.accumulate_gradients` (sum / supervised tokens of the step).
+    `graphs=True` (CUDA) captures each bucket shape once and replays it; `checkpoint=True` recomputes
+    each layer in backward (memory for speed)."""
+
+    def __init__(self, model, device, graphs: bool = False, checkpoint: bool = False):
+        self.net = FusedForward(model)
+        self.device = torch.device(device)
+        self.graphs, self.checkpoint = graphs, checkpoint
+        self.divisor = torch.ones((), device=self.device)
+        self._captured: dict[PassShape, Captured | None] = {}   # None: the capture failed, run eagerly
+        self.capture_failures: list[str] = []                    # what each failed capture raised
+        self._pool = None
+        self._side = None
+
+    def zero_grad(self) -> None:
+        self.net.flat.grad.zero_()
+
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the adapter gradients, on the one flat buffer
+        (the total norm is the flat gradient's norm): two kernels instead of one per parameter."""
+        grad = self.net.flat.grad
+        norm = torch.linalg.vector_norm(grad)
+        if max_norm is not None:
+            grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def accumulate(self, examples, micro_batch_examples: int, max_tokens: int | None,
+                   supervised: int | None = None) -> torch.Tensor:
+        """Backward over the step's examples (loss divided by `supervised`, default: theirs); returns
+        the step's loss (0-d tensor, no host sync)."""
+        self.divisor.fill_(supervised or supervised_count(examples))
+        total = torch.zeros((), device=self.device)
+        for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
+            shape = pass_shape(chunk)
+            row = host_row(chunk, shape)
+            captured = self._graph(shape, row) if self.graphs else None
+            if captured is not None:
+                captured.row.copy_(row.pin_memory(), non_blocking=True)
+                captured.graph.replay()
+                part = captured.loss.clone()
+            else:
+                part = self._forward_backward(row.to(self.device), shape)
+            total = total + part
+        return total
+
+    def held_out_loss_sum(self, examples, micro_batch_examples: int, max_tokens: int | None) -> torch.Tensor:
+        """Sum of cross-entropies over every supervised token of `examples`, forward passes only, no
+        dropout and no gradients (0-d tensor, no host sync): evaluation at the fused pass's speed."""
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for chunk in micro_batches(examples, micro_batch_examples, max_tokens):
+                shape = pass_shape(chunk)
+                row = host_row(chunk, shape).to(self.device)
+                total = total + self.net.loss_sum(**row_parts(row, shape), dropout=False)
+        return total
+
+    def _forward_backward(self, row, shape: PassShape) -> torch.Tensor:
+        loss = self.net.loss_sum(**row_parts(row, shape), checkpoint=self.checkpoint) / self.divisor
+        loss.backward()
+        return loss.detach()
+
+    def _graph(self, shape: PassShape, row: torch.Tensor) -> Captured | None:
+        """The captured pass for this bucket shape (captured on first use), or None where its capture
+        failed `CAPTURE_TRIES` times (its passes then run eagerly)."""
+        if shape not in self._captured:
+            saved = self.net.flat.grad.clone()
+            static = row.to(self.device)
+            self._warm_up(shape, static)
+            captured = None
+            for _ in range(CAPTURE_TRIES):
+                before = torch.cuda.current_stream()
+                try:
+                    captured = self._capture(shape, static)
+                    break
+                except RuntimeError as error:   # what CUDA or torch raised while capturing
+                    self.capture_failures.append(f"{shape}: {error}")
+                    self._undo_failed_capture(before)
+            self.net.flat.grad.copy_(saved)   # the warm-ups' gradients (and a failed capture's)
+            if captured is None:
+                warnings.warn(f"the CUDA graph of a training pass of shape {shape} could not be captured "
+                              f"({self.capture_failures[-1].splitlines()[0]}); its passes run without a graph "
+                              f"(the same arithmetic, slower)")
+            self._captured[shape] = captured
+        return self._captured[shape]
+
+    def _warm_up(self, shape: PassShape, static: torch.Tensor) -> None:
+        """Eager passes before a capture (two for the first shape, one after) on the capture stream."""
+        if self._side is None:  # one stream for every warm-up: each new stream costs cuBLAS a
+            self._side = torch.cuda.Stream()  # workspace it keeps (measured: +64 MiB per capture)
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            for _ in range(1 if self._captured else 2):
+                self._forward_backward(static, shape)
+        torch.cuda.current_stream().wait_stream(self._side)
+
+    def _capture(self, shape: PassShape, static: torch.Tensor) -> Captured:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # Captured on the warm-up stream: what the warm-ups left bound to their stream (cuBLAS
+        # workspaces, autograd nodes that remember it) is then the capturing stream's own. On
+        # torch's separate capture stream, a first capture on a fresh machine could be
+        # invalidated (cudaErrorStreamCaptureImplicit, 2026-11-30, H200). "thread_local": a CUDA
+        # call another thread makes meanwhile cannot invalidate this capture.
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
+            loss = self._forward_backward(static, shape)
+        return Captured(static, graph, loss)
+
+    def _undo_failed_capture(self, stream: torch.cuda.Stream) -> None:
+        """What a failed capture leaves behind, undone. torch ends the stream's capture on the way out,
+        but where ending it fails it stops there: allocations would still be routed into the graph
+        pool, the RNG generator would stay in capture mode ("Offset increment outside graph
+        capture" on its next draw) and the capture stream would stay current."""
+        torch.cuda.set_stream(stream)
+        try:
+            torch._C._cuda_endAllocateToPool(self.device.index or 0, self._pool)
+        except RuntimeError:   # already ended: the capture failed after torch's own clean-up
+            pass
+        closing = torch.cuda.CUDAGraph()   # a capture that ends cleanly takes the generator out of capture mode
+        with torch.cuda.graph(closing, stream=self._side):
+            torch.zeros((), device=self.device).add_(1)
+        del closing
+        torch.cuda.synchronize(self.device)
