@@ -336,14 +336,14 @@ def test_chunked_cross_entropy_equals_the_full_one(rows):
     gradients (evaluation) the same loss."""
     import torch.nn.functional as F
 
-    from chatlora.train.fused import _ChunkedCrossEntropy
+    from chatlora.train.head import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g)
     targets = torch.randint(0, 50, (37,), generator=g)
     targets[[3, 7, 30]] = IGNORE
-    loss = _ChunkedCrossEntropy.apply(x, w, targets, rows)
+    loss = chunked_cross_entropy(x, w, targets, rows=rows)
     (grad,) = torch.autograd.grad(loss / 7, x)
     x64 = x.detach().double().requires_grad_(True)
     ref = F.cross_entropy(x64 @ w.double().t(), targets, ignore_index=IGNORE, reduction="sum")
@@ -351,4 +351,4 @@ def test_chunked_cross_entropy_equals_the_full_one(rows):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < 1e-6
     with torch.no_grad():
-        assert _ChunkedCrossEntropy.apply(x, w, targets, rows).item() == pytest.approx(ref.item(), rel=1e-6)
+        assert chunked_cross_entropy(x, w, targets, rows=rows).item() == pytest.approx(ref.item(), rel=1e-6)

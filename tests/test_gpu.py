@@ -263,7 +263,7 @@ def test_a_failed_capture_is_undone_then_retried_or_run_eagerly(index_dir, index
             got = fast.accumulate(examples, 16, 300).item()
             assert abs(got - loss) / loss < 1e-5
             assert ((fast.net.flat.grad - grad).norm() / grad.norm()).item() < 1e-4
-    assert len(fast.capture_failures) == failing_tries
+    assert sum(not f.startswith("ending") for f in fast.capture_failures) == failing_tries, fast.capture_failures
     assert (None in fast._captured.values()) == (failing_tries == 2)
     assert sum(c is not None for c in fast._captured.values()) >= 2
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
@@ -446,8 +446,9 @@ def test_nf4_dequantize_kernel_equals_torchao_on_cuda(dtype):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
-    """The fused pass's RMSNorm and SiLU * up kernels compiled on the GPU, forward and backward, at a
-    real width, against float64 torch (bf16: within its rounding)."""
+    """The fused pass's RMSNorm, SiLU * up and cross-entropy kernels compiled on the GPU, forward and
+    backward, at real widths (the cross-entropy through train/head.py's GPU path, Index's unaligned
+    vocabulary), against float64 torch (bf16: within its rounding)."""
     from chatlora.train import kernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -471,3 +472,18 @@ def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
     (dg64,) = torch.autograd.grad(o64, g64, do.double())
     for got, want in ((out, o64), (dgu, dg64)):
         assert ((got.double() - want).norm() / want.norm()).item() < tol
+    from chatlora.templates import IGNORE
+    from chatlora.train.head import chunked_cross_entropy
+
+    x = (torch.randn(300, 2048, device="cuda", generator=g) * 0.5).to(dtype).requires_grad_(True)
+    w = (torch.randn(65029, 2048, device="cuda", generator=g) * 0.02).to(dtype)   # Index's vocabulary
+    targets = torch.randint(0, 65029, (300,), device="cuda", generator=g)
+    targets[::7] = IGNORE
+    x64 = x.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(x64 @ w.double().t(), targets, ignore_index=IGNORE, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    for rows in (None, 128):   # one chunk, three
+        loss = chunked_cross_entropy(x, w, targets, kernel=True, rows=rows)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert abs(loss.item() - ref.item()) / ref.item() < tol
+        assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol

@@ -147,6 +147,24 @@ TRAINING_CHECK = textwrap.dedent(f"""
         (dg64,) = torch.autograd.grad(torch.nn.functional.silu(a) * b, g64, do.double())
         assert (dgu.double() - dg64).norm() / dg64.norm() < 1e-6, "silu_mul backward"
 
+    # the cross-entropy kernel, as train/head.py's GPU path runs it (vocabularies below, at and past
+    # a multiple of its row alignment; chunks of rows), against float64 torch
+    from chatlora.templates import IGNORE
+    from chatlora.train.head import chunked_cross_entropy
+    for vocab, chunk in [(150, 5), (50, 64), (128, 7)]:
+        x = torch.randn(37, 16, requires_grad=True)
+        w = torch.randn(vocab, 16)
+        targets = torch.randint(0, vocab, (37,))
+        targets[[3, 30]] = IGNORE
+        targets_kernel = targets
+        loss = chunked_cross_entropy(x, w, targets_kernel, kernel=True, rows=chunk)
+        (grad,) = torch.autograd.grad(loss / 7, x)
+        x64 = x.detach().double().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(x64 @ w.double().t(), targets, ignore_index=IGNORE, reduction="sum")
+        (ref_grad,) = torch.autograd.grad(ref / 7, x64)
+        assert abs(loss.item() - ref.item()) / ref.item() < 1e-6, "cross_entropy loss"
+        assert (grad.double() - ref_grad).norm() / ref_grad.norm() < 1e-6, "cross_entropy gradient"
+
     # the fused pass with them, against peft (float32)
     base = prepare_base({{index_dir!r}})
     model = attach(load_model(base, "float32", "cpu"), load_config(overrides=["lora.dropout=0"]).lora).train()
@@ -159,7 +177,7 @@ TRAINING_CHECK = textwrap.dedent(f"""
     grads = [p.grad.clone() for _, p in trainable_parameters(model)]
     model.zero_grad(set_to_none=True)
     fast = FusedStep(model, "cpu")
-    assert fast.net._elementwise(torch.device("cpu"))[0] is not None   # the kernels are in the pass
+    assert fast.net._kernels_run_on(torch.device("cpu"))   # the kernels are in the pass
     fast.zero_grad()
     loss = fast.accumulate(examples, 16, None).item()
     assert abs(loss - ref) / ref < 1e-5, (loss, ref)
@@ -169,17 +187,20 @@ TRAINING_CHECK = textwrap.dedent(f"""
 """)
 
 
-@pytest.mark.parametrize("breakage", [None, "dy_kernel = dy.flip(1)"])
+@pytest.mark.parametrize("breakage", [None, ("dy_kernel = dy", "dy_kernel = dy.flip(1)", "rms_norm backward"),
+                                      ("targets_kernel = targets", "targets_kernel = targets.roll(1)",
+                                       "cross_entropy loss")])
 def test_training_kernels_equal_torch_and_the_fused_pass_equals_peft_with_them(index_dir, breakage):
-    """The training pass's RMSNorm and SiLU * up kernels (train/kernels.py), forward and backward,
-    against float64 torch; then the fused pass running them against peft, under the interpreter. The
-    broken case feeds the kernel another gradient than the reference gets, and must be caught."""
+    """The training pass's kernels (train/kernels.py), forward and backward, against float64 torch;
+    then the fused pass running them against peft, under the interpreter. Each broken case feeds a
+    kernel other input than the reference gets, and must be caught."""
     script = TRAINING_CHECK.replace("{index_dir!r}", repr(str(index_dir)))
     if breakage:
-        assert "dy_kernel = dy\n" in script
-        script = script.replace("dy_kernel = dy\n", breakage + "\n")
+        line, broken, caught = breakage
+        assert line + "\n" in script
+        script = script.replace(line + "\n", broken + "\n")
     done = run(script)
     if breakage is None:
         assert done.returncode == 0 and "training kernels match" in done.stdout, done.stderr[-3000:]
     else:
-        assert done.returncode != 0 and "rms_norm backward" in done.stderr
+        assert done.returncode != 0 and caught in done.stderr, done.stderr[-3000:]

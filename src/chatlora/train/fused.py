@@ -43,10 +43,9 @@ import torch.utils.checkpoint
 from chatlora.models import triton_kernels
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
-from chatlora.templates import IGNORE
 from chatlora.train import kernels as train_kernels
+from chatlora.train.head import chunked_cross_entropy
 
-HEAD_LOGITS = 2 ** 26   # float32 logits per chunk of the vocabulary projection (256 MiB)
 ADAPTER = "default"
 
 
@@ -107,7 +106,7 @@ class FusedForward:
         self.packed_dropout = False  # tests: stored masks without checkpointing
         self.flash = True            # tests: False computes the mask path on a GPU too
         self.kernels = True          # tests: False keeps torch's RMSNorm and SiLU * up on a GPU too
-        self._norm = self._activation = None   # this pass's (`_elementwise`)
+        self._norm = self._activation = None   # this pass's (`loss_sum`)
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name)) for name in
                                             ("qkv", "o", "gate_up", "down")}) for layer in fused_layers(lm)]
         self.dtype = self.layers[0].layer.qkv.weight.dtype
@@ -163,7 +162,10 @@ class FusedForward:
         applies the same masks without replaying RNG state (which would not survive graph capture).
         `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
-        self._norm, self._activation = self._elementwise(ids.device)
+        kernels = self._kernels_run_on(ids.device)
+        eps = self.arch.eps   # the layer's norm and activation (`models.arch.block`); None: torch's operations
+        self._norm = (lambda x, weight: train_kernels.rms_norm(x, weight, eps)) if kernels else None
+        self._activation = train_kernels.silu_mul if kernels else None
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
         if starts is not None and self.uses_flash(ids.device):
@@ -182,7 +184,7 @@ class FusedForward:
             else:
                 h = self._layer(h, layer, w, rope, attention)
         x = self.arch.norm(h.index_select(0, supervised), self.lm.model.norm.weight)
-        return chunked_cross_entropy(x, self.lm.lm_head.weight, targets)
+        return chunked_cross_entropy(x, self.lm.lm_head.weight, targets, kernel=kernels)
 
     def uses_flash(self, device) -> bool:
         """Whether passes on `device` attend with flash attention over the row's sequences (CUDA, half
@@ -190,14 +192,11 @@ class FusedForward:
         return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
                 and _has_varlen_flash())
 
-    def _elementwise(self, device):
-        """(norm, activation) for the layer (`models.arch.block`): the training kernels (kernels.py,
-        forward and backward in Triton) where they run, else None (torch's operations)."""
-        if not (self.kernels and triton_kernels.available(torch.device(device))
-                and os.environ.get("CHATLORA_TRITON", "1") != "0"):
-            return None, None
-        eps = self.arch.eps
-        return (lambda x, weight: train_kernels.rms_norm(x, weight, eps)), train_kernels.silu_mul
+    def _kernels_run_on(self, device) -> bool:
+        """Whether this pass uses the training kernels (kernels.py, forward and backward in Triton):
+        where they run (models/triton_kernels.py), unless turned off (tests, CHATLORA_TRITON=0)."""
+        return (self.kernels and triton_kernels.available(torch.device(device))
+                and os.environ.get("CHATLORA_TRITON", "1") != "0")
 
     def _mask(self, segments):
         """The additive attention mask of a packed row: causal, within each segment (and window)."""
@@ -280,42 +279,6 @@ class FusedForward:
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of the cross-entropies of x @ weight.T at `targets` (IGNORE skipped), a chunk of rows at a
-    time; the forward pass also computes x's gradient, (softmax - one-hot) @ weight, and keeps only
-    that ([rows, hidden]): no logits outlive their chunk, in either pass. `weight` is frozen."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, rows: int):
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        for start in range(0, x.shape[0], rows):
-            logits = (x[start:start + rows] @ weight.t()).float()
-            target = targets[start:start + rows]
-            valid = (target != IGNORE)[:, None]
-            index = target.clamp(min=0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total = total + ((lse - logits.gather(1, index)) * valid).sum()
-            if grad is not None:
-                p = (logits - lse).exp_().scatter_add_(1, index, -valid.float()).mul_(valid)
-                grad[start:start + rows] = p.to(x.dtype) @ weight
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None, None
-
-
-def chunked_cross_entropy(x, weight, targets) -> torch.Tensor:
-    """`F.cross_entropy(x @ weight.T, targets, ignore_index=IGNORE, reduction="sum")` with float32
-    logits, computed in chunks of at most HEAD_LOGITS logits (the vocabulary projection at supervised
-    positions is the pass's largest tensor: 12 bytes per position and vocabulary entry otherwise)."""
-    rows = max(1, HEAD_LOGITS // weight.shape[0])
-    return _ChunkedCrossEntropy.apply(x, weight, targets, rows)
 
 
 @lru_cache(maxsize=None)

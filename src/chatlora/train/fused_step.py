@@ -111,12 +111,13 @@ class FusedStep:
                     captured = self._capture(shape, static)
                     break
                 except RuntimeError as error:   # what CUDA or torch raised while capturing
+                    failure = str(error).splitlines()[0]
                     self.capture_failures.append(f"{shape}: {error}")
                     self._undo_failed_capture(before)
             self.net.flat.grad.copy_(saved)   # the warm-ups' gradients (and a failed capture's)
             if captured is None:
                 warnings.warn(f"the CUDA graph of a training pass of shape {shape} could not be captured "
-                              f"({self.capture_failures[-1].splitlines()[0]}); its passes run without a graph "
+                              f"({failure}); its passes run without a graph "
                               f"(the same arithmetic, slower)")
             self._captured[shape] = captured
         return self._captured[shape]
@@ -148,12 +149,14 @@ class FusedStep:
         """What a failed capture leaves behind, undone. torch ends the stream's capture on the way out,
         but where ending it fails it stops there: allocations would still be routed into the graph
         pool, the RNG generator would stay in capture mode ("Offset increment outside graph
-        capture" on its next draw) and the capture stream would stay current."""
+        capture" on its next draw) and the capture stream would stay current. (Seen on the H200 with
+        torch 2.11: a later capture into the same pool then failed with "already recording".)"""
         torch.cuda.set_stream(stream)
         try:
             torch._C._cuda_endAllocateToPool(self.device.index or 0, self._pool)
-        except RuntimeError:   # already ended: the capture failed after torch's own clean-up
-            pass
+        except RuntimeError as error:   # e.g. already ended: the capture failed after torch's own clean-up
+            self.capture_failures.append(f"ending the pool's routing: {error}")
+        self._pool = None   # later captures share a fresh pool: the failed one may still be recording
         closing = torch.cuda.CUDAGraph()   # a capture that ends cleanly takes the generator out of capture mode
         with torch.cuda.graph(closing, stream=self._side):
             torch.zeros((), device=self.device).add_(1)

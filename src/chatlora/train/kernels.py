@@ -4,7 +4,9 @@ per pass beside the GEMMs):
   - `rms_norm`: RMSNorm; the forward is the decoder's kernel (decode/kernels.py) keeping each row's
     1 / RMS, the backward one kernel per row (the norm weights are frozen: no weight gradient);
   - `silu_mul`: SiLU(gate) * up over the fused gate/up output; the forward is the decoder's kernel,
-    the backward one kernel writing both halves' gradients; only the gate/up output is kept for it.
+    the backward one kernel writing both halves' gradients; only the gate/up output is kept for it;
+  - `cross_entropy_grad_`: each row's cross-entropy from its logits, which it overwrites with their
+    gradient (softmax - one-hot): no float32 copy of the logits, one kernel for five (train/head.py).
 Each computes in fp32 and rounds once. tests/test_kernels.py compares them, forward and backward,
 with float64 torch under Triton's interpreter; tests/test_gpu.py compiled on a GPU.
 
@@ -47,6 +49,33 @@ if triton is not None:
         dgate = d * up * s * (1.0 + gate * (1.0 - s))
         tl.store(dgu + row * 2 * inter + offs, dgate.to(dgu.dtype.element_ty), mask=keep)
         tl.store(dgu + row * 2 * inter + inter + offs, (d * gate * s).to(dgu.dtype.element_ty), mask=keep)
+
+
+    @triton.jit
+    def _cross_entropy_grad_kernel(logits, stride, targets, losses, vocab, ignore, BLOCK: tl.constexpr):
+        """Row `row` of logits (`vocab` used of `stride`): losses[row] = logsumexp - logit[target], and
+        the row overwritten with softmax - one-hot; an `ignore` target gives 0 and a zero row."""
+        row = tl.program_id(0)
+        start = logits + row * stride
+        target = tl.load(targets + row)
+        top = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), dtype=tl.float32)
+        for first in range(0, vocab, BLOCK):   # online log-sum-exp over the row
+            offs = first + tl.arange(0, BLOCK)
+            v = tl.load(start + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            new_top = tl.maximum(top, tl.max(v, axis=0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(v - new_top), axis=0)
+            top = new_top
+        lse = top + tl.log(total)
+        valid = target != ignore
+        picked = tl.load(start + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(losses + row, tl.where(valid, lse - picked, 0.0))
+        for first in range(0, vocab, BLOCK):
+            offs = first + tl.arange(0, BLOCK)
+            keep = offs < vocab
+            v = tl.load(start + offs, mask=keep, other=0.0).to(tl.float32)
+            g = tl.exp(v - lse) - tl.where(offs == target, 1.0, 0.0)
+            tl.store(start + offs, tl.where(valid, g, 0.0).to(logits.dtype.element_ty), mask=keep)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -96,3 +125,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of a [rows, 2 * inter] gate/up output, forward and backward in Triton."""
     return _SiluMul.apply(gate_up)
+
+
+def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore: int) -> torch.Tensor:
+    """Each row's cross-entropy (float32 [rows]; 0 where the target is `ignore`) from `logits`
+    [rows, vocab] (rows may be strided, columns contiguous), which are overwritten in place with the
+    loss's gradient: softmax - one-hot, in the logits' dtype (a zero row where ignored)."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _cross_entropy_grad_kernel[(rows,)](logits, logits.stride(0), targets.contiguous(), losses, vocab, ignore,
+                                        BLOCK=min(4096, triton.next_power_of_2(vocab)))
+    return losses

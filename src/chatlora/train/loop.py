@@ -50,7 +50,7 @@ from chatlora.train.checkpoint import (
     snapshot,
     write_checkpoint,
 )
-from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, defers_read_back, choose_fused_step
+from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, choose_fused_step, defers_read_back
 from chatlora.train.steps import StepPlan, pack, pad, supervised_count
 
 
