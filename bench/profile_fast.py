@@ -100,7 +100,7 @@ def main():
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernels = sum(e.count for e in events)
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=110))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=150))
     print(f"\nbucket {shape.tokens} tokens / {shape.supervised} supervised; {sum(len(e.input_ids) for e in ex)} real tokens; "
           f"mean {tokens:.0f} tokens per step")
     print(f"{'part':<52}{'ms':>8}")

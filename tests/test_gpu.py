@@ -487,3 +487,53 @@ def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
         (grad,) = torch.autograd.grad(loss, x)
         assert abs(loss.item() - ref.item()) / ref.item() < tol
         assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol
+
+    from chatlora.train import lora_kernels
+
+    # Index's q/k/v (3 x 2048 from 2048), down (2048 from 5888), gate/up without dropout
+    for n, width, out, p in [(3, 2048, 2048, 0.1), (1, 5888, 2048, 0.1), (2, 2048, 5888, 0.0)]:
+        x = torch.randn(700, width, device="cuda", generator=g).to(dtype).requires_grad_(True)
+        a = (torch.randn(n, 8, width, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_(True)
+        bs = [(torch.randn(out, 8, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_(True)
+              for _ in range(n)]
+        y = (torch.randn(700, n * out, device="cuda", generator=g) * 0.01).to(dtype)   # bf16 rounds y + update
+        seed = torch.tensor([777], device="cuda")
+        got = lora_kernels.adapted_update(y.clone(), x, a, bs, [i * out for i in range(n)], seed, 4, p)
+        dy = torch.randn(700, n * out, device="cuda", generator=g).to(dtype)
+        grads = torch.autograd.grad(got, [x, a, *bs], dy)
+        keeps = [lora_kernels.keep_flags(seed, 4 + i, (700, width), p) for i in range(n)]
+        x64, a64 = x.detach().double().requires_grad_(True), a.detach().double().requires_grad_(True)
+        b64 = [b.detach().double().requires_grad_(True) for b in bs]
+        scale = lora_kernels.keep_scale(p)
+        ref = y.double() + torch.cat([(x64 * k * scale) @ a64[i].t() @ b64[i].t() for i, k in enumerate(keeps)], 1)
+        wanted = torch.autograd.grad(ref, [x64, a64, *b64], dy.double())
+        delta, want_delta = got.double() - y.double(), ref - y.double()
+        assert ((delta - want_delta).norm() / want_delta.norm()).item() < tol, (n, "update")
+        for k, (grad, want) in enumerate(zip(grads, wanted)):
+            assert ((grad.double() - want).norm() / want.norm()).item() < tol, (n, k)
+
+
+def test_dropout_masks_change_with_every_replay_and_survive_a_recompute(index_dir, index_tok, huanhuan_rows):
+    """With dropout, the LoRA kernels key their keep flags by a seed drawn inside the pass: replays of
+    one captured pass on the same examples give different losses, and an eager pass with gradient
+    checkpointing gives the same loss and gradients as without, from the same generator state."""
+    from helpers import examples_for
+
+    from chatlora.train.fused_step import FusedStep
+
+    model = lora_model(index_dir, "float32")
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    examples = examples_for(index_tok, huanhuan_rows[:16])
+    fast = FusedStep(model, "cuda", graphs=True)
+    losses = {fast.accumulate(examples, 16, 300).item() for _ in range(4)}
+    assert len(losses) == 4, losses
+    got = []
+    for checkpoint in (False, True):
+        step = FusedStep(model, "cuda", checkpoint=checkpoint)
+        step.zero_grad()
+        torch.manual_seed(3)
+        got.append((step.accumulate(examples, 16, 300).item(), step.net.flat.grad.clone()))
+    assert abs(got[0][0] - got[1][0]) / got[0][0] < 1e-6
+    assert ((got[0][1] - got[1][1]).norm() / got[0][1].norm()).item() < 1e-5

@@ -165,6 +165,34 @@ TRAINING_CHECK = textwrap.dedent(f"""
         assert abs(loss.item() - ref.item()) / ref.item() < 1e-6, "cross_entropy loss"
         assert (grad.double() - ref_grad).norm() / ref_grad.norm() < 1e-6, "cross_entropy gradient"
 
+    # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
+    from chatlora.train import lora_kernels
+    for n, outs, p in [(3, [24, 16, 16], 0.3), (1, [40], 0.1), (2, [16, 16], 0.0)]:
+        x = torch.randn(37, 104, requires_grad=True)
+        a = (torch.randn(n, 8, 104) * 0.1).requires_grad_(True)
+        bs = [(torch.randn(o, 8) * 0.1).requires_grad_(True) for o in outs]
+        columns = [sum(outs[:i]) for i in range(n)]
+        seed = torch.tensor([12345])
+        y = torch.randn(37, sum(outs))
+        out = lora_kernels.adapted_update(y.clone(), x, a, bs, columns, seed, 8, p)
+        dy = torch.randn(37, sum(outs))
+        grads = torch.autograd.grad(out, [x, a, *bs], dy)
+        keeps = [lora_kernels.keep_flags(seed, 8 + i, (37, 104), p) for i in range(n)]
+        if p:
+            fraction = torch.stack(keeps).float().mean().item()
+            assert abs(fraction - (1 - p)) < 0.02 and (keeps[0] != keeps[-1]).any() == (n > 1), "keep flags"
+            assert abs(1 / lora_kernels.keep_scale(p) - (1 - p)) < 2 ** -16, "keep probability"
+        keeps_reference = keeps
+        x64, a64 = x.detach().double().requires_grad_(True), a.detach().double().requires_grad_(True)
+        b64 = [b.detach().double().requires_grad_(True) for b in bs]
+        scale = lora_kernels.keep_scale(p)   # 1 / the realised keep probability
+        updates = [(x64 * k * scale) @ a64[i].t() @ b64[i].t() for i, k in enumerate(keeps_reference)]
+        ref = y.double() + torch.cat(updates, 1)
+        wanted = torch.autograd.grad(ref, [x64, a64, *b64], dy.double())
+        assert (out.double() - ref).norm() / ref.norm() < 1e-6, "lora update"
+        for got, want in zip(grads, wanted):
+            assert (got.double() - want).norm() / want.norm() < 1e-6, "lora gradient"
+
     # the fused pass with them, against peft (float32)
     base = prepare_base({{index_dir!r}})
     model = attach(load_model(base, "float32", "cpu"), load_config(overrides=["lora.dropout=0"]).lora).train()
@@ -183,13 +211,28 @@ TRAINING_CHECK = textwrap.dedent(f"""
     assert abs(loss - ref) / ref < 1e-5, (loss, ref)
     for (_, p), g in zip(trainable_parameters(model), grads):
         assert (p.grad - g).norm() / g.norm() < 1e-4
+
+    # with dropout, a checkpointed pass recomputes each layer with the same keep flags (the seed)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    got = []
+    for checkpoint in (False, True):
+        fast = FusedStep(model, "cpu", checkpoint=checkpoint)
+        fast.zero_grad()
+        torch.manual_seed(5)
+        got.append((fast.accumulate(examples, 16, None).item(), fast.net.flat.grad.clone()))
+    (plain_loss, plain_grad), (ckpt_loss, ckpt_grad) = got
+    assert plain_loss != ref and abs(plain_loss - ckpt_loss) / plain_loss < 1e-6, (plain_loss, ckpt_loss, ref)
+    assert (plain_grad - ckpt_grad).norm() / plain_grad.norm() < 1e-5
     print("training kernels match")
 """)
 
 
 @pytest.mark.parametrize("breakage", [None, ("dy_kernel = dy", "dy_kernel = dy.flip(1)", "rms_norm backward"),
                                       ("targets_kernel = targets", "targets_kernel = targets.roll(1)",
-                                       "cross_entropy loss")])
+                                       "cross_entropy loss"),
+                                      ("keeps_reference = keeps", "keeps_reference = keeps[::-1]", "lora")])
 def test_training_kernels_equal_torch_and_the_fused_pass_equals_peft_with_them(index_dir, breakage):
     """The training pass's kernels (train/kernels.py), forward and backward, against float64 torch;
     then the fused pass running them against peft, under the interpreter. Each broken case feeds a

@@ -8,9 +8,11 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     so nothing is duplicated and saving, merging and evaluation see the same tensors);
   - every LoRA weight in one flat buffer (the peft parameters are views into it, their gradients
     views into its gradient): cast to the compute dtype once per pass, the LoRA scale folded into B;
-  - q/k/v and gate/up adapters as batched GEMMs (each module keeps its own dropout mask, as in peft);
-  - RMSNorm and SiLU(gate) * up as Triton kernels with their backward on a GPU (kernels.py); RoPE on
-    q and k together;
+  - on a GPU, Triton kernels with their backward: RMSNorm and SiLU(gate) * up (kernels.py), and
+    each adapter's dropout fused with its A product, the keep flags drawn again in backward instead
+    of stored (lora_kernels.py; each module its own dropout, as in peft); elsewhere torch's
+    operations, the q/k/v and gate/up adapters as batched GEMMs;
+  - RoPE on q and k together;
   - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
     (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
     heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
@@ -44,6 +46,7 @@ from chatlora.models import triton_kernels
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
 from chatlora.train import kernels as train_kernels
+from chatlora.train import lora_kernels
 from chatlora.train.head import chunked_cross_entropy
 
 ADAPTER = "default"
@@ -83,6 +86,7 @@ class AdaptedProjection:
     base: Projection
     adapters: list[Adapter]
     stacked: bool
+    salt: int = 0     # its adapters' dropout streams on the kernel path (lora_kernels.py): salt + i
 
 
 @dataclass
@@ -106,13 +110,14 @@ class FusedForward:
         self.packed_dropout = False  # tests: stored masks without checkpointing
         self.flash = True            # tests: False computes the mask path on a GPU too
         self.kernels = True          # tests: False keeps torch's RMSNorm and SiLU * up on a GPU too
-        self._norm = self._activation = None   # this pass's (`loss_sum`)
-        self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name)) for name in
-                                            ("qkv", "o", "gate_up", "down")}) for layer in fused_layers(lm)]
+        self._norm = self._activation = self._seed = None   # this pass's (`loss_sum`)
+        self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name), (number * 4 + k) * 4)
+                                            for k, name in enumerate(("qkv", "o", "gate_up", "down"))})
+                       for number, layer in enumerate(fused_layers(lm))]
         self.dtype = self.layers[0].layer.qkv.weight.dtype
         self._flatten()
 
-    def _adapted(self, base: Projection) -> AdaptedProjection:
+    def _adapted(self, base: Projection, salt: int) -> AdaptedProjection:
         found = [(i, m) for i, m in enumerate(base.modules) if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
         found = [(i, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight, _dropout_p(m)) for i, m in found]
         for _, a, b, _ in found:
@@ -130,7 +135,7 @@ class FusedForward:
                 self.a_sizes.append(a.numel())
                 self.b_sizes.append(b.numel())
             adapters.append(Adapter(i, len(self.a_sizes) - 1, len(self.b_sizes) - 1, a.shape[0], p))
-        return AdaptedProjection(base, adapters, stacked)
+        return AdaptedProjection(base, adapters, stacked, salt)
 
     def _flatten(self) -> None:
         """One flat leaf tensor holds every adapter weight (A's, then B's); the peft parameters become
@@ -166,6 +171,9 @@ class FusedForward:
         eps = self.arch.eps   # the layer's norm and activation (`models.arch.block`); None: torch's operations
         self._norm = (lambda x, weight: train_kernels.rms_norm(x, weight, eps)) if kernels else None
         self._activation = train_kernels.silu_mul if kernels else None
+        # the kernels' dropout streams: keyed by this seed, drawn from torch's generator in the pass
+        self._seed = (torch.randint(0, 2 ** 31 - 1, (1,), device=ids.device) if kernels and dropout
+                      else torch.zeros(1, dtype=torch.int64, device=ids.device))
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
         if starts is not None and self.uses_flash(ids.device):
@@ -176,6 +184,10 @@ class FusedForward:
         for layer in self.layers:
             if not dropout:
                 h = self._layer(h, layer, w, rope, attention, dropout=False)
+            elif kernels:   # the kernels draw their keep flags again wherever they need them
+                run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
+                              preserve_rng_state=False) if checkpoint else self._layer
+                h = run(h, layer, w, rope, attention)
             elif checkpoint or self.packed_dropout:
                 drops = self._draw_masks(layer, ids.shape[0], ids.device)
                 run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
@@ -264,6 +276,9 @@ class FusedForward:
             return y
         t, d_in = x.shape
         wa, wb = w
+        if (self._norm is not None and len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
+                and lora_kernels.covers(d_in)):
+            return self._kernel_update(g, y, x, wa, wb, dropout)
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
             d_out, r, p = g.base.outs[0], first.rank, first.dropout if dropout else 0.0
@@ -280,6 +295,22 @@ class FusedForward:
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+
+    def _kernel_update(self, g: AdaptedProjection, y, x, wa, wb, dropout: bool):
+        """`_linear`'s LoRA updates through lora_kernels.adapted_update (one rank and dropout)."""
+        first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
+        if g.stacked:
+            out = g.base.outs[0]
+            a = wa[first.a_chunk].view(n, first.rank, d_in)
+            bs = wb[first.b_chunk].view(n, out, first.rank).unbind(0)
+            columns = [i * out for i in range(n)]
+        else:
+            starts = [sum(g.base.outs[:i]) for i in range(len(g.base.outs))]
+            a = torch.stack([wa[ad.a_chunk].view(ad.rank, d_in) for ad in g.adapters])
+            bs = [wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank) for ad in g.adapters]
+            columns = [starts[ad.module] for ad in g.adapters]
+        p = first.dropout if dropout else 0.0
+        return lora_kernels.adapted_update(y, x, a, bs, columns, self._seed, g.salt, p)
 
 @lru_cache(maxsize=None)
 def _has_varlen_flash() -> bool:

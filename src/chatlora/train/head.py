@@ -8,9 +8,9 @@ Here no logits outlive their chunk: the forward pass computes the loss and x's g
 
 On a GPU (`kernel=True`) each chunk's logits are one buffer in the compute dtype, overwritten in
 place by their gradient (kernels.cross_entropy_grad_: 2 bytes per entry, one kernel). The buffer's
-rows are padded to a multiple of `ALIGN` entries: with Index's vocabulary of 65,029 an unpadded row
-leaves cuBLAS only its slow unaligned GEMMs (measured on the H200: 1.7 ms of a 31 ms pass for the
-two vocabulary GEMMs). Elsewhere the same arithmetic in torch's operations, in float32.
+rows are padded to a multiple of `ALIGN` entries, and the gradient's product over the vocabulary is
+split at the last multiple of `ALIGN`: with Index's vocabulary of 65,029 either GEMM otherwise gets
+only cuBLAS's slow unaligned kernels (measured on the H200: 1.7 ms of a 31 ms pass for the two). Elsewhere the same arithmetic in torch's operations, in float32.
 
 tests/test_fastpath.py compares both with float64 torch's cross-entropy; tests/test_kernels.py the
 kernel under Triton's interpreter, tests/test_gpu.py compiled.
@@ -56,7 +56,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
                 total = total + ((lse - logits.gather(1, index)) * valid).sum()
                 p = (logits - lse).exp_().scatter_add_(1, index, -valid.float()).mul_(valid).to(x.dtype)
-            if grad is not None:
+            if grad is not None and kernel and aligned < vocab:   # an aligned product, then the tail's
+                torch.mm(p[:, :aligned], weight[:aligned], out=grad[start:start + rows])
+                grad[start:start + rows].addmm_(p[:, aligned:], weight[aligned:])
+            elif grad is not None:
                 torch.mm(p, weight, out=grad[start:start + rows])
         ctx.save_for_backward(grad)
         return total
