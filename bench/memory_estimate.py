@@ -4,13 +4,12 @@
     python bench/make_family_model.py qwen3-1.7b /tmp/m/qwen3-1.7b --layers 1 --qwen-vocabulary qwen.tiktoken
     python bench/make_family_model.py qwen2.5-1.5b /tmp/m/qwen2.5-1.5b --layers 1 --qwen-vocabulary qwen.tiktoken
     python bench/make_family_model.py llama-3.2-1b /tmp/m/llama-3.2-1b --layers 1
-    python bench/make_family_model.py qwen3-8b /tmp/m/qwen3-8b --layers 1 --qwen-vocabulary qwen.tiktoken
     python bench/memory_estimate.py /tmp/m
 
 Runs on a CPU. For each measured run (`bench/train_speed.py`'s peak, committed under bench/results/),
 the bundled data goes through the same model directory's tokenizer and template as the benchmark's
 (one layer suffices: the estimate takes the full shape from the benchmark's settings), the run's first
-optimizer steps (warm-up + timed: 25, or 20 for the 8B runs) are planned as training plans them, and the estimate for
+optimizer steps (warm-up + timed: 25) are planned as training plans them, and the estimate for
 their largest pass is printed beside the measured peak.
 """
 
@@ -33,17 +32,14 @@ from chatlora.train.memory import GIB, ModelShape, estimate, largest_pass  # noq
 
 RESULTS = Path(__file__).parent / "results"
 MEASURED = [  # model, variant, results file with its peak, steps that run planned (warm-up + timed)
-    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-flash-attention.json", 25),
-    ("index-1.9b", "lowmem", "2026-11-30-h200-train-after-reorganisation.json", 25),
-    ("index-1.9b", "batch64", "2026-11-30-h200-train-after-reorganisation.json", 25),
-    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-qwen3-1.7b-grouped-flash-2-runs.json", 25),
-    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-qwen2.5-1.5b-grouped-flash-3-runs.json", 25),
-    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-llama-3.2-1b-grouped-flash-2-runs.json", 25),
-    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-qlora.json", 25),
-    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-qlora.json", 25),
-    ("qwen3-8b", "graphs", "2026-11-30-h200-train-qwen3-8b-qlora.json", 20),
-    ("qwen3-8b", "nf4", "2026-11-30-h200-train-qwen3-8b-qlora.json", 20),
-    ("qwen3-8b", "nf4_lowmem", "2026-11-30-h200-train-qwen3-8b-qlora.json", 20),
+    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
+    ("index-1.9b", "lowmem", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
+    ("index-1.9b", "batch64", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
+    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
+    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
+    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-qwen3-1.7b-training-kernels.json", 25),
+    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-qwen2.5-1.5b-training-kernels.json", 25),
+    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-llama-3.2-1b-training-kernels.json", 25),
 ]
 VARIANTS = {  # variant: (preset, train overrides, 4-bit base)
     "graphs": (None, {}, False), "lowmem": ("lowmem", {}, False),
@@ -70,7 +66,7 @@ def main() -> None:
         examples = dataset_for_config(cfg).dataset.train
         largest = largest_pass(examples, cfg.train, steps)
         got = estimate(full_shape(model), dtype="bfloat16", rank=cfg.lora.r, targets=cfg.lora.targets,
-                       dropout=cfg.lora.dropout, checkpoint=cfg.train.gradient_checkpointing, largest=largest,
+                       checkpoint=cfg.train.gradient_checkpointing, largest=largest,
                        nf4=nf4)
         measured = json.loads((RESULTS / results).read_text())[variant]["peak_gib"]
         rows.append({"model": model, "variant": variant, "largest_pass": largest._asdict(),

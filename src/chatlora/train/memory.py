@@ -7,23 +7,26 @@ run's largest pass, counted from what its operations keep for backward:
     weight, and the largest fused projection de-quantised while its GEMM runs);
   - the LoRA weights in float32 with their gradients and AdamW's two moments, plus the compute-dtype
     copy each pass makes;
-  - per token and layer: the two RMSNorm inputs; for each adapted projection group, its input's
-    dropout mask (1 byte) and dropped copy for every adapter (or the input once without dropout);
+  - per token and layer: the two RMSNorm inputs; for each adapted projection group, its input once
+    and each adapter's rank-wide product (the dropout's keep flags are drawn again in backward,
+    train/lora_kernels.py; the o projection's input is the attention output, counted there);
     the q/k/v projection's output (the attention keeps v, a view of it), the rotated q and k, the
-    attention output and its log-sum-exp; Qwen3's q/k norm input; the gate/up output and SiLU(gate);
-  - the vocabulary projection at supervised positions: logits, their float32 log-softmax and its
-    gradient (12 bytes per supervised position and vocabulary entry);
+    attention output and its log-sum-exp; Qwen3's q/k norm input; the gate/up output (the SiLU * up
+    kernel keeps nothing else);
+  - the vocabulary projection at supervised positions (train/head.py): the final norm's input and
+    output, the input's gradient, and one chunk's logits buffer (at most `HEAD_LOGITS` entries, rows
+    padded to `ALIGN`, in the compute dtype);
   - backward's working set for one layer.
 
-With gradient checkpointing (the lowmem preset) only each layer's input and its bit-packed dropout
-masks stay; one layer is recomputed at a time, and the vocabulary projection runs in chunks of
-`HEAD_CHUNK` positions.
+With gradient checkpointing (the lowmem preset) only each layer's input stays; one layer is
+recomputed at a time.
 
 It is an estimate of allocated memory (what `torch.cuda.max_memory_allocated` reports); the CUDA
 context and the allocator's cache come on top (`CONTEXT_BYTES` when checking a card, with `MARGIN`).
-Against the peaks measured on an H200 for five model shapes up to Qwen3-8B, 16-bit and 4-bit bases,
-with and without checkpointing, it is within 3% (3.0% low to 2.7% high; `bench/memory_estimate.py`, bench/results/2026-11-30-memory-estimate.txt; tests/test_memory.py
-holds the table).
+Against the peaks measured on an H200 for four model shapes (Index-1.9B, Qwen3-1.7B, Qwen2.5-1.5B,
+Llama-3.2-1B), 16-bit and 4-bit bases, with and without checkpointing, it is within 3% (3.0% to
+0.2% low; `bench/memory_estimate.py`, bench/results/2026-11-30-memory-estimate-training-kernels.txt;
+tests/test_memory.py holds the table).
 The plain peft path (`train.fast_path=plain`) keeps more and is not estimated.
 """
 
@@ -31,15 +34,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from chatlora.train.head import ALIGN, HEAD_LOGITS
 from chatlora.train.packed_row import PassShape, pass_shape
 from chatlora.train.steps import StepPlan, micro_batches
 
 GIB = 2 ** 30
-# The vocabulary projection as the measured peaks had it: logits kept for backward, in checkpointed
-# chunks of 128 positions with the lowmem preset. The fused pass now computes the cross-entropy in
-# chunks with the gradient in its forward pass (fused.chunked_cross_entropy); the head term follows
-# once its peaks are measured.
-HEAD_CHUNK = 128
 CONTEXT_BYTES = GIB   # CUDA context, cuBLAS workspaces and the allocator's cache, beyond allocations
 MARGIN = 0.05         # the estimate was within 3% of the measured peaks, mostly under
 ADAPTER_STATE_BYTES = 16   # per LoRA parameter: float32 weight, gradient, AdamW's two moments
@@ -146,7 +145,7 @@ def estimate_run(cfg, model_config: dict, examples, steps: int | None = None) ->
         return "no estimate: no training examples are left after the data check"
     dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
     return estimate(ModelShape.from_config(model_config), dtype=dtype, rank=cfg.lora.r, targets=cfg.lora.targets,
-                    dropout=cfg.lora.dropout, checkpoint=cfg.train.gradient_checkpointing,
+                    checkpoint=cfg.train.gradient_checkpointing,
                     largest=largest_pass(examples, cfg.train, steps), nf4=cfg.model.quantize == "nf4")
 
 
@@ -170,7 +169,7 @@ def advice(need: MemoryEstimate, card_name: str, card_bytes: int, free_bytes: in
             f"or fewer lora.targets")
 
 
-def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str], dropout: float,
+def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str],
              checkpoint: bool, largest: PassShape, nf4: bool = False) -> MemoryEstimate:
     """Peak memory of the fused training pass over `largest` (see the module's notes). `nf4`: the
     projections' base weights in 4-bit NF4 (models/quantize.py), plus the largest fused projection
@@ -183,25 +182,21 @@ def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str], dr
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     group_inputs = {"qkv": shape.hidden, "o": q, "gate_up": shape.hidden, "down": shape.intermediate}
     lora_inputs = 0     # bytes per token per layer kept for the adapters' gradients
-    packed_masks = 0    # bytes per token per layer of bit-packed dropout masks (checkpointing)
     for group, names in GROUPS.items():
         n = sum(name in adapted for name in names)
-        if not n:
-            continue
-        d = group_inputs[group]
-        lora_inputs += (n * d * (1 + e) if dropout else d * e) + n * rank * e
-        packed_masks += n * d // 8 if dropout else 0
+        if n:
+            lora_inputs += (0 if group == "o" else group_inputs[group] * e) + n * rank * e
     attention = (q + kv) * e + (q + 2 * kv) * e + q * e + shape.heads * 4 + (q + kv) * e * shape.qk_norm
-    mlp = 3 * shape.intermediate * e
+    mlp = 2 * shape.intermediate * e
     layer = 2 * shape.hidden * e + lora_inputs + attention + mlp
     working = (2 * shape.intermediate + 2 * shape.hidden) * e * t   # one layer's gradients in backward
 
     if checkpoint:
-        activations = shape.layers * t * (shape.hidden * e + packed_masks) + t * layer + working
-        head = min(s, HEAD_CHUNK) * shape.vocab * 12 + s * shape.hidden * e
+        activations = shape.layers * t * shape.hidden * e + t * layer + working
     else:
         activations = shape.layers * t * layer + working
-        head = s * shape.vocab * 12 + s * shape.hidden * e
+    width = -(-shape.vocab // ALIGN) * ALIGN
+    head = min(s, max(1, HEAD_LOGITS // shape.vocab)) * width * e + 3 * s * shape.hidden * e
     weights = shape.parameters * e
     if nf4:
         projections = shape.layers * sum(i * o for i, o in map(shape.projection_shape, GROUPS_ALL))
