@@ -185,7 +185,7 @@ def test_chat_of_an_nf4_run_takes_the_16bit_base_unless_it_does_not_fit(index_di
     merges the adapter into 16-bit weights); otherwise the 4-bit base with the adapter unmerged, and
     they say which. Runs trained on a 16-bit base are not asked."""
     from chatlora.chat import open_chat
-    from chatlora.rundir import base_precision, load_run, load_tuned_model
+    from chatlora.rundir import base_precision, load_base_model, load_run, load_tuned_model
 
     run_dir = tmp_path / "run"
     train(nf4_config(index_dir, tiny_data, max_steps=1), run_dir)
@@ -195,7 +195,9 @@ def test_chat_of_an_nf4_run_takes_the_16bit_base_unless_it_does_not_fit(index_di
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 8 * 2**30))
     assert base_precision(run, "cuda", "bfloat16") == "nf4"
     assert "does not fit this GPU's 1.0 GiB free" in capsys.readouterr().err
-    monkeypatch.setattr("chatlora.rundir.base_precision", lambda run, device, dtype: "nf4")
+    load_base_model(run, device="cpu")   # eval's base beside the tuned model: the tuned load says it, once
+    assert "4-bit base" not in capsys.readouterr().err
+    monkeypatch.setattr("chatlora.rundir.base_precision", lambda run, device, dtype, say=True: "nf4")
     model = load_tuned_model(run, device="cpu")
     assert is_quantized(model) and hasattr(model, "peft_config")
     chat = open_chat(str(run_dir), temperature=0, max_new_tokens=4)

@@ -136,21 +136,23 @@ def load_run(path: str | Path) -> Run:
     return Run(run, cfg, info, base, tok, fmt, adapter)
 
 
-def load_base_model(run: Run, device: str | None = None, dtype: str | None = None):
+def load_base_model(run: Run, device: str | None = None, dtype: str | None = None, say: bool = False):
     """The run's base model alone, in eval mode, decoding as the run's `generate` settings say. A run
     trained on a 4-bit base gets its 16-bit base (merging into 4-bit weights loses quality), unless
-    that does not fit the GPU: then the 4-bit one, the adapter to be kept unmerged (`base_precision`)."""
+    that does not fit the GPU: then the 4-bit one, the adapter to be kept unmerged (`base_precision`;
+    `say`: with its line, as `load_tuned_model` asks)."""
     from chatlora.decode.engine import configure
 
     dtype = dtype or run.cfg.model.dtype
-    model = load_model(run.base, dtype, device, base_precision(run, device, dtype))
+    model = load_model(run.base, dtype, device, base_precision(run, device, dtype, say))
     configure(model, run.cfg.generate)
     return model
 
 
-def base_precision(run: Run, device: str | None, dtype: str) -> str:
+def base_precision(run: Run, device: str | None, dtype: str, say: bool = True) -> str:
     """How to load a run's base for using it: "none" (16 bits) or "nf4", said in a line for a run
-    trained on a 4-bit base."""
+    trained on a 4-bit base (`say=False`: not said, for the base loaded alone, as `eval` loads it
+    beside the tuned model, which says it)."""
     import torch
 
     if run.cfg.model.quantize != "nf4":
@@ -160,12 +162,14 @@ def base_precision(run: Run, device: str | None, dtype: str) -> str:
         need = parameter_count(run.base.dir) * pick_dtype(dtype, device).itemsize
         free = torch.cuda.mem_get_info(torch.device(device))[0]
         if need * 1.1 + 2**30 > free:
-            print(f"chatlora: {run.dir.name} was trained on a 4-bit base; its 16-bit base ({need / 2**30:.1f} GiB) "
-                  f"does not fit this GPU's {free / 2**30:.1f} GiB free, so the 4-bit base runs with the adapter "
-                  f"unmerged (transformers' decoding, slower)", file=sys.stderr)
+            if say:
+                print(f"chatlora: {run.dir.name} was trained on a 4-bit base; its 16-bit base ({need / 2**30:.1f} "
+                      f"GiB) does not fit this GPU's {free / 2**30:.1f} GiB free, so the 4-bit base runs with the "
+                      f"adapter unmerged (transformers' decoding, slower)", file=sys.stderr)
             return "nf4"
-    print(f"chatlora: {run.dir.name} was trained on a 4-bit base; the adapter is applied to its 16-bit base "
-          f"(merging into 4-bit weights would lose quality)", file=sys.stderr)
+    if say:
+        print(f"chatlora: {run.dir.name} was trained on a 4-bit base; the adapter is applied to its 16-bit base "
+              f"(merging into 4-bit weights would lose quality)", file=sys.stderr)
     return "none"
 
 
@@ -175,7 +179,7 @@ def load_tuned_model(run: Run, device: str | None = None, dtype: str | None = No
     from chatlora.decode.engine import configure
     from chatlora.models.lora import load_adapter
 
-    model = load_base_model(run, device, dtype)
+    model = load_base_model(run, device, dtype, say=run.adapter is not None)
     if run.adapter is None:
         return model
     model = load_adapter(model, run.adapter).eval()
