@@ -167,10 +167,10 @@ TRAINING_CHECK = textwrap.dedent(f"""
 
     # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
     from chatlora.train import lora_kernels
-    for n, outs, p in [(3, [24, 16, 16], 0.3), (1, [40], 0.1), (2, [16, 16], 0.0)]:
+    for n, outs, p, rank in [(3, [24, 16, 16], 0.3, 8), (1, [40], 0.1, 12), (2, [16, 16], 0.0, 8)]:
         x = torch.randn(37, 104, requires_grad=True)
-        a = (torch.randn(n, 8, 104) * 0.1).requires_grad_(True)
-        bs = [(torch.randn(o, 8) * 0.1).requires_grad_(True) for o in outs]
+        a = (torch.randn(n, rank, 104) * 0.1).requires_grad_(True)
+        bs = [(torch.randn(o, rank) * 0.1).requires_grad_(True) for o in outs]
         columns = [sum(outs[:i]) for i in range(n)]
         seed = torch.tensor([12345])
         y = torch.randn(37, sum(outs))
@@ -227,6 +227,19 @@ TRAINING_CHECK = textwrap.dedent(f"""
     from chatlora.train.steps import supervised_count
     without = fast.held_out_loss_sum(examples[:2], 16, None).item() / supervised_count(examples[:2])
     assert abs(without - plain_loss) / plain_loss > 1e-4, (without, plain_loss)   # the dropout took effect
+
+    # a model the LoRA kernels do not fit keeps torch's dropout, its masks stored for the recompute
+    lora_kernels.covers = lambda width: False
+    got = []
+    for checkpoint in (False, True):
+        fast = FusedStep(model, "cpu", checkpoint=checkpoint)
+        assert not fast.net.lora_kernels_fit
+        fast.net.packed_dropout = True   # both passes draw their masks up front, alike
+        fast.zero_grad()
+        torch.manual_seed(5)
+        got.append((fast.accumulate(examples[:2], 16, None).item(), fast.net.flat.grad.clone()))
+    assert abs(got[0][0] - got[1][0]) / got[0][0] < 1e-6, got
+    assert (got[0][1] - got[1][1]).norm() / got[0][1].norm() < 1e-5
     assert (plain_grad - ckpt_grad).norm() / plain_grad.norm() < 1e-5
     print("training kernels match")
 """)

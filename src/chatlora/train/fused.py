@@ -111,6 +111,7 @@ class FusedForward:
         self.flash = True            # tests: False computes the mask path on a GPU too
         self.kernels = True          # tests: False keeps torch's RMSNorm and SiLU * up on a GPU too
         self._norm = self._activation = self._seed = None   # this pass's (`loss_sum`)
+        self._lora_kernels = False
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name), (number * 4 + k) * 4)
                                             for k, name in enumerate(("qkv", "o", "gate_up", "down"))})
                        for number, layer in enumerate(fused_layers(lm))]
@@ -171,8 +172,11 @@ class FusedForward:
         eps = self.arch.eps   # the layer's norm and activation (`models.arch.block`); None: torch's operations
         self._norm = (lambda x, weight: train_kernels.rms_norm(x, weight, eps)) if kernels else None
         self._activation = train_kernels.silu_mul if kernels else None
-        # the kernels' dropout streams: keyed by this seed, drawn from torch's generator in the pass
-        self._seed = (torch.randint(0, 2 ** 31 - 1, (1,), device=ids.device) if kernels and dropout
+        # the LoRA kernels take every adapted projection or none: a projection left to torch's dropout
+        # would need its masks stored for a checkpointed recompute (`_draw_masks`)
+        self._lora_kernels = kernels and self.lora_kernels_fit
+        # their dropout streams: keyed by this seed, drawn from torch's generator in the pass
+        self._seed = (torch.randint(0, 2 ** 31 - 1, (1,), device=ids.device) if self._lora_kernels and dropout
                       else torch.zeros(1, dtype=torch.int64, device=ids.device))
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = cos[:, None, :], sin[:, None, :]
@@ -184,7 +188,7 @@ class FusedForward:
         for layer in self.layers:
             if not dropout:
                 h = self._layer(h, layer, w, rope, attention, dropout=False)
-            elif kernels:   # the kernels draw their keep flags again wherever they need them
+            elif self._lora_kernels:   # the kernels draw their keep flags again wherever they need them
                 run = partial(torch.utils.checkpoint.checkpoint, self._layer, use_reentrant=False,
                               preserve_rng_state=False) if checkpoint else self._layer
                 h = run(h, layer, w, rope, attention)
@@ -203,6 +207,14 @@ class FusedForward:
         precision, a torch whose flash kernel takes a window); else the mask path."""
         return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
                 and _has_varlen_flash())
+
+    @property
+    def lora_kernels_fit(self) -> bool:
+        """Whether every adapted projection suits the LoRA kernels (lora_kernels.py): one rank and
+        dropout among its adapters, an input width they take."""
+        return all(len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
+                   and lora_kernels.covers(g.base.weight.shape[1])
+                   for layer in self.layers for g in layer.projections.values() if g.adapters)
 
     def _kernels_run_on(self, device) -> bool:
         """Whether this pass uses the training kernels (kernels.py, forward and backward in Triton):
@@ -276,8 +288,7 @@ class FusedForward:
             return y
         t, d_in = x.shape
         wa, wb = w
-        if (self._norm is not None and len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
-                and lora_kernels.covers(d_in)):
+        if self._lora_kernels:
             return self._kernel_update(g, y, x, wa, wb, dropout)
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
