@@ -163,9 +163,10 @@ class FusedForward:
         `starts`: where each sequence slot of the row begins, then the row's length (`host_row`); the
         flash path attends within them, the mask path reads `segments` instead.
 
-        `checkpoint`: keep only each layer's input for backward and recompute the layer there. Its
-        dropout masks are then drawn up front and kept bit-packed (1 bit per element), so the recompute
-        applies the same masks without replaying RNG state (which would not survive graph capture).
+        `checkpoint`: keep only each layer's input for backward and recompute the layer there. The
+        recompute applies the same dropout masks without replaying RNG state (which would not survive
+        graph capture): the LoRA kernels draw their keep flags again from the pass's seed; with
+        torch's dropout the masks are drawn up front and kept bit-packed (1 bit per element).
         `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
         kernels = self._kernels_run_on(ids.device)
