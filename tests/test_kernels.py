@@ -78,9 +78,9 @@ def test_the_decoder_with_the_kernels_equals_generate_under_the_interpreter():
 
 NF4_CHECK = textwrap.dedent("""
     import torch
-    from chatlora.models import quantize
+    from chatlora.models import quantize, triton_kernels
 
-    assert quantize.kernel_available(torch.device("cpu"))
+    assert triton_kernels.enabled(torch.device("cpu"))
     nf4 = quantize._torchao_nf4()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape in [(256, 512), (192, 576), (96, 64)]:
@@ -222,7 +222,8 @@ FUSED_PASS_CHECK = textwrap.dedent(f"""
     grads = [p.grad.clone() for _, p in trainable_parameters(model)]
     model.zero_grad(set_to_none=True)
     fast = FusedStep(model, "cpu")
-    assert fast.net._kernels_run_on(torch.device("cpu"))   # the kernels are in the pass
+    from chatlora.models import triton_kernels
+    assert triton_kernels.enabled(torch.device("cpu")) and fast.net.kernels   # the kernels are in the pass
     fast.zero_grad()
     loss = fast.accumulate(examples, 16, None).item()
     assert abs(loss - ref) / ref < 1e-5, (loss, ref)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from chatlora.decode.arithmetic import DecodeModel
 from chatlora.decode.sampling import penalize
+from chatlora.models import triton_kernels
 from chatlora.models.arch import unsupported_reason
 from chatlora.models.quantize import is_quantized
 
@@ -75,7 +76,7 @@ def use_options(model, options: Options) -> None:
 def options_of(model) -> Options:
     options = getattr(model, "_chatlora_decode", None) or Options()
     return Options(static=options.static and os.environ.get("CHATLORA_FAST_DECODE", "1") != "0",
-                   kernels=options.kernels and os.environ.get("CHATLORA_TRITON", "1") != "0")
+                   kernels=options.kernels and triton_kernels.switched_on())
 
 
 def static_decoder(model) -> "StaticDecoder | None":

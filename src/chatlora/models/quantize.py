@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from chatlora.errors import UserError
-from chatlora.models.triton_kernels import available, tl, triton
+from chatlora.models.triton_kernels import enabled, tl, triton
 
 BLOCK = 64              # weights per scale, as QLoRA
 SCALER_BLOCK = 256      # block scales per second-level scale, as QLoRA; smaller where a weight needs it
@@ -152,7 +151,7 @@ def dequantize(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     `get_original_weight`, bit for bit."""
     if not is_nf4(weight):
         return weight if out is None else out.copy_(weight)
-    if kernel_available(weight.device):
+    if enabled(weight.device):
         return _dequantize_triton(weight, out)
     w = weight.get_original_weight()
     return w if out is None else out.copy_(w)
@@ -196,11 +195,6 @@ class _QuantizedMatmul(torch.autograd.Function):
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [T, in] @ the de-quantised weight's transpose -> [T, sum of outs]; gradient for x only."""
     return _QuantizedMatmul.apply(x, weight)
-
-
-def kernel_available(device: torch.device) -> bool:
-    """Whether `dequantize` runs the Triton kernel here (CHATLORA_TRITON=0: torchao's operations)."""
-    return available(device) and os.environ.get("CHATLORA_TRITON") != "0"
 
 
 if triton is not None:

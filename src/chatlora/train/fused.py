@@ -34,7 +34,6 @@ not otherwise; the caller then uses the eager path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -109,13 +108,18 @@ class FusedForward:
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
         self.flash = True            # tests: False computes the mask path on a GPU too
-        self.kernels = True          # tests: False keeps torch's RMSNorm and SiLU * up on a GPU too
+        self.kernels = True          # tests: False keeps torch's operations on a GPU too (as CHATLORA_TRITON=0)
         self._norm = self._activation = self._seed = None   # this pass's (`loss_sum`)
         self._lora_kernels = False
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name), (number * 4 + k) * 4)
                                             for k, name in enumerate(("qkv", "o", "gate_up", "down"))})
                        for number, layer in enumerate(fused_layers(lm))]
         self.dtype = self.layers[0].layer.qkv.weight.dtype
+        # whether every adapted projection suits the LoRA kernels (lora_kernels.py): one rank and
+        # dropout among its adapters, an input width they take
+        self.lora_kernels_fit = all(len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
+                                    and lora_kernels.covers(g.base.weight.shape[1])
+                                    for layer in self.layers for g in layer.projections.values() if g.adapters)
         self._flatten()
 
     def _adapted(self, base: Projection, salt: int) -> AdaptedProjection:
@@ -169,7 +173,7 @@ class FusedForward:
         torch's dropout the masks are drawn up front and kept bit-packed (1 bit per element).
         `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
-        kernels = self._kernels_run_on(ids.device)
+        kernels = self.kernels and triton_kernels.enabled(torch.device(ids.device))
         eps = self.arch.eps   # the layer's norm and activation (`models.arch.block`); None: torch's operations
         self._norm = (lambda x, weight: train_kernels.rms_norm(x, weight, eps)) if kernels else None
         self._activation = train_kernels.silu_mul if kernels else None
@@ -208,20 +212,6 @@ class FusedForward:
         precision, a torch whose flash kernel takes a window); else the mask path."""
         return (self.flash and torch.device(device).type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
                 and _has_varlen_flash())
-
-    @property
-    def lora_kernels_fit(self) -> bool:
-        """Whether every adapted projection suits the LoRA kernels (lora_kernels.py): one rank and
-        dropout among its adapters, an input width they take."""
-        return all(len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
-                   and lora_kernels.covers(g.base.weight.shape[1])
-                   for layer in self.layers for g in layer.projections.values() if g.adapters)
-
-    def _kernels_run_on(self, device) -> bool:
-        """Whether this pass uses the training kernels (kernels.py, forward and backward in Triton):
-        where they run (models/triton_kernels.py), unless turned off (tests, CHATLORA_TRITON=0)."""
-        return (self.kernels and triton_kernels.available(torch.device(device))
-                and os.environ.get("CHATLORA_TRITON", "1") != "0")
 
     def _mask(self, segments):
         """The additive attention mask of a packed row: causal, within each segment (and window)."""
@@ -307,7 +297,6 @@ class FusedForward:
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-
     def _kernel_update(self, g: AdaptedProjection, y, x, wa, wb, dropout: bool):
         """`_linear`'s LoRA updates through lora_kernels.adapted_update (one rank and dropout)."""
         first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
@@ -323,6 +312,7 @@ class FusedForward:
             columns = [starts[ad.module] for ad in g.adapters]
         p = first.dropout if dropout else 0.0
         return lora_kernels.adapted_update(y, x, a, bs, columns, self._seed, g.salt, p)
+
 
 @lru_cache(maxsize=None)
 def _has_varlen_flash() -> bool:
