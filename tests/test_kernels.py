@@ -244,7 +244,8 @@ FUSED_PASS_CHECK = textwrap.dedent(f"""
     assert abs(plain_loss - ckpt_loss) / plain_loss < 1e-6, (plain_loss, ckpt_loss)
     from chatlora.train.steps import supervised_count
     without = fast.held_out_loss_sum(examples[:2], 16, None).item() / supervised_count(examples[:2])
-    assert abs(without - plain_loss) / plain_loss > 1e-4, (without, plain_loss)   # the dropout took effect
+    # the dropout took effect: beyond float32 rounding (a tiny model's loss moves by ~5e-5 relative)
+    assert abs(without - plain_loss) / plain_loss > 1e-6, (without, plain_loss)
 
     # a model the LoRA kernels do not fit keeps torch's dropout, its masks stored for the recompute
     lora_kernels.covers = lambda width: False
