@@ -326,3 +326,31 @@ def check_kernels(device: str, dtype: torch.dtype, tol: float, head_dim: int) ->
         expect(f"decode_attention {attend}", kernels.decode_attention(q, kc, vc, valid, attend, hd ** -0.5),
                want.transpose(1, 2).reshape(2, nq * hd))
     assert not failures, "\n".join(failures)
+
+
+def rope_qkv_reference(y, cos, sin, heads: int, kv_heads: int):
+    """What train/kernels.rope_qkv computes, in torch's operations on `y`'s dtype: q and k rotated
+    together (models.arch.rotate) and v, from the q/k/v projection's output y [T, width]."""
+    from chatlora.models.arch import rotate
+
+    hd = cos.shape[-1]
+    width = (heads + kv_heads) * hd
+    qk = rotate(y[:, :width].unflatten(-1, (heads + kv_heads, hd)), cos.to(y.dtype)[:, None], sin.to(y.dtype)[:, None])
+    return qk, y[:, width:].unflatten(-1, (kv_heads, hd))
+
+
+def check_rope_qkv(y, cos, sin, heads: int, kv_heads: int, tol: float) -> None:
+    """train/kernels.rope_qkv on `y` (requires grad), forward and backward, against
+    `rope_qkv_reference` in float64; v must come out unchanged."""
+    import torch
+
+    from chatlora.train import kernels
+
+    qk, v = kernels.rope_qkv(y, cos, sin, heads, kv_heads)
+    dqk, dv = torch.randn_like(qk), torch.randn_like(v)
+    (dy,) = torch.autograd.grad([qk, v], [y], [dqk, dv])
+    y64 = y.detach().double().requires_grad_(True)
+    qk64, v64 = rope_qkv_reference(y64, cos, sin, heads, kv_heads)
+    (dy64,) = torch.autograd.grad([qk64, v64], [y64], [dqk.double(), dv.double()])
+    assert ((qk.double() - qk64).norm() / qk64.norm()).item() < tol and torch.equal(v.double(), v64), "rope forward"
+    assert ((dy.double() - dy64).norm() / dy64.norm()).item() < tol, "rope backward"

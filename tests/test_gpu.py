@@ -488,6 +488,16 @@ def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
         assert abs(loss.item() - ref.item()) / ref.item() < tol
         assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol
 
+    from helpers import check_rope_qkv
+
+    from chatlora.models.arch import rope_tables
+
+    heads, kv_heads, hd = 16, 8, 128   # Qwen3-1.7B's attention
+    inv = 1.0 / 1e6 ** (torch.arange(0, hd, 2, device="cuda") / hd)
+    cos, sin = rope_tables(torch.arange(700, device="cuda"), inv, 1.0, dtype)
+    y = torch.randn(700, (heads + 2 * kv_heads) * hd, device="cuda", generator=g).to(dtype).requires_grad_(True)
+    check_rope_qkv(y, cos, sin, heads, kv_heads, tol)
+
     from chatlora.train import lora_kernels
 
     # Index's q/k/v (3 x 2048 from 2048), down (2048 from 5888), gate/up without dropout

@@ -165,6 +165,12 @@ TRAINING_CHECK = textwrap.dedent(f"""
         assert abs(loss.item() - ref.item()) / ref.item() < 1e-6, "cross_entropy loss"
         assert (grad.double() - ref_grad).norm() / ref_grad.norm() < 1e-6, "cross_entropy gradient"
 
+    # RoPE on q and k with v split off (grouped-query heads), forward and backward
+    from chatlora.models.arch import rope_tables
+    from helpers import check_rope_qkv
+    cos, sin = rope_tables(torch.arange(7), 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16), 1.0, torch.float32)
+    check_rope_qkv(torch.randn(7, (4 + 2 * 2) * 16, requires_grad=True), cos, sin, 4, 2, 1e-6)
+
     # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
     for n, outs, p, rank in [(3, [24, 16, 16], 0.3, 8), (1, [40], 0.1, 12), (2, [16, 16], 0.0, 8)]:
         x = torch.randn(37, 104, requires_grad=True)

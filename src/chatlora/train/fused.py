@@ -12,7 +12,7 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     each adapter's dropout fused with its A product, the keep flags drawn again in backward instead
     of stored (lora_kernels.py; each module its own dropout, as in peft); elsewhere torch's
     operations, the q/k/v and gate/up adapters as batched GEMMs;
-  - RoPE on q and k together;
+  - RoPE on q and k together (on a GPU one kernel, v split off in the same pass: kernels.py);
   - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
     (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
     heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
@@ -110,7 +110,7 @@ class FusedForward:
         self.flash = True            # tests: False computes the mask path on a GPU too
         self.kernels = True          # tests: False keeps torch's operations on a GPU too (as CHATLORA_TRITON=0)
         self._norm = self._activation = self._seed = None   # this pass's (`loss_sum`)
-        self._lora_kernels = False
+        self._kernels = self._lora_kernels = False
         self.layers = [AdaptedLayer(layer, {name: self._adapted(getattr(layer, name), (number * 4 + k) * 4)
                                             for k, name in enumerate(("qkv", "o", "gate_up", "down"))})
                        for number, layer in enumerate(fused_layers(lm))]
@@ -173,7 +173,7 @@ class FusedForward:
         torch's dropout the masks are drawn up front and kept bit-packed (1 bit per element).
         `dropout=False`: no dropout on the adapters' inputs (evaluation, as peft's eval mode)."""
         w = self.adapter_weights(self.flat)
-        kernels = self.kernels and triton_kernels.enabled(torch.device(ids.device))
+        kernels = self._kernels = self.kernels and triton_kernels.enabled(torch.device(ids.device))
         eps = self.arch.eps   # the layer's norm and activation (`models.arch.block`); None: torch's operations
         self._norm = (lambda x, weight: train_kernels.rms_norm(x, weight, eps)) if kernels else None
         self._activation = train_kernels.silu_mul if kernels else None
@@ -184,7 +184,7 @@ class FusedForward:
         self._seed = (torch.randint(0, 2 ** 31 - 1, (1,), device=ids.device) if self._lora_kernels and dropout
                       else torch.zeros(1, dtype=torch.int64, device=ids.device))
         cos, sin = self.arch.rope(positions, self.dtype)
-        rope = cos[:, None, :], sin[:, None, :]
+        rope = (cos, sin) if kernels else (cos[:, None, :], sin[:, None, :])   # kernels.rope_qkv's, or `rotate`'s
         if starts is not None and self.uses_flash(ids.device):
             attention = partial(self._flash_attention, starts=starts.to(torch.int32), longest=ids.shape[0])
         else:
@@ -261,8 +261,11 @@ class FusedForward:
         arch, t = self.arch, h.shape[0]
 
         def attend(y):
-            qk, v = arch.split_qkv(y)
-            qk = rotate(qk, *rope)
+            if self._kernels:   # q and k rotated, v apart, in one kernel each way
+                qk, v = train_kernels.rope_qkv(y, *rope, arch.heads, arch.kv_heads)
+            else:
+                qk, v = arch.split_qkv(y)
+                qk = rotate(qk, *rope)
             return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):

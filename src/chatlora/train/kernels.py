@@ -6,7 +6,10 @@ per pass beside the GEMMs):
   - `silu_mul`: SiLU(gate) * up over the fused gate/up output; the forward is the decoder's kernel,
     the backward one kernel writing both halves' gradients; only the gate/up output is kept for it;
   - `cross_entropy_grad_`: each row's cross-entropy from its logits, which it overwrites with their
-    gradient (softmax - one-hot): no float32 copy of the logits, one kernel for five (train/head.py).
+    gradient (softmax - one-hot): no float32 copy of the logits, one kernel for five (train/head.py);
+  - `rope_qkv`: the q/k/v projection's output split into q and k rotated together (RoPE) and v; its
+    backward writes the whole output's gradient in one kernel (through torch the two slices' gradients
+    were each a zero-filled full-width tensor, then added).
 Each computes in fp32 and rounds once. tests/test_kernels.py compares them, forward and backward,
 with float64 torch under Triton's interpreter; tests/test_gpu.py compiled on a GPU.
 
@@ -77,6 +80,64 @@ if triton is not None:
             g = tl.exp(v - lse) - tl.where(offs == target, 1.0, 0.0)
             tl.store(start + offs, tl.where(valid, g, 0.0).to(logits.dtype.element_ty), mask=keep)
 
+    @triton.jit
+    def _rope_qkv_kernel(src, stride, cos, sin, qk, v, rotated, total, BACKWARD: tl.constexpr,
+                         HALF: tl.constexpr, HB: tl.constexpr):
+        """Forward: row t of src [T, width] -> qk [T, rotated, 2 HALF] (x * cos + swap(x) * sin, sin
+        signed as models.arch.rope_tables makes it) and v [T, total - rotated, 2 HALF]. Backward: the
+        same layout read from qk and v (their gradients), written into src (the output's gradient):
+        d x = d y * cos + swap(d y * sin)."""
+        t = tl.program_id(0)
+        heads = tl.program_id(1) * HB + tl.arange(0, HB)
+        offs = tl.arange(0, HALF)
+        c1 = tl.load(cos + t * 2 * HALF + offs).to(tl.float32)[None, :]
+        c2 = tl.load(cos + t * 2 * HALF + HALF + offs).to(tl.float32)[None, :]
+        s1 = tl.load(sin + t * 2 * HALF + offs).to(tl.float32)[None, :]
+        s2 = tl.load(sin + t * 2 * HALF + HALF + offs).to(tl.float32)[None, :]
+        wide = src + t * stride + heads[:, None] * 2 * HALF + offs[None, :]
+        is_qk = (heads < rotated)[:, None]
+        is_v = ((heads >= rotated) & (heads < total))[:, None]
+        apart = qk + (t * rotated + heads[:, None]) * 2 * HALF + offs[None, :]
+        vs = v + (t * (total - rotated) + heads[:, None] - rotated) * 2 * HALF + offs[None, :]
+        if BACKWARD:   # gradients in: qk and v; out: the wide row. d x = d y * cos + swap(d y * sin)
+            src_qk, src_v, dst_qk, dst_v, sa, sb = apart, vs, wide, wide, s2, s1
+        else:
+            src_qk, src_v, dst_qk, dst_v, sa, sb = wide, wide, apart, vs, s1, s2
+        x1 = tl.load(src_qk, mask=is_qk, other=0.0).to(tl.float32)
+        x2 = tl.load(src_qk + HALF, mask=is_qk, other=0.0).to(tl.float32)
+        tl.store(dst_qk, (x1 * c1 + x2 * sa).to(qk.dtype.element_ty), mask=is_qk)
+        tl.store(dst_qk + HALF, (x2 * c2 + x1 * sb).to(qk.dtype.element_ty), mask=is_qk)
+        tl.store(dst_v, tl.load(src_v, mask=is_v), mask=is_v)
+        tl.store(dst_v + HALF, tl.load(src_v + HALF, mask=is_v), mask=is_v)
+
+
+class _RoPEQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, cos, sin, rotated: int, total: int):
+        t, hd = y.shape[0], cos.shape[-1]
+        y = y if y.stride(1) == 1 else y.contiguous()
+        qk = torch.empty(t, rotated, hd, dtype=y.dtype, device=y.device)
+        v = torch.empty(t, total - rotated, hd, dtype=y.dtype, device=y.device)
+        _rope_launch(y, cos, sin, qk, v, rotated, total, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.settings = (y.shape, rotated, total)
+        return qk, v
+
+    @staticmethod
+    def backward(ctx, dqk, dv):
+        cos, sin = ctx.saved_tensors
+        shape, rotated, total = ctx.settings
+        dy = torch.empty(shape, dtype=dqk.dtype, device=dqk.device)
+        _rope_launch(dy, cos, sin, dqk.contiguous(), dv.contiguous(), rotated, total, backward=True)
+        return dy, None, None, None, None
+
+
+def _rope_launch(wide, cos, sin, qk, v, rotated: int, total: int, backward: bool) -> None:
+    heads_per_program = 4
+    _rope_qkv_kernel[(wide.shape[0], triton.cdiv(total, heads_per_program))](
+        wide, wide.stride(0), cos.contiguous(), sin.contiguous(), qk, v, rotated, total, BACKWARD=backward,
+        HALF=cos.shape[-1] // 2, HB=heads_per_program)
+
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
@@ -137,3 +198,10 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore: int
     _cross_entropy_grad_kernel[(rows,)](logits, logits.stride(0), targets.contiguous(), losses, vocab, ignore,
                                         BLOCK=min(4096, triton.next_power_of_2(vocab)))
     return losses
+
+
+def rope_qkv(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int):
+    """The q/k/v projection's output y [T, (heads + 2 kv_heads) * head_dim] as q and k rotated
+    together [T, heads + kv_heads, head_dim] and v [T, kv_heads, head_dim] (both new tensors);
+    cos and sin [T, head_dim] as models.arch.rope_tables gives them. As `split_qkv` then `rotate`."""
+    return _RoPEQKV.apply(y, cos, sin, heads + kv_heads, heads + 2 * kv_heads)
