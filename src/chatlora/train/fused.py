@@ -269,15 +269,20 @@ class FusedForward:
             return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):
-            y = self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout)
-            return y if residual is None else residual + y
+            return self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout, residual)
 
         return block(arch, h, layer.layer, attend, linear, self._norm, self._activation)
 
-    def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True):
-        """x @ fused base weight + each module's LoRA update (its own dropout on its input; `drop`:
-        bit-packed masks to apply instead of drawing new ones; `dropout=False`: none, evaluation)."""
-        y = times_weight_t(x, g.base.weight, g.base.bias)
+    def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True, residual=None):
+        """(`residual` +) x @ fused base weight + each module's LoRA update (its own dropout on its
+        input; `drop`: bit-packed masks to apply instead of drawing new ones; `dropout=False`: none,
+        evaluation). A residual with a 16-bit weight and no bias is the GEMM's own addend (cuBLAS's
+        epilogue), not an add kernel after it."""
+        if residual is not None and g.base.bias is None and isinstance(g.base.weight, torch.Tensor):
+            y = torch.addmm(residual, x, g.base.weight.t())
+        else:
+            y = times_weight_t(x, g.base.weight, g.base.bias)
+            y = y if residual is None else residual + y
         if not g.adapters:
             return y
         t, d_in = x.shape
