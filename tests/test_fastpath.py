@@ -352,3 +352,66 @@ def test_chunked_cross_entropy_equals_the_full_one(rows):
     assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < 1e-6
     with torch.no_grad():
         assert chunked_cross_entropy(x, w, targets, rows=rows).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters():
+    """AdamW on one flat tensor whose views are the parameters (train/flat_optimizer.py) moves every
+    parameter exactly as torch's AdamW over the parameters does, bit for bit, over steps with new
+    gradients and learning rates; its state dict is AdamW's, tensor for tensor (so checkpoints are
+    the same files); and loaded from AdamW's state dict it goes on identically."""
+    from chatlora.train.flat_optimizer import FlatAdamW
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 24), (40, 8), (8, 16), (16, 8)]
+    flat = torch.randn(sum(a * b for a, b in shapes), generator=g).requires_grad_(True)
+    flat.grad = torch.zeros_like(flat)
+    starts = [0, 192, 512, 640]
+    views = [flat.detach()[s:s + a * b].view(a, b) for s, (a, b) in zip(starts, shapes)]
+    params = [torch.nn.Parameter(torch.empty(0)) for _ in shapes]
+    for p, v, s, (a, b) in zip(params, views, starts, shapes):
+        p.data = v
+        p.grad = flat.grad[s:s + a * b].view(a, b)
+    order = [2, 0, 3, 1]                                   # the optimizer's order is not the buffer's
+    ours = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1)
+    reference = [torch.nn.Parameter(v.clone()) for v in views]
+    theirs = torch.optim.AdamW([reference[i] for i in order], lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        flat.grad.copy_(torch.randn(flat.shape, generator=g))
+        for r, p in zip(reference, params):
+            r.grad = p.grad.clone()
+        for opt in (ours, theirs):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
+            opt.step()
+        assert all(torch.equal(p, r) for p, r in zip(params, reference))
+    mine, want = ours.state_dict(), theirs.state_dict()
+    assert mine["param_groups"] == want["param_groups"] and mine["state"].keys() == want["state"].keys()
+    for i in want["state"]:
+        assert mine["state"][i].keys() == want["state"][i].keys()
+        assert all(torch.equal(mine["state"][i][k], v) for k, v in want["state"][i].items())
+    again = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(want)
+    flat.grad.copy_(torch.randn(flat.shape, generator=g))
+    for r, p in zip(reference, params):
+        r.grad = p.grad.clone()
+    again.step()
+    theirs.step()
+    assert all(torch.equal(p, r) for p, r in zip(params, reference))
+
+
+def test_host_copies_take_views_of_one_storage_in_one_copy_and_each_is_its_own(tmp_path):
+    """A checkpoint's CPU copies: views into one storage (the fused pass's flat buffers) come over
+    as one copy and are then separate tensors (safetensors refuses shared memory); others one by one."""
+    from safetensors.torch import load_file, save_file
+
+    from chatlora.train.checkpoint import host_copies
+
+    flat = torch.arange(24, dtype=torch.float32)
+    tensors = {"a": flat[:6].view(2, 3), "b": flat[6:24].view(3, 6), "alone": torch.ones(2), "step": torch.tensor(3.0)}
+    copies = host_copies(tensors)
+    assert all(torch.equal(copies[k], v) for k, v in tensors.items())
+    flat.zero_()
+    assert copies["a"].sum() == 15 and copies["b"].sum() == 261     # copies, not views
+    assert copies["a"].untyped_storage().data_ptr() != copies["b"].untyped_storage().data_ptr()
+    path = tmp_path / "t.safetensors"
+    save_file(copies, str(path))
+    assert torch.equal(load_file(str(path))["b"], copies["b"])

@@ -85,8 +85,29 @@ def snapshot(model, optimizer, extra: dict[str, torch.Tensor] | None = None, ada
         ((n, p) for n, p in model.named_parameters() if p.requires_grad)
     tensors, opt_json = _optimizer_tensors(optimizer_state or optimizer.state_dict())
     resume = {**tensors, **_rng_tensors(), **(extra or {})}
-    return Snapshot({n: t.detach().to("cpu", copy=True) for n, t in named},
-                    {k: t.to("cpu", copy=True) for k, t in resume.items()}, opt_json)
+    return Snapshot(host_copies({n: t.detach() for n, t in named}), host_copies(resume), opt_json)
+
+
+def host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of `tensors`, each its own. Views into one device storage (the fused pass keeps the
+    adapter weights, and the flat optimizer its moments, in one tensor each) come over in one copy
+    of that storage, not one small synchronous copy per view (hundreds per checkpoint)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    out = {}
+    for names in groups.values():
+        storage = tensors[names[0]].untyped_storage()
+        used = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+        if len(names) < 2 or storage.nbytes() > 2 * used:
+            continue
+        host = torch.empty(storage.nbytes(), dtype=torch.uint8)
+        host.untyped_storage().copy_(storage)
+        for n in names:
+            t = tensors[n]
+            out[n] = torch.empty(0, dtype=t.dtype).set_(host.untyped_storage(), t.storage_offset(), t.shape,
+                                                        t.stride()).clone()
+    return {n: out[n] if n in out else t.to("cpu", copy=True) for n, t in tensors.items()}
 
 
 def write_checkpoint(run: Path, step: int, model, snap: Snapshot, state: dict, keep_last: int = 0,

@@ -50,6 +50,7 @@ from chatlora.train.checkpoint import (
     snapshot,
     write_checkpoint,
 )
+from chatlora.train.flat_optimizer import FlatAdamW
 from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, choose_fused_step, defers_read_back
 from chatlora.train.steps import StepPlan, pack, pad, supervised_count
 
@@ -160,10 +161,11 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         distributed.shard_model(model, ranks)
     params = [p for _, p in trainable_parameters(model)]
     defer = defers_read_back(device, ranks)
+    fast = None if sharded else choose_fused_step(model, cfg, device)   # its parameters: views into one tensor
     # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of
     # tensors); it also skips a step on the device when told the step's figures are not finite
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                  fused=device.startswith("cuda") or defer)
+    settings = dict(lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.startswith("cuda") or defer)
+    optimizer = FlatAdamW(params, fast.net.flat, **settings) if fast else torch.optim.AdamW(params, **settings)
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
     total = plan.total_steps(t.epochs, t.max_steps)
@@ -184,7 +186,6 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         if trackers:
             trackers.log(row)
     collate = (lambda ex: pack(ex, device)) if t.packing else (lambda ex: pad(ex, tok.pad_id, device))
-    fast = None if sharded else choose_fused_step(model, cfg, device)
     stepper = FusedGradients(fast, t, ranks) if fast else PlainGradients(model, params, t, collate, ranks, sharded, device)
 
     def evaluate(step: int) -> None:
