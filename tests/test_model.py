@@ -296,3 +296,27 @@ def test_copies_of_the_same_model_share_one_conversion_and_the_cache_lists_and_c
     shutil.rmtree(tmp_path / "clone-c")
     assert main(["cache", "clean"]) == 0
     assert [c.dir for c in cache.conversions()] == [a.dir]   # the one whose source is gone went
+
+
+def test_16bit_weights_load_straight_onto_a_gpu(index_dir, monkeypatch):
+    """On a GPU the 16-bit base goes from its file to the device (transformers' device_map), not
+    through a CPU copy of the whole model; a 4-bit base loads on the CPU and is quantised weight by
+    weight on its way (models/quantize.py), and CPU loads are plain."""
+    from transformers import AutoModelForCausalLM
+
+    import chatlora.models.load as load_module
+
+    asked = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(path, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    monkeypatch.setattr(load_module, "quantize_base", lambda model, targets, device: None)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **kw: self)   # no GPU here to move to
+    base = prepare_base(str(index_dir))
+    for device, quantize in (("cuda", "none"), ("cuda:1", "none"), ("cuda", "nf4"), ("cpu", "none")):
+        load_model(base, dtype="float32", device=device, quantize=quantize)
+    assert asked == ["cuda", "cuda:1", None, None]

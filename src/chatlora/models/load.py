@@ -88,10 +88,13 @@ def load_model(base: BaseModel, dtype: str = "auto", device: str | None = None, 
     from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # 16-bit weights go from the safetensors file straight to a GPU, not through a CPU copy of the
+    # whole model (a start-up cost); a 4-bit base is quantised weight by weight on its way there
+    placement = {"device_map": str(device)} if torch.device(device).type == "cuda" and quantize != "nf4" else {}
     try:
         with quiet_optional_imports():   # transformers imports torchao/bitsandbytes here when installed
             model = AutoModelForCausalLM.from_pretrained(
-                str(base.dir), dtype=pick_dtype(dtype, device), trust_remote_code=False)
+                str(base.dir), dtype=pick_dtype(dtype, device), trust_remote_code=False, **placement)
     except ValueError as e:
         raise UserError(f"transformers cannot load {base.dir} natively ({e}). chatlora never runs a "
                         f"model repository's own code; use a model transformers supports.") from None
