@@ -508,7 +508,8 @@ def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
               for _ in range(n)]
         y = (torch.randn(700, n * out, device="cuda", generator=g) * 0.01).to(dtype)   # bf16 rounds y + update
         seed = torch.tensor([777], device="cuda")
-        got = lora_kernels.adapted_update(y.clone(), x, a, bs, [i * out for i in range(n)], seed, 4, p)
+        got = lora_kernels.adapted_update(y.clone(), x, a, torch.cat(bs), [i * out for i in range(n)], [out] * n,
+                                          seed, 4, p)
         dy = torch.randn(700, n * out, device="cuda", generator=g).to(dtype)
         grads = torch.autograd.grad(got, [x, a, *bs], dy)
         keeps = [lora_kernels.keep_flags(seed, 4 + i, (700, width), p) for i in range(n)]

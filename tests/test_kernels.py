@@ -172,17 +172,19 @@ TRAINING_CHECK = textwrap.dedent(f"""
     check_rope_qkv(torch.randn(7, (4 + 2 * 2) * 16, requires_grad=True), cos, sin, 4, 2, 1e-6)
 
     # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
-    for n, outs, p, rank in [(3, [24, 16, 16], 0.3, 8), (1, [40], 0.1, 12), (2, [16, 16], 0.0, 8)]:
-        x = torch.randn(37, 104, requires_grad=True)
-        a = (torch.randn(n, rank, 104) * 0.1).requires_grad_(True)
+    # (the last case: more rows and outputs than one tile of the B kernels, the input in three spans)
+    for n, outs, p, rank, t, d in [(3, [24, 16, 16], 0.3, 8, 37, 104), (1, [40], 0.1, 12, 37, 104),
+                                   (2, [16, 16], 0.0, 8, 37, 104), (2, [72, 8], 0.2, 8, 70, 1048)]:
+        x = torch.randn(t, d, requires_grad=True)
+        a = (torch.randn(n, rank, d) * 0.1).requires_grad_(True)
         bs = [(torch.randn(o, rank) * 0.1).requires_grad_(True) for o in outs]
         columns = [sum(outs[:i]) for i in range(n)]
         seed = torch.tensor([12345])
-        y = torch.randn(37, sum(outs))
-        out = lora_kernels.adapted_update(y.clone(), x, a, bs, columns, seed, 8, p)
-        dy = torch.randn(37, sum(outs))
+        y = torch.randn(t, sum(outs))
+        out = lora_kernels.adapted_update(y.clone(), x, a, torch.cat(bs), columns, outs, seed, 8, p)
+        dy = torch.randn(t, sum(outs))
         grads = torch.autograd.grad(out, [x, a, *bs], dy)
-        keeps = [lora_kernels.keep_flags(seed, 8 + i, (37, 104), p) for i in range(n)]
+        keeps = [lora_kernels.keep_flags(seed, 8 + i, (t, d), p) for i in range(n)]
         if p:
             fraction = torch.stack(keeps).float().mean().item()
             assert abs(fraction - (1 - p)) < 0.02 and (keeps[0] != keeps[-1]).any() == (n > 1), "keep flags"

@@ -72,20 +72,34 @@ def unsupported_reason(model, lora_cfg) -> str | None:
 class Adapter:
     """One LoRA module of a fused projection."""
     module: int       # its place among the projection's modules (output order)
-    a_chunk: int      # its A and B weights' chunks of the flat buffer (or the stacked group's)
-    b_chunk: int
     rank: int
     dropout: float
 
 
 @dataclass
 class AdaptedProjection:
-    """A fused projection and the LoRA adapters of its modules. `stacked`: every module adapted with
-    the same rank, output width and dropout, so their updates run as batched GEMMs."""
+    """A fused projection and the LoRA adapters of its modules, whose A weights are one chunk of the
+    flat buffer ([sum of ranks, in]) and B weights the next chunk of B's (each [out, rank], one
+    after another). `stacked`: every module adapted with the same rank, output width and dropout,
+    so their updates run as batched GEMMs."""
     base: Projection
     adapters: list[Adapter]
     stacked: bool
+    chunk: int = -1   # its A chunk among the A chunks, its B chunk among the B chunks
     salt: int = 0     # its adapters' dropout streams on the kernel path (lora_kernels.py): salt + i
+
+    def weights(self, w) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its A chunk [sum of ranks, in] and B chunk (flat) of the split adapter weights `w`."""
+        wa, wb = w
+        return wa[self.chunk].view(-1, self.base.weight.shape[1]), wb[self.chunk]
+
+    def each(self, w) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(A [rank, in], B [out, rank]) of each adapter: split views (their backward is one concatenation)."""
+        a, b = self.weights(w)
+        outs = [self.base.outs[ad.module] for ad in self.adapters]
+        a_parts = a.split([ad.rank for ad in self.adapters])
+        b_parts = b.split([o * ad.rank for o, ad in zip(outs, self.adapters)])
+        return [(ai, bi.view(o, ad.rank)) for ai, bi, o, ad in zip(a_parts, b_parts, outs, self.adapters)]
 
 
 @dataclass
@@ -103,7 +117,7 @@ class FusedForward:
         self.lm, self.arch = lm, Architecture.of(lm)
         self.a_params: list[torch.nn.Parameter] = []
         self.b_params: list[torch.nn.Parameter] = []
-        self.a_sizes: list[int] = []   # the flat buffer's chunks: per adapter, or per stacked group
+        self.a_sizes: list[int] = []   # the flat buffer's chunks: one per adapted projection
         self.b_sizes: list[int] = []
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
@@ -118,6 +132,7 @@ class FusedForward:
         # whether every adapted projection suits the LoRA kernels (lora_kernels.py): one rank and
         # dropout among its adapters, an input width they take
         self.lora_kernels_fit = all(len({(ad.rank, ad.dropout) for ad in g.adapters}) == 1
+                                    and len(g.adapters) <= lora_kernels.MAX_ADAPTERS
                                     and lora_kernels.covers(g.base.weight.shape[1])
                                     for layer in self.layers for g in layer.projections.values() if g.adapters)
         self._flatten()
@@ -131,16 +146,12 @@ class FusedForward:
         self.scale = next((m.scaling[ADAPTER] for m in base.modules if hasattr(m, "scaling")), self.scale)
         stacked = (len(found) == len(base.modules) > 1 and len(set(base.outs)) == 1
                    and len({a.shape for _, a, _, _ in found}) == 1 and len({p for *_, p in found}) == 1)
-        if stacked:  # one chunk for all the group's A's, one for its B's: [n, r, in] and [n, out, r] views
-            self.a_sizes.append(sum(a.numel() for _, a, _, _ in found))
-            self.b_sizes.append(sum(b.numel() for _, _, b, _ in found))
-        adapters = []
-        for i, a, b, p in found:
-            if not stacked:
-                self.a_sizes.append(a.numel())
-                self.b_sizes.append(b.numel())
-            adapters.append(Adapter(i, len(self.a_sizes) - 1, len(self.b_sizes) - 1, a.shape[0], p))
-        return AdaptedProjection(base, adapters, stacked, salt)
+        if not found:
+            return AdaptedProjection(base, [], stacked, -1, salt)
+        self.a_sizes.append(sum(a.numel() for _, a, _, _ in found))   # the parameters are in this order in
+        self.b_sizes.append(sum(b.numel() for _, _, b, _ in found))   # the flat buffer: chunks of consecutive ones
+        adapters = [Adapter(i, a.shape[0], p) for i, a, _, p in found]
+        return AdaptedProjection(base, adapters, stacked, len(self.a_sizes) - 1, salt)
 
     def _flatten(self) -> None:
         """One flat leaf tensor holds every adapter weight (A's, then B's); the peft parameters become
@@ -286,40 +297,34 @@ class FusedForward:
         if not g.adapters:
             return y
         t, d_in = x.shape
-        wa, wb = w
         if self._lora_kernels:
-            return self._kernel_update(g, y, x, wa, wb, dropout)
+            return self._kernel_update(g, y, x, w, dropout)
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
             d_out, r, p = g.base.outs[0], first.rank, first.dropout if dropout else 0.0
-            a, b = wa[first.a_chunk].view(n, r, d_in), wb[first.b_chunk].view(n, d_out, r)
+            a, b = g.weights(w)
+            a, b = a.view(n, r, d_in), b.view(n, d_out, r)
             xs = x.expand(n, t, d_in)
             xs = xs if not p else F.dropout(xs, p, True) if drop is None else _apply_mask(xs, drop[0], p)
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))    # [n, T, out]
             return (y.view(t, n, d_out) + delta.transpose(0, 1)).view(t, n * d_out)
         parts = list(y.split(g.base.outs, dim=1))
-        for k, ad in enumerate(g.adapters):
-            a, b = wa[ad.a_chunk].view(ad.rank, d_in), wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank)
+        for k, (ad, (a, b)) in enumerate(zip(g.adapters, g.each(w))):
             p = ad.dropout if dropout else 0.0
             xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
             parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _kernel_update(self, g: AdaptedProjection, y, x, wa, wb, dropout: bool):
+    def _kernel_update(self, g: AdaptedProjection, y, x, w, dropout: bool):
         """`_linear`'s LoRA updates through lora_kernels.adapted_update (one rank and dropout)."""
         first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
-        if g.stacked:
-            out = g.base.outs[0]
-            a = wa[first.a_chunk].view(n, first.rank, d_in)
-            bs = wb[first.b_chunk].view(n, out, first.rank).unbind(0)
-            columns = [i * out for i in range(n)]
-        else:
-            starts = [sum(g.base.outs[:i]) for i in range(len(g.base.outs))]
-            a = torch.stack([wa[ad.a_chunk].view(ad.rank, d_in) for ad in g.adapters])
-            bs = [wb[ad.b_chunk].view(g.base.outs[ad.module], ad.rank) for ad in g.adapters]
-            columns = [starts[ad.module] for ad in g.adapters]
+        a, b = g.weights(w)
+        starts = [sum(g.base.outs[:i]) for i in range(len(g.base.outs))]
+        columns = [starts[ad.module] for ad in g.adapters]
+        widths = [g.base.outs[ad.module] for ad in g.adapters]
         p = first.dropout if dropout else 0.0
-        return lora_kernels.adapted_update(y, x, a, bs, columns, self._seed, g.salt, p)
+        return lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), columns,
+                                           widths, self._seed, g.salt, p)
 
 
 @lru_cache(maxsize=None)

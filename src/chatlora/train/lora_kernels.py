@@ -1,11 +1,12 @@
-"""The LoRA updates of a fused projection on a GPU: dropout on the adapters' input fused with the
-A product, in Triton, and each B product added into the base output in place.
+"""The LoRA updates of a fused projection on a GPU, in Triton: dropout on the adapters' input fused
+with the A product, and every B product added into the base output in place in one launch.
 
     y = x @ W.T                       (the base GEMM, outside)
     y[:, columns_i] += (dropout_i(x) @ A_i.T) @ B_i.T    for each adapter i of the projection
 
 What torch does for it, per adapter: a dropped copy of x and its byte mask written and kept for
-backward, two GEMMs, an add; in backward the mask applied again, a sum over the adapters. Here:
+backward, two GEMMs, an add; in backward the mask applied again, two more GEMMs, a sum over the
+adapters. Here:
   - the keep flags are never stored: they come from Philox counters keyed by the pass's seed, the
     adapter's salt and the element's index, so backward (and a checkpointed recompute) draws the
     same flags again. One Philox call gives eight 16-bit uniforms (the dropout probability is
@@ -13,17 +14,19 @@ backward, two GEMMs, an add; in backward the mask applied again, a sum over the 
     1 / (1 - p)); drawing a 32-bit uniform per element made the kernels RNG-bound (H200: 12 ms
     of a 37 ms pass). The pass's seed is drawn from torch's CUDA generator inside the
     pass, so captured replays get new masks and a resumed run's generator state gives the same ones;
-  - `_a_forward`: u_i = (x * keep_i) @ A_i.T / (1 - p), one program per block of rows and adapter;
-  - the B products as in-place GEMMs into the base output's columns (cuBLAS adds them: no add kernel);
-  - backward: du_i = dy[:, columns_i] @ B_i and dB_i = dy[:, columns_i].T @ u_i as GEMMs,
-    `_a_grad`: dA_i = du_i.T @ (x * keep_i) / (1 - p) (float32 sums over blocks of rows, added
-    after), and `_x_grad`: dx = sum_i ((du_i @ A_i) * keep_i) / (1 - p).
+  - `_a_forward`: u_i = (x * keep_i) @ A_i.T / (1 - p), one program per block of rows, adapter and
+    span of the input (float32 sums over the spans, added after);
+  - `_b_forward`: every adapter's u_i @ B_i.T added into its columns of the base output;
+  - backward: `_b_grad` reads each tile of dy once for both du_i = dy[:, columns_i] @ B_i and
+    dB_i = dy[:, columns_i].T @ u_i (float32 sums over tiles, added after: r-wide GEMMs left
+    most of the GPU idle in cuBLAS), `_a_grad`: dA_i = du_i.T @ (x * keep_i) / (1 - p), and
+    `_x_grad`: dx = sum_i ((du_i @ A_i) * keep_i) / (1 - p).
 Only x, u and the seed are kept for backward (the dropped copies and masks were n x 3 bytes per
 element of x).
 
 The semantics are peft's (each adapter its own inverted dropout of the input, keep probability
 1 - p); the random numbers are not torch's, so a run's masks differ from the plain path's.
-tests/test_kernels.py checks the three kernels against float64 torch given the same keep flags
+tests/test_kernels.py checks the kernels against float64 torch given the same keep flags
 (`keep_flags` writes them out), under Triton's interpreter; tests/test_gpu.py compiled.
 """
 
@@ -37,6 +40,10 @@ SEED_STRIDE = 2 ** 16   # salts per pass seed: layers x projection groups x adap
 ROUNDS = 7              # Philox-4x32 rounds: 7 is Crush-resistant (Salmon et al. 2011), 10 Triton's default
 LEVELS = 2 ** 16        # each keep flag compares a 16-bit uniform with the dropout probability in 1/65536ths
 ROWS, COLUMNS, ROW_SPLIT = 16, 64, 128   # tile rows and input columns; rows per program in dA's sums
+SPAN = 512              # input columns per program of the A product: its sums are split over the input
+OUT_ROWS, OUT_COLUMNS = 64, 64   # the B kernels' tiles of the projection's output
+MAX_ADAPTERS = 4        # adapters per projection the B kernels take (q/k/v: 3)
+SUM_BLOCK = 1024
 
 if triton is not None:
 
@@ -54,14 +61,17 @@ if triton is not None:
         return tl.reshape(tl.join(low, high), (BT, BK)) >= threshold
 
     @triton.jit
-    def _a_forward(x, a, seed_ptr, salt, u, T, D, R, threshold, scale,
-                   RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DROP: tl.constexpr):
-        """u[i, rows] = (x * keep_i) @ A_i.T * scale for this program's rows and adapter i."""
+    def _a_forward(x, a, seed_ptr, salt, partial, T, D, R, threshold, scale,
+                   RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, DROP: tl.constexpr):
+        """partial[s, i, rows] = (x * keep_i) @ A_i.T * scale over input columns [s * SPAN, (s + 1) * SPAN),
+        for this program's rows, adapter i and span s (one program per row block alone was latency-bound:
+        a down projection's 5,632 inputs are 88 steps in a row)."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        i = tl.program_id(1)
+        i, s = tl.program_id(1), tl.program_id(2)
         ranks = tl.arange(0, RP)
         acc = tl.zeros((BT, RP), dtype=tl.float32)
-        for k0 in range(0, D, BK):
+        for k in range(0, SPAN, BK):
+            k0 = s * SPAN + k
             cols = k0 + tl.arange(0, BK)
             xt = tl.load(x + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < D),
                          other=0.0)
@@ -70,7 +80,8 @@ if triton is not None:
             at = tl.load(a + (i * R + ranks[None, :]) * D + cols[:, None],
                          mask=(ranks[None, :] < R) & (cols[:, None] < D), other=0.0)
             acc += tl.dot(xt, at, input_precision="ieee")
-        tl.store(u + (i * T + rows[:, None]) * R + ranks[None, :], (acc * scale).to(u.dtype.element_ty),
+        n = tl.num_programs(1)
+        tl.store(partial + ((s * n + i) * T + rows[:, None]) * R + ranks[None, :], acc * scale,
                  mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
@@ -117,6 +128,67 @@ if triton is not None:
                  mask=(rows[:, None] < T) & (cols[None, :] < D))
 
     @triton.jit
+    def _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3):
+        """Adapter `program_id(2)`'s first column in the projection's output, its width, and its first
+        row in the adapters' B weights stacked [sum of widths, r]."""
+        i = tl.program_id(2)
+        start = tl.where(i == 0, C0, tl.where(i == 1, C1, tl.where(i == 2, C2, C3)))
+        width = tl.where(i == 0, O0, tl.where(i == 1, O1, tl.where(i == 2, O2, O3)))
+        first = tl.where(i > 0, O0, 0) + tl.where(i > 1, O1, 0) + tl.where(i > 2, O2, 0)
+        return i, start, width, first
+
+    @triton.jit
+    def _b_forward(y, u, b, T, R, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
+                   RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        """y[rows, start_i + local] += u_i[rows] @ B_i[local].T: every adapter's B product in one launch,
+        added where the base GEMM wrote (one read and write of y per projection)."""
+        i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        local = tl.program_id(1) * BC + tl.arange(0, BC)
+        ranks = tl.arange(0, RP)
+        ut = tl.load(u + (i * T + rows[:, None]) * R + ranks[None, :],
+                     mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+        bt = tl.load(b + (first + local[None, :]) * R + ranks[:, None],
+                     mask=(local[None, :] < width) & (ranks[:, None] < R), other=0.0)
+        inside = (rows[:, None] < T) & (local[None, :] < width)
+        at = y + rows[:, None] * ldy + start + local[None, :]
+        yt = tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(at, (yt + tl.dot(ut, bt, input_precision="ieee")).to(y.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _b_grad(dy, u, b, du_partial, db_partial, T, R, ldy, total, C0, C1, C2, C3, O0, O1, O2, O3,
+                RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        """From one read of a dy tile: du_partial[c, i, rows] = dy_i[rows, local] @ B_i[local] (summed over
+        column blocks c after) and db_partial[t, first_i + local] = dy_i[rows, local].T @ u_i[rows]
+        (summed over row blocks t after). cuBLAS ran these as 2 GEMMs per adapter whose r = 8 wide
+        outputs left most of the GPU idle."""
+        i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        local = tl.program_id(1) * BC + tl.arange(0, BC)
+        ranks = tl.arange(0, RP)
+        dyt = tl.load(dy + rows[:, None] * ldy + start + local[None, :],
+                      mask=(rows[:, None] < T) & (local[None, :] < width), other=0.0)
+        bt = tl.load(b + (first + local[:, None]) * R + ranks[None, :],
+                     mask=(local[:, None] < width) & (ranks[None, :] < R), other=0.0)
+        ut = tl.load(u + (i * T + rows[:, None]) * R + ranks[None, :],
+                     mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+        n = tl.num_programs(2)
+        tl.store(du_partial + ((tl.program_id(1) * n + i) * T + rows[:, None]) * R + ranks[None, :],
+                 tl.dot(dyt, bt, input_precision="ieee"), mask=(rows[:, None] < T) & (ranks[None, :] < R))
+        tl.store(db_partial + (tl.program_id(0) * total + first + local[:, None]) * R + ranks[None, :],
+                 tl.dot(tl.trans(dyt), ut, input_precision="ieee"),
+                 mask=(local[:, None] < width) & (ranks[None, :] < R))
+
+    @triton.jit
+    def _sum_partials(partial, out, S, M, BLOCK: tl.constexpr):
+        """out[m] = sum over s of partial[s, m] (float32), in out's dtype: one kernel for a split sum."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            acc += tl.load(partial + s * M + offsets, mask=offsets < M, other=0.0)
+        tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=offsets < M)
+
+    @triton.jit
     def _keep_flags_kernel(seed_ptr, salt, out, T, D, threshold, BT: tl.constexpr, BK: tl.constexpr):
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         first_col = tl.program_id(1) * BK
@@ -145,18 +217,28 @@ def _padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))   # tl.dot's smallest operand side
 
 
+def _summed(partial: torch.Tensor, dtype) -> torch.Tensor:
+    """partial [S, ...] summed over its first dimension in float32, in `dtype`."""
+    out = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
+    m = out.numel()
+    _sum_partials[(triton.cdiv(m, SUM_BLOCK),)](partial, out, partial.shape[0], m, BLOCK=SUM_BLOCK)
+    return out
+
+
 def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
     """u [n, T, r] = (x * keep_i) @ a[i].T * keep_scale(p) for x [T, d] and a [n, r, d] (p = 0: no dropout)."""
     t, d = x.shape
     n, r, _ = a.shape
-    u = torch.empty(n, t, r, dtype=x.dtype, device=x.device)
-    _a_forward[(triton.cdiv(t, ROWS), n)](x, a, seed, salt, u, t, d, r, dropout_threshold(p), keep_scale(p),
-                                          RP=_padded_rank(r), BT=ROWS, BK=COLUMNS, DROP=p > 0)
-    return u
+    spans = triton.cdiv(d, SPAN)
+    partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=x.device)
+    _a_forward[(triton.cdiv(t, ROWS), n, spans)](x, a, seed, salt, partial, t, d, r, dropout_threshold(p),
+                                                 keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
+                                                 SPAN=SPAN, DROP=p > 0)
+    return _summed(partial, x.dtype)
 
 
 def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
-    """dA [n, r, d] (float32) = du[i].T @ (x * keep_i) * keep_scale(p) for du [n, T, r]."""
+    """dA [n, r, d] (x's dtype) = du[i].T @ (x * keep_i) * keep_scale(p) for du [n, T, r]."""
     t, d = x.shape
     n, _, r = du.shape
     splits = triton.cdiv(t, ROW_SPLIT)
@@ -164,7 +246,7 @@ def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
     _a_grad[(triton.cdiv(d, COLUMNS), splits, n)](x, du, seed, salt, partial, t, d, r, dropout_threshold(p),
                                                   keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
                                                   SPLIT=ROW_SPLIT, DROP=p > 0)
-    return partial.sum(0) if splits > 1 else partial[0]
+    return _summed(partial, x.dtype)
 
 
 def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
@@ -176,6 +258,33 @@ def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
         dx, du, a, seed, salt, t, d, r, dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r), BT=ROWS,
         BK=COLUMNS, DROP=p > 0)
     return dx
+
+
+def _column_arguments(columns, widths) -> list[int]:
+    """The B kernels' C0..C3, O0..O3: each adapter's first output column and width (unused ones 0)."""
+    pad = [0] * (MAX_ADAPTERS - len(columns))
+    return [*columns, *pad, *widths, *pad]
+
+
+def b_product_add(y, u, b, columns, widths) -> None:
+    """y[:, columns[i]:columns[i] + widths[i]] += u[i] @ b_i.T in place, b_i the rows of b [sum of
+    widths, r] after the earlier adapters'."""
+    n, t, r = u.shape
+    grid = (triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS), n)
+    _b_forward[grid](y, u, b, t, r, y.stride(0), *_column_arguments(columns, widths), RP=_padded_rank(r),
+                     BT=OUT_ROWS, BC=OUT_COLUMNS)
+
+
+def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du [n, T, r], db [sum of widths, r]) of `b_product_add`, for the output gradient dy."""
+    n, t, r = u.shape
+    row_blocks, column_blocks = triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS)
+    du_partial = torch.empty(column_blocks, n, t, r, dtype=torch.float32, device=u.device)
+    db_partial = torch.empty(row_blocks, b.shape[0], r, dtype=torch.float32, device=u.device)
+    _b_grad[(row_blocks, column_blocks, n)](dy, u, b, du_partial, db_partial, t, r, dy.stride(0), b.shape[0],
+                                            *_column_arguments(columns, widths), RP=_padded_rank(r),
+                                            BT=OUT_ROWS, BC=OUT_COLUMNS)
+    return _summed(du_partial, u.dtype), _summed(db_partial, b.dtype)
 
 
 def keep_flags(seed, salt: int, shape, p: float) -> torch.Tensor:
@@ -191,34 +300,34 @@ class _AdaptedUpdate(torch.autograd.Function):
     """y (the base output, updated in place and returned) += each adapter's LoRA update of x."""
 
     @staticmethod
-    def forward(ctx, y, x, a, seed, salt: int, p: float, columns: tuple, *bs):
+    def forward(ctx, y, x, a, b, seed, salt: int, p: float, columns: tuple, widths: tuple):
         x = x.contiguous()
         u = a_product(x, a, seed, salt, p)
-        for i, (b, start) in enumerate(zip(bs, columns)):
-            y[:, start:start + b.shape[0]].addmm_(u[i], b.t())
+        b_product_add(y, u, b, columns, widths)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x, a, seed, u, *bs)
-        ctx.settings = (salt, p, columns)
+        ctx.save_for_backward(x, a, b, seed, u)
+        ctx.settings = (salt, p, columns, widths)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, seed, u, *bs = ctx.saved_tensors
-        salt, p, columns = ctx.settings
-        du = torch.empty_like(u)
-        db = []
-        for i, (b, start) in enumerate(zip(bs, columns)):
-            part = dy[:, start:start + b.shape[0]]
-            torch.mm(part, b, out=du[i])
-            db.append(part.t() @ u[i])
+        x, a, b, seed, u = ctx.saved_tensors
+        salt, p, columns, widths = ctx.settings
+        du, db = b_gradients(dy if dy.stride(1) == 1 else dy.contiguous(), u, b, columns, widths)
         da = a_gradient(x, du, seed, salt, p).to(a.dtype)
-        dx = x_gradient(du, a.contiguous(), seed, salt, p)
-        return (dy, dx, da, None, None, None, None, *db)
+        dx = x_gradient(du, a, seed, salt, p)
+        return dy, dx, da, db, None, None, None, None, None
 
 
-def adapted_update(y, x, a, bs, columns, seed, salt: int, p: float) -> torch.Tensor:
+def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float) -> torch.Tensor:
     """`y` [T, out] (the base output x @ W.T; updated in place) plus, for each adapter i, the LoRA
-    update dropout_i(x) @ a[i].T @ bs[i].T in columns columns[i]:columns[i] + bs[i].shape[0].
-    x [T, d], a [n, r, d], bs: n tensors [out_i, r]; seed: the pass's (int64 [1], on x's device);
-    salt: this projection's adapters' first stream (each adapter's is salt + i, below SEED_STRIDE)."""
-    return _AdaptedUpdate.apply(y, x, a, seed, salt, p, tuple(columns), *bs)
+    update dropout_i(x) @ a[i].T @ b_i.T in columns columns[i]:columns[i] + widths[i], where b_i
+    are the widths[i] rows of b [sum of widths, r] after the earlier adapters'.
+    x [T, d], a [n, r, d] (contiguous, n <= MAX_ADAPTERS); seed: the pass's (int64 [1], on x's
+    device); salt: this projection's adapters' first stream (each adapter's is salt + i, below
+    SEED_STRIDE)."""
+    if y.stride(1) != 1:
+        raise ValueError("the LoRA kernels add into an output whose rows are contiguous")
+    if len(columns) > MAX_ADAPTERS:
+        raise ValueError(f"the LoRA kernels take at most {MAX_ADAPTERS} adapters per projection, not {len(columns)}")
+    return _AdaptedUpdate.apply(y, x, a, b.contiguous(), seed, salt, p, tuple(columns), tuple(widths))
