@@ -172,9 +172,9 @@ TRAINING_CHECK = textwrap.dedent(f"""
     check_rope_qkv(torch.randn(7, (4 + 2 * 2) * 16, requires_grad=True), cos, sin, 4, 2, 1e-6)
 
     # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
-    # (the last case: more rows and outputs than one tile of the B kernels, the input in three spans)
+    # (the last case: more rows and outputs than one tile or span of the B kernels, the input in three spans)
     for n, outs, p, rank, t, d in [(3, [24, 16, 16], 0.3, 8, 37, 104), (1, [40], 0.1, 12, 37, 104),
-                                   (2, [16, 16], 0.0, 8, 37, 104), (2, [72, 8], 0.2, 8, 70, 1048)]:
+                                   (2, [16, 16], 0.0, 8, 37, 104), (2, [520, 8], 0.2, 8, 70, 1048)]:
         x = torch.randn(t, d, requires_grad=True)
         a = (torch.randn(n, rank, d) * 0.1).requires_grad_(True)
         bs = [(torch.randn(o, rank) * 0.1).requires_grad_(True) for o in outs]

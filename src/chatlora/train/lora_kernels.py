@@ -18,9 +18,10 @@ adapters. Here:
     span of the input (float32 sums over the spans, added after);
   - `_b_forward`: every adapter's u_i @ B_i.T added into its columns of the base output;
   - backward: `_b_grad` reads each tile of dy once for both du_i = dy[:, columns_i] @ B_i and
-    dB_i = dy[:, columns_i].T @ u_i (float32 sums over tiles, added after: r-wide GEMMs left
-    most of the GPU idle in cuBLAS), `_a_grad`: dA_i = du_i.T @ (x * keep_i) / (1 - p), and
-    `_x_grad`: dx = sum_i ((du_i @ A_i) * keep_i) / (1 - p).
+    dB_i = dy[:, columns_i].T @ u_i (as cuBLAS's r-wide GEMMs they left most of the GPU idle),
+    `_a_grad`: dA_i = du_i.T @ (x * keep_i) / (1 - p), and `_x_grad`: dx = sum_i ((du_i @ A_i) *
+    keep_i) / (1 - p). du stays as float32 sums over spans of the output, which the two add as
+    they read them; dB's and dA's sums over blocks of rows are added by one small kernel each.
 Only x, u and the seed are kept for backward (the dropped copies and masks were n x 3 bytes per
 element of x).
 
@@ -42,8 +43,9 @@ LEVELS = 2 ** 16        # each keep flag compares a 16-bit uniform with the drop
 ROWS, COLUMNS, ROW_SPLIT = 16, 64, 128   # tile rows and input columns; rows per program in dA's sums
 SPAN = 512              # input columns per program of the A product: its sums are split over the input
 OUT_ROWS, OUT_COLUMNS = 64, 64   # the B kernels' tiles of the projection's output
+GRAD_ROWS, OUT_SPAN = 32, 512    # `_b_grad`'s rows per program, output columns per program (in tiles)
 MAX_ADAPTERS = 4        # adapters per projection the B kernels take (q/k/v: 3)
-SUM_BLOCK = 1024
+SUM_BLOCK = 256
 
 if triton is not None:
 
@@ -85,12 +87,23 @@ if triton is not None:
                  mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
-    def _a_grad(x, du, seed_ptr, salt, partial, T, D, R, threshold, scale,
+    def _du_tile(du, i, rows, ranks, n, T, R, S, dtype):
+        """du_i[rows] [BT, RP]: the sum of `_b_grad`'s S float32 partials, in `dtype`."""
+        at = du + (i * T + rows[:, None]) * R + ranks[None, :]
+        inside = (rows[:, None] < T) & (ranks[None, :] < R)
+        acc = tl.load(at, mask=inside, other=0.0)
+        for s in range(1, S):
+            acc += tl.load(at + s * n * T * R, mask=inside, other=0.0)
+        return acc.to(dtype)
+
+    @triton.jit
+    def _a_grad(x, du, seed_ptr, salt, partial, T, D, R, S, threshold, scale,
                 RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DROP: tl.constexpr):
-        """partial[s, i] = du_i.T @ (x * keep_i) * scale over this program's SPLIT rows and BK columns."""
+        """partial[s, i] = du_i.T @ (x * keep_i) * scale over this program's SPLIT rows and BK columns
+        (du: S partial sums [S, n, T, R], added here)."""
         first_col = tl.program_id(0) * BK
         cols = first_col + tl.arange(0, BK)
-        split, i = tl.program_id(1), tl.program_id(2)
+        split, i, n = tl.program_id(1), tl.program_id(2), tl.num_programs(2)
         ranks = tl.arange(0, RP)
         acc = tl.zeros((RP, BK), dtype=tl.float32)
         for t0 in range(0, SPLIT, BT):
@@ -99,27 +112,25 @@ if triton is not None:
                          other=0.0)
             if DROP:
                 xt = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), xt, 0.0)
-            dut = tl.load(du + (i * T + rows[:, None]) * R + ranks[None, :],
-                          mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+            dut = _du_tile(du, i, rows, ranks, n, T, R, S, xt.dtype)
             acc += tl.dot(tl.trans(dut), xt, input_precision="ieee")
-        n = tl.num_programs(2)
         tl.store(partial + ((split * n + i) * R + ranks[:, None]) * D + cols[None, :], acc * scale,
                  mask=(ranks[:, None] < R) & (cols[None, :] < D))
 
     @triton.jit
-    def _x_grad(dx, du, a, seed_ptr, salt, T, D, R, threshold, scale,
+    def _x_grad(dx, du, a, seed_ptr, salt, T, D, R, S, threshold, scale,
                 N: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DROP: tl.constexpr):
-        """dx = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and input columns."""
+        """dx = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and input columns (du: S
+        partial sums, added here)."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         first_col = tl.program_id(1) * BK
         cols = first_col + tl.arange(0, BK)
         ranks = tl.arange(0, RP)
         acc = tl.zeros((BT, BK), dtype=tl.float32)
         for i in tl.static_range(N):
-            dut = tl.load(du + (i * T + rows[:, None]) * R + ranks[None, :],
-                          mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
             at = tl.load(a + (i * R + ranks[:, None]) * D + cols[None, :],
                          mask=(ranks[:, None] < R) & (cols[None, :] < D), other=0.0)
+            dut = _du_tile(du, i, rows, ranks, N, T, R, S, at.dtype)
             part = tl.dot(dut, at, input_precision="ieee")
             if DROP:
                 part = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), part, 0.0)
@@ -157,27 +168,31 @@ if triton is not None:
 
     @triton.jit
     def _b_grad(dy, u, b, du_partial, db_partial, T, R, ldy, total, C0, C1, C2, C3, O0, O1, O2, O3,
-                RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-        """From one read of a dy tile: du_partial[c, i, rows] = dy_i[rows, local] @ B_i[local] (summed over
-        column blocks c after) and db_partial[t, first_i + local] = dy_i[rows, local].T @ u_i[rows]
-        (summed over row blocks t after). cuBLAS ran these as 2 GEMMs per adapter whose r = 8 wide
-        outputs left most of the GPU idle."""
+                RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SPAN: tl.constexpr):
+        """From one read of each dy tile, over this program's rows and SPAN output columns of adapter i:
+        du_partial[c, i, rows] = dy_i[rows, span c] @ B_i[span c] (its partial sums are added where du
+        is read) and db_partial[t, first_i + local] = dy_i[rows, local].T @ u_i[rows] (summed over row
+        blocks t after). cuBLAS ran these as 2 GEMMs per adapter whose r = 8 wide outputs left most
+        of the GPU idle."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        local = tl.program_id(1) * BC + tl.arange(0, BC)
         ranks = tl.arange(0, RP)
-        dyt = tl.load(dy + rows[:, None] * ldy + start + local[None, :],
-                      mask=(rows[:, None] < T) & (local[None, :] < width), other=0.0)
-        bt = tl.load(b + (first + local[:, None]) * R + ranks[None, :],
-                     mask=(local[:, None] < width) & (ranks[None, :] < R), other=0.0)
         ut = tl.load(u + (i * T + rows[:, None]) * R + ranks[None, :],
                      mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+        du = tl.zeros((BT, RP), dtype=tl.float32)
+        for c in range(0, SPAN, BC):
+            local = tl.program_id(1) * SPAN + c + tl.arange(0, BC)
+            dyt = tl.load(dy + rows[:, None] * ldy + start + local[None, :],
+                          mask=(rows[:, None] < T) & (local[None, :] < width), other=0.0)
+            bt = tl.load(b + (first + local[:, None]) * R + ranks[None, :],
+                         mask=(local[:, None] < width) & (ranks[None, :] < R), other=0.0)
+            du += tl.dot(dyt, bt, input_precision="ieee")
+            tl.store(db_partial + (tl.program_id(0) * total + first + local[:, None]) * R + ranks[None, :],
+                     tl.dot(tl.trans(dyt), ut, input_precision="ieee"),
+                     mask=(local[:, None] < width) & (ranks[None, :] < R))
         n = tl.num_programs(2)
-        tl.store(du_partial + ((tl.program_id(1) * n + i) * T + rows[:, None]) * R + ranks[None, :],
-                 tl.dot(dyt, bt, input_precision="ieee"), mask=(rows[:, None] < T) & (ranks[None, :] < R))
-        tl.store(db_partial + (tl.program_id(0) * total + first + local[:, None]) * R + ranks[None, :],
-                 tl.dot(tl.trans(dyt), ut, input_precision="ieee"),
-                 mask=(local[:, None] < width) & (ranks[None, :] < R))
+        tl.store(du_partial + ((tl.program_id(1) * n + i) * T + rows[:, None]) * R + ranks[None, :], du,
+                 mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
     def _sum_partials(partial, out, S, M, BLOCK: tl.constexpr):
@@ -238,24 +253,25 @@ def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
 
 
 def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
-    """dA [n, r, d] (x's dtype) = du[i].T @ (x * keep_i) * keep_scale(p) for du [n, T, r]."""
+    """dA [n, r, d] (x's dtype) = du[i].T @ (x * keep_i) * keep_scale(p), du given as float32 partial
+    sums [S, n, T, r] (`b_gradients`)."""
     t, d = x.shape
-    n, _, r = du.shape
+    _, n, _, r = du.shape
     splits = triton.cdiv(t, ROW_SPLIT)
     partial = torch.empty(splits, n, r, d, dtype=torch.float32, device=x.device)
-    _a_grad[(triton.cdiv(d, COLUMNS), splits, n)](x, du, seed, salt, partial, t, d, r, dropout_threshold(p),
+    _a_grad[(triton.cdiv(d, COLUMNS), splits, n)](x, du, seed, salt, partial, t, d, r, du.shape[0], dropout_threshold(p),
                                                   keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
                                                   SPLIT=ROW_SPLIT, DROP=p > 0)
     return _summed(partial, x.dtype)
 
 
 def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
-    """dx [T, d] = sum_i ((du[i] @ a[i]) * keep_i) * keep_scale(p)."""
-    n, t, r = du.shape
+    """dx [T, d] = sum_i ((du[i] @ a[i]) * keep_i) * keep_scale(p) (du as `a_gradient` takes it)."""
+    _, n, t, r = du.shape
     d = a.shape[2]
     dx = torch.empty(t, d, dtype=a.dtype, device=a.device)
     _x_grad[(triton.cdiv(t, ROWS), triton.cdiv(d, COLUMNS))](
-        dx, du, a, seed, salt, t, d, r, dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r), BT=ROWS,
+        dx, du, a, seed, salt, t, d, r, du.shape[0], dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r), BT=ROWS,
         BK=COLUMNS, DROP=p > 0)
     return dx
 
@@ -276,15 +292,16 @@ def b_product_add(y, u, b, columns, widths) -> None:
 
 
 def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du [n, T, r], db [sum of widths, r]) of `b_product_add`, for the output gradient dy."""
+    """(du as float32 partial sums [S, n, T, r], db [sum of widths, r]) of `b_product_add`, for the
+    output gradient dy."""
     n, t, r = u.shape
-    row_blocks, column_blocks = triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS)
-    du_partial = torch.empty(column_blocks, n, t, r, dtype=torch.float32, device=u.device)
+    row_blocks, spans = triton.cdiv(t, GRAD_ROWS), triton.cdiv(max(widths), OUT_SPAN)
+    du_partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=u.device)
     db_partial = torch.empty(row_blocks, b.shape[0], r, dtype=torch.float32, device=u.device)
-    _b_grad[(row_blocks, column_blocks, n)](dy, u, b, du_partial, db_partial, t, r, dy.stride(0), b.shape[0],
-                                            *_column_arguments(columns, widths), RP=_padded_rank(r),
-                                            BT=OUT_ROWS, BC=OUT_COLUMNS)
-    return _summed(du_partial, u.dtype), _summed(db_partial, b.dtype)
+    _b_grad[(row_blocks, spans, n)](dy, u, b, du_partial, db_partial, t, r, dy.stride(0), b.shape[0],
+                                    *_column_arguments(columns, widths), RP=_padded_rank(r), BT=GRAD_ROWS,
+                                    BC=OUT_COLUMNS, SPAN=OUT_SPAN)
+    return du_partial, _summed(db_partial, b.dtype)
 
 
 def keep_flags(seed, salt: int, shape, p: float) -> torch.Tensor:
