@@ -415,3 +415,28 @@ def test_host_copies_take_views_of_one_storage_in_one_copy_and_each_is_its_own(t
     path = tmp_path / "t.safetensors"
     save_file(copies, str(path))
     assert torch.equal(load_file(str(path))["b"], copies["b"])
+
+
+def test_a_small_lora_update_is_not_lost_on_the_residual_stream(index_dir):
+    """In bfloat16 a layer's residual is large beside an adapter's early updates: the o and down
+    projections' LoRA update must be added before the residual (as peft's output meets the
+    decoder's residual add), not to the residual's rounded sum, where every element below half a
+    unit in the last place is dropped. Averaged over the output, the fused projection keeps it."""
+    model = attach(load_model(prepare_base(str(index_dir)), "bfloat16", "cpu"), load_config().lora)
+    net = FusedStep(model, "cpu").net
+    o = net.layers[0].projections["o"]
+    d_in, d_out = o.base.weight.shape[1], o.base.weight.shape[0]
+    with torch.no_grad():   # every adapter weight a constant: the update is about the same everywhere
+        for name, p in trainable_parameters(model):
+            if "layers.0.self_attn.o_proj" in name:
+                p.fill_(1 / d_in if "lora_A" in name else 0.002)
+        x = torch.rand(64, d_in).bfloat16()
+        big = (16 + torch.randn(64, d_out)).bfloat16()   # its unit in the last place: 0.125
+        w = net.adapter_weights(net.flat)
+        out = net._linear(o, x, w, residual=big)
+        a, b = o.weights(w)
+        update = (x.double() @ a.double().t()) @ b.double().view(d_out, -1).t()
+        assert 0.01 < update.mean().item() < 0.06, update.mean()   # below half a unit in the last place
+        exact = x.double() @ o.base.weight.double().t() + update + big.double()
+    bias = (out.double() - exact).mean().item()
+    assert abs(bias) < 0.2 * update.mean().item(), (bias, update.mean().item())

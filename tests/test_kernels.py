@@ -181,9 +181,11 @@ TRAINING_CHECK = textwrap.dedent(f"""
         columns = [sum(outs[:i]) for i in range(n)]
         seed = torch.tensor([12345])
         y = torch.randn(t, sum(outs))
-        out = lora_kernels.adapted_update(y.clone(), x, a, torch.cat(bs), columns, outs, seed, 8, p)
+        # one adapter covering the output: a layer's residual is added after the update, in its kernel
+        residual = torch.randn(t, sum(outs), requires_grad=True) if n == 1 else None
+        out = lora_kernels.adapted_update(y.clone(), x, a, torch.cat(bs), columns, outs, seed, 8, p, residual)
         dy = torch.randn(t, sum(outs))
-        grads = torch.autograd.grad(out, [x, a, *bs], dy)
+        grads = torch.autograd.grad(out, [x, a, *bs] + ([residual] if n == 1 else []), dy)
         keeps = [lora_kernels.keep_flags(seed, 8 + i, (t, d), p) for i in range(n)]
         if p:
             fraction = torch.stack(keeps).float().mean().item()
@@ -196,9 +198,22 @@ TRAINING_CHECK = textwrap.dedent(f"""
         updates = [(x64 * k * scale) @ a64[i].t() @ b64[i].t() for i, k in enumerate(keeps_reference)]
         ref = y.double() + torch.cat(updates, 1)
         wanted = torch.autograd.grad(ref, [x64, a64, *b64], dy.double())
+        if n == 1:
+            ref, wanted = ref + residual.detach().double(), (*wanted, dy.double())
         assert (out.double() - ref).norm() / ref.norm() < 1e-6, "lora update"
         for got, want in zip(grads, wanted):
             assert (got.double() - want).norm() / want.norm() < 1e-6, "lora gradient"
+
+    # a small update on a large residual (half precision: the interpreter's bfloat16 is not numpy's)
+    # is kept on average: added before the residual and rounded once with it, never added to the
+    # rounded sum, where each element below half a unit in the last place would be dropped
+    x, y = torch.rand(64, 64).half(), torch.randn(64, 64).half()
+    a, b = torch.full((1, 8, 64), 1 / 64).half(), torch.full((64, 8), 0.02).half()
+    big = (1000 + 10 * torch.randn(64, 64)).half()   # its unit in the last place: 0.5; the update: ~0.08
+    out = lora_kernels.adapted_update(y.clone(), x, a, b, [0], [64], torch.zeros(1, dtype=torch.int64), 0, 0.0, big)
+    update = (x.double() @ a[0].double().t()) @ b.double().t()
+    bias = (out.double() - (y.double() + update + big.double())).mean().item()
+    assert abs(bias) < 0.1 * update.mean().item(), ("lora update lost on the residual", bias)
 
     print("training kernels match")
 """)

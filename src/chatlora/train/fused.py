@@ -287,18 +287,23 @@ class FusedForward:
     def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True, residual=None):
         """(`residual` +) x @ fused base weight + each module's LoRA update (its own dropout on its
         input; `drop`: bit-packed masks to apply instead of drawing new ones; `dropout=False`: none,
-        evaluation). A residual with a 16-bit weight and no bias is the GEMM's own addend (cuBLAS's
-        epilogue), not an add kernel after it."""
-        if residual is not None and g.base.bias is None and isinstance(g.base.weight, torch.Tensor):
-            y = torch.addmm(residual, x, g.base.weight.t())
-        else:
-            y = times_weight_t(x, g.base.weight, g.base.bias)
-            y = y if residual is None else residual + y
+        evaluation).
+
+        The residual is added after the LoRA update, never before: the residual stream is large, and
+        a small update added to its already rounded sum falls below half a unit in the last place and
+        is dropped every time, so the adapter would learn from an output it does not change (on the
+        H200 that left the 30-step losses 0.9% above the plain path's). Without adapters a 16-bit
+        weight takes the residual as its GEMM's addend (cuBLAS's epilogue); the LoRA kernels add it
+        in their B product's epilogue, both rounded once."""
         if not g.adapters:
-            return y
+            if residual is not None and g.base.bias is None and isinstance(g.base.weight, torch.Tensor):
+                return torch.addmm(residual, x, g.base.weight.t())
+            y = times_weight_t(x, g.base.weight, g.base.bias)
+            return y if residual is None else residual + y
+        y = times_weight_t(x, g.base.weight, g.base.bias)
         t, d_in = x.shape
         if self._lora_kernels:
-            return self._kernel_update(g, y, x, w, dropout)
+            return self._kernel_update(g, y, x, w, dropout, residual)
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
             d_out, r, p = g.base.outs[0], first.rank, first.dropout if dropout else 0.0
@@ -307,24 +312,29 @@ class FusedForward:
             xs = x.expand(n, t, d_in)
             xs = xs if not p else F.dropout(xs, p, True) if drop is None else _apply_mask(xs, drop[0], p)
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))    # [n, T, out]
-            return (y.view(t, n, d_out) + delta.transpose(0, 1)).view(t, n * d_out)
-        parts = list(y.split(g.base.outs, dim=1))
-        for k, (ad, (a, b)) in enumerate(zip(g.adapters, g.each(w))):
-            p = ad.dropout if dropout else 0.0
-            xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
-            parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            y = (y.view(t, n, d_out) + delta.transpose(0, 1)).view(t, n * d_out)
+        else:
+            parts = list(y.split(g.base.outs, dim=1))
+            for k, (ad, (a, b)) in enumerate(zip(g.adapters, g.each(w))):
+                p = ad.dropout if dropout else 0.0
+                xi = x if not p else F.dropout(x, p, True) if drop is None else _apply_mask(x, drop[k], p)
+                parts[ad.module] = torch.addmm(parts[ad.module], xi @ a.t(), b.t())
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return y if residual is None else residual + y
 
-    def _kernel_update(self, g: AdaptedProjection, y, x, w, dropout: bool):
-        """`_linear`'s LoRA updates through lora_kernels.adapted_update (one rank and dropout)."""
+    def _kernel_update(self, g: AdaptedProjection, y, x, w, dropout: bool, residual=None):
+        """`_linear`'s LoRA updates (and then `residual`) through lora_kernels.adapted_update (one rank
+        and dropout)."""
         first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
         a, b = g.weights(w)
         starts = [sum(g.base.outs[:i]) for i in range(len(g.base.outs))]
         columns = [starts[ad.module] for ad in g.adapters]
         widths = [g.base.outs[ad.module] for ad in g.adapters]
         p = first.dropout if dropout else 0.0
-        return lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), columns,
-                                           widths, self._seed, g.salt, p)
+        folded = residual is not None and sum(widths) == y.shape[1]   # the kernels add it where adapters write
+        y = lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), columns, widths,
+                                        self._seed, g.salt, p, residual if folded else None)
+        return y if residual is None or folded else residual + y
 
 
 @lru_cache(maxsize=None)

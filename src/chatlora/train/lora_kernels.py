@@ -149,10 +149,11 @@ if triton is not None:
         return i, start, width, first
 
     @triton.jit
-    def _b_forward(y, u, b, T, R, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
-                   RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-        """y[rows, start_i + local] += u_i[rows] @ B_i[local].T: every adapter's B product in one launch,
-        added where the base GEMM wrote (one read and write of y per projection)."""
+    def _b_forward(y, u, b, residual, T, R, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
+                   RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
+        """y[rows, start_i + local] += u_i[rows] @ B_i[local].T (+ residual there, after the update and
+        rounded once with it): every adapter's B product in one launch, added where the base GEMM
+        wrote (one read and write of y per projection)."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         local = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -163,8 +164,10 @@ if triton is not None:
                      mask=(local[None, :] < width) & (ranks[:, None] < R), other=0.0)
         inside = (rows[:, None] < T) & (local[None, :] < width)
         at = y + rows[:, None] * ldy + start + local[None, :]
-        yt = tl.load(at, mask=inside, other=0.0).to(tl.float32)
-        tl.store(at, (yt + tl.dot(ut, bt, input_precision="ieee")).to(y.dtype.element_ty), mask=inside)
+        out = tl.load(at, mask=inside, other=0.0).to(tl.float32) + tl.dot(ut, bt, input_precision="ieee")
+        if RESIDUAL:
+            out += tl.load(residual + rows[:, None] * ldy + start + local[None, :], mask=inside, other=0.0)
+        tl.store(at, out.to(y.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _b_grad(dy, u, b, du_partial, db_partial, T, R, ldy, total, C0, C1, C2, C3, O0, O1, O2, O3,
@@ -282,13 +285,14 @@ def _column_arguments(columns, widths) -> list[int]:
     return [*columns, *pad, *widths, *pad]
 
 
-def b_product_add(y, u, b, columns, widths) -> None:
+def b_product_add(y, u, b, columns, widths, residual=None) -> None:
     """y[:, columns[i]:columns[i] + widths[i]] += u[i] @ b_i.T in place, b_i the rows of b [sum of
-    widths, r] after the earlier adapters'."""
+    widths, r] after the earlier adapters'; then + `residual` (y's shape and strides) there."""
     n, t, r = u.shape
     grid = (triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS), n)
-    _b_forward[grid](y, u, b, t, r, y.stride(0), *_column_arguments(columns, widths), RP=_padded_rank(r),
-                     BT=OUT_ROWS, BC=OUT_COLUMNS)
+    _b_forward[grid](y, u, b, y if residual is None else residual, t, r, y.stride(0),
+                     *_column_arguments(columns, widths), RP=_padded_rank(r), BT=OUT_ROWS, BC=OUT_COLUMNS,
+                     RESIDUAL=residual is not None)
 
 
 def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +321,10 @@ class _AdaptedUpdate(torch.autograd.Function):
     """y (the base output, updated in place and returned) += each adapter's LoRA update of x."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, seed, salt: int, p: float, columns: tuple, widths: tuple):
+    def forward(ctx, y, x, a, b, residual, seed, salt: int, p: float, columns: tuple, widths: tuple):
         x = x.contiguous()
         u = a_product(x, a, seed, salt, p)
-        b_product_add(y, u, b, columns, widths)
+        b_product_add(y, u, b, columns, widths, residual)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, a, b, seed, u)
         ctx.settings = (salt, p, columns, widths)
@@ -333,13 +337,14 @@ class _AdaptedUpdate(torch.autograd.Function):
         du, db = b_gradients(dy if dy.stride(1) == 1 else dy.contiguous(), u, b, columns, widths)
         da = a_gradient(x, du, seed, salt, p).to(a.dtype)
         dx = x_gradient(du, a, seed, salt, p)
-        return dy, dx, da, db, None, None, None, None, None
+        return dy, dx, da, db, dy if ctx.needs_input_grad[4] else None, None, None, None, None, None
 
 
-def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float) -> torch.Tensor:
+def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float, residual=None) -> torch.Tensor:
     """`y` [T, out] (the base output x @ W.T; updated in place) plus, for each adapter i, the LoRA
     update dropout_i(x) @ a[i].T @ b_i.T in columns columns[i]:columns[i] + widths[i], where b_i
-    are the widths[i] rows of b [sum of widths, r] after the earlier adapters'.
+    are the widths[i] rows of b [sum of widths, r] after the earlier adapters'; then `residual`
+    ([T, out], added in those columns after the updates, one rounding for both), if given.
     x [T, d], a [n, r, d] (contiguous, n <= MAX_ADAPTERS); seed: the pass's (int64 [1], on x's
     device); salt: this projection's adapters' first stream (each adapter's is salt + i, below
     SEED_STRIDE)."""
@@ -347,4 +352,6 @@ def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float) -> to
         raise ValueError("the LoRA kernels add into an output whose rows are contiguous")
     if len(columns) > MAX_ADAPTERS:
         raise ValueError(f"the LoRA kernels take at most {MAX_ADAPTERS} adapters per projection, not {len(columns)}")
-    return _AdaptedUpdate.apply(y, x, a, b.contiguous(), seed, salt, p, tuple(columns), tuple(widths))
+    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
+        raise ValueError("the residual must have the output's shape and strides")
+    return _AdaptedUpdate.apply(y, x, a, b.contiguous(), residual, seed, salt, p, tuple(columns), tuple(widths))
