@@ -130,6 +130,7 @@ def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
     tokens_per_step = statistics.mean(r["tokens"] for r in timed)
     out = _summary(step_seconds, tokens_per_step, torch.cuda.max_memory_allocated())
     out["time_to_first_step_s"] = rows[0]["elapsed_s"]
+    out["startup_s"] = rows[0].get("startup_s")   # data, model and the rest of the set-up ready
     out["label"] = label
     out["losses"] = [r["loss"] for r in rows]
     return out
@@ -237,7 +238,8 @@ def full_job(model_dir: str, workdir: Path) -> dict:
     loop = steps[-1]["elapsed_s"] - (steps[0]["elapsed_s"] - first)
     tokens = sum(r["tokens"] for r in steps)
     return {"command_s": command, "training_loop_s": loop, "steps": len(steps), "tokens": tokens,
-            "tokens_per_s": tokens / loop, "final_loss": steps[-1]["loss"],
+            "tokens_per_s": tokens / loop, "final_loss": steps[-1]["loss"], "startup_s": steps[0].get("startup_s"),
+            "time_to_first_step_s": steps[0]["elapsed_s"],
             "held_out_loss": [r["held_out_loss"] for r in rows if "held_out_loss" in r]}
 
 

@@ -58,6 +58,11 @@ def test_train_writes_a_complete_run(index_dir, tiny_data, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "held_out_loss" in r] == [0, 2, 4]
+    # the first step's row says when the data, the model and the rest of the set-up were ready
+    first = next(r for r in rows if "loss" in r)
+    times = first["startup_s"]
+    assert 0 <= times["data"] <= times["model"] <= times["ready"] <= first["elapsed_s"]
+    assert [r["step"] for r in rows if "startup_s" in r] == [1]
     info = json.loads((run / "run.json").read_text())
     assert info["template"] == "index" and info["stop_ids"][0] == 2
 

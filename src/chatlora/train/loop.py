@@ -136,6 +136,8 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
             raise UserError("no training examples are left after the data check")
         return loaded
     loaded = _together(ranks, load_data)
+    # seconds from the start to each point of the way to the first step (its metrics row carries them)
+    startup = {"data": round(time.perf_counter() - started, 2)}
     base, tok, fmt, ds = loaded.base, loaded.tok, loaded.fmt, loaded.dataset
     if ranks.active:
         distributed.check_agreement({"configuration": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
@@ -145,6 +147,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         write_status(run, "running", started=round(time.time(), 3))
 
     model = attach(load_model(base, cfg.model.dtype, device, cfg.model.quantize), cfg.lora)
+    startup["model"] = round(time.perf_counter() - started, 2)
     quantized = describe_quantized(model, TARGETS)
     if quantized and main:
         say(quantized.line())
@@ -175,6 +178,7 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         return run / "final"
     start = _together(ranks, lambda: load_checkpoint(checkpoint, model, optimizer, ranks, sharded)["step"]
                       if checkpoint else 0)
+    startup["ready"] = round(time.perf_counter() - started, 2)   # the first step then warms up and captures
     if resume and main:
         say(f"resuming from {checkpoint} (step {start} of {total})" if checkpoint else
             f"no complete checkpoint in {run}; starting from step 0")
@@ -228,9 +232,12 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         run stops naming the step when they are not finite (its update was not applied)."""
         loss, grad_norm = outcome.figures.checked(outcome.done)
         if main:
-            record({"step": outcome.done, "epoch": round(outcome.done / plan.steps_per_epoch, 4), "loss": loss,
-                    "lr": outcome.lr, "grad_norm": grad_norm, "tokens": outcome.tokens,
-                    "tokens_per_s": round(outcome.tokens / outcome.seconds, 1), "elapsed_s": outcome.elapsed})
+            row = {"step": outcome.done, "epoch": round(outcome.done / plan.steps_per_epoch, 4), "loss": loss,
+                   "lr": outcome.lr, "grad_norm": grad_norm, "tokens": outcome.tokens,
+                   "tokens_per_s": round(outcome.tokens / outcome.seconds, 1), "elapsed_s": outcome.elapsed}
+            if outcome.done == start + 1:
+                row["startup_s"] = startup
+            record(row)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{outcome.lr:.2e}", tok_s=f"{outcome.tokens / outcome.seconds:.0f}")
         bar.update(1)
 
