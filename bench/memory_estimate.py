@@ -31,15 +31,15 @@ from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.train.memory import GIB, ModelShape, estimate, largest_pass  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MEASURED = [  # model, variant, results file with its peak, steps that run planned (warm-up + timed)
-    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
-    ("index-1.9b", "lowmem", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
-    ("index-1.9b", "batch64", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
-    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
-    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-training-kernels.json", 25),
-    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-qwen3-1.7b-training-kernels.json", 25),
-    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-qwen2.5-1.5b-training-kernels.json", 25),
-    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-llama-3.2-1b-training-kernels.json", 25),
+MEASURED = [  # model, variant, results file with its peak, the run's key there, steps it planned (warm-up + timed)
+    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "graphs", 25),
+    ("index-1.9b", "lowmem", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "lowmem", 25),
+    ("index-1.9b", "batch64", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "batch64", 25),
+    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "nf4", 25),
+    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "nf4_lowmem", 25),
+    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "qwen3-1.7b/lora-b-kernels/run1", 25),
+    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "qwen2.5-1.5b/lora-b-kernels/run1", 25),
+    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "llama-3.2-1b/lora-b-kernels/run1", 25),
 ]
 VARIANTS = {  # variant: (preset, train overrides, 4-bit base)
     "graphs": (None, {}, False), "lowmem": ("lowmem", {}, False),
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("models", type=Path, help="folder of one-layer model directories named as above")
     args = parser.parse_args()
     rows = []
-    for model, variant, results, steps in MEASURED:
+    for model, variant, results, key, steps in MEASURED:
         preset, train, nf4 = VARIANTS[variant]
         overrides = ["data.held_out_fraction=0"] + [f"train.{k}={v}" for k, v in train.items()]
         cfg = load_config(overrides=overrides, flags={"model.path": str(args.models / model)}, preset=preset)
@@ -68,7 +68,7 @@ def main() -> None:
         got = estimate(full_shape(model), dtype="bfloat16", rank=cfg.lora.r, targets=cfg.lora.targets,
                        checkpoint=cfg.train.gradient_checkpointing, largest=largest,
                        nf4=nf4)
-        measured = json.loads((RESULTS / results).read_text())[variant]["peak_gib"]
+        measured = json.loads((RESULTS / results).read_text())[key]["peak_gib"]
         rows.append({"model": model, "variant": variant, "largest_pass": largest._asdict(),
                      "estimate": got.as_json(), "measured_gib": round(measured, 2),
                      "error": round(got.total / GIB / measured - 1, 3)})

@@ -21,14 +21,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Peaks `bench/train_speed.py` measured on the H200 (torch.cuda.max_memory_allocated, bench/results/
 # 2026-11-30-h200-train-*.json) and the largest pass of each run's steps (bench/memory_estimate.py).
 MEASURED = [  # shape, lowmem (checkpointing), 4-bit base, largest pass (tokens, supervised), measured GiB
-    (INDEX, False, False, (1280, 640), 7.77),
-    (INDEX, True, False, (1024, 512), 4.62),
-    (INDEX, False, False, (4096, 2048), 15.04),     # 64 examples per pass
-    (INDEX, False, True, (1280, 640), 5.13),
+    (INDEX, False, False, (1280, 640), 7.38),
+    (INDEX, True, False, (1024, 512), 4.58),
+    (INDEX, False, False, (4096, 2048), 13.88),     # 64 examples per pass
+    (INDEX, False, True, (1280, 640), 4.78),
     (INDEX, True, True, (1024, 512), 1.98),
-    (QWEN3, False, False, (1408, 704), 6.59),
-    (QWEN25, False, False, (1408, 704), 6.11),
-    (LLAMA32, False, False, (2048, 512), 5.09),
+    (QWEN3, False, False, (1408, 704), 6.39),
+    (QWEN25, False, False, (1408, 704), 5.96),
+    (LLAMA32, False, False, (2048, 512), 4.93),
 ]
 
 

@@ -10,9 +10,9 @@ run's largest pass, counted from what its operations keep for backward:
   - per token and layer: the two RMSNorm inputs; for each adapted projection group, its input once
     and each adapter's rank-wide product (the dropout's keep flags are drawn again in backward,
     train/lora_kernels.py; the o projection's input is the attention output, counted there);
-    the q/k/v projection's output (the attention keeps v, a view of it), the rotated q and k, the
-    attention output and its log-sum-exp; Qwen3's q/k norm input; the gate/up output (the SiLU * up
-    kernel keeps nothing else);
+    the rotated q and k and v (the RoPE kernel writes both, and its backward needs neither), the
+    attention output and its log-sum-exp; with Qwen3's q/k norm, the q/k/v output, which the norm's
+    inputs are views into; the gate/up output (the SiLU * up kernel keeps nothing else);
   - the vocabulary projection at supervised positions (train/head.py): the final norm's input and
     output, the input's gradient, and one chunk's logits buffer (at most `HEAD_LOGITS` entries, rows
     padded to `ALIGN`, in the compute dtype);
@@ -24,8 +24,8 @@ recomputed at a time.
 It is an estimate of allocated memory (what `torch.cuda.max_memory_allocated` reports); the CUDA
 context and the allocator's cache come on top (`CONTEXT_BYTES` when checking a card, with `MARGIN`).
 Against the peaks measured on an H200 for four model shapes (Index-1.9B, Qwen3-1.7B, Qwen2.5-1.5B,
-Llama-3.2-1B), 16-bit and 4-bit bases, with and without checkpointing, it is within 3% (3.0% to
-0.2% low; `bench/memory_estimate.py`, bench/results/2026-11-30-memory-estimate-training-kernels.txt;
+Llama-3.2-1B), 16-bit and 4-bit bases, with and without checkpointing, it is within 2.5% (2.4% low
+to 0.1% high; `bench/memory_estimate.py`, bench/results/2026-11-30-memory-estimate-lora-b-kernels.txt;
 tests/test_memory.py holds the table).
 The plain peft path (`train.fast_path=plain`) keeps more and is not estimated.
 """
@@ -40,7 +40,7 @@ from chatlora.train.steps import StepPlan, micro_batches
 
 GIB = 2 ** 30
 CONTEXT_BYTES = GIB   # CUDA context, cuBLAS workspaces and the allocator's cache, beyond allocations
-MARGIN = 0.05         # the estimate was within 3% of the measured peaks, mostly under
+MARGIN = 0.05         # the estimate was within 2.5% of the measured peaks, mostly under
 ADAPTER_STATE_BYTES = 16   # per LoRA parameter: float32 weight, gradient, AdamW's two moments
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64   # 4-bit index, 8-bit block scale per 64 (second-level scales: ~0)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -186,7 +186,9 @@ def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str],
         n = sum(name in adapted for name in names)
         if n:
             lora_inputs += (0 if group == "o" else group_inputs[group] * e) + n * rank * e
-    attention = (q + kv) * e + (q + 2 * kv) * e + q * e + shape.heads * 4 + (q + kv) * e * shape.qk_norm
+    # rotated q and k, v (the RoPE kernel's copy), the attention output and its log-sum-exp; with a
+    # q/k norm (Qwen3) the q/k/v output too, which the norm's input views keep
+    attention = (q + kv) * e + kv * e + q * e + shape.heads * 4 + (q + 2 * kv) * e * shape.qk_norm
     mlp = 2 * shape.intermediate * e
     layer = 2 * shape.hidden * e + lora_inputs + attention + mlp
     working = (2 * shape.intermediate + 2 * shape.hidden) * e * t   # one layer's gradients in backward
