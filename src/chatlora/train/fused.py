@@ -88,6 +88,16 @@ class AdaptedProjection:
     chunk: int = -1   # its A chunk among the A chunks, its B chunk among the B chunks
     salt: int = 0     # its adapters' dropout streams on the kernel path (lora_kernels.py): salt + i
 
+    @property
+    def columns(self) -> list[int]:
+        """Each adapter's first column in the projection's output."""
+        return [sum(self.base.outs[:ad.module]) for ad in self.adapters]
+
+    @property
+    def widths(self) -> list[int]:
+        """Each adapter's output width."""
+        return [self.base.outs[ad.module] for ad in self.adapters]
+
     def weights(self, w) -> tuple[torch.Tensor, torch.Tensor]:
         """Its A chunk [sum of ranks, in] and B chunk (flat) of the split adapter weights `w`."""
         wa, wb = w
@@ -96,10 +106,9 @@ class AdaptedProjection:
     def each(self, w) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(A [rank, in], B [out, rank]) of each adapter: split views (their backward is one concatenation)."""
         a, b = self.weights(w)
-        outs = [self.base.outs[ad.module] for ad in self.adapters]
         a_parts = a.split([ad.rank for ad in self.adapters])
-        b_parts = b.split([o * ad.rank for o, ad in zip(outs, self.adapters)])
-        return [(ai, bi.view(o, ad.rank)) for ai, bi, o, ad in zip(a_parts, b_parts, outs, self.adapters)]
+        b_parts = b.split([o * ad.rank for o, ad in zip(self.widths, self.adapters)])
+        return [(ai, bi.view(o, ad.rank)) for ai, bi, o, ad in zip(a_parts, b_parts, self.widths, self.adapters)]
 
 
 @dataclass
@@ -327,13 +336,11 @@ class FusedForward:
         and dropout)."""
         first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
         a, b = g.weights(w)
-        starts = [sum(g.base.outs[:i]) for i in range(len(g.base.outs))]
-        columns = [starts[ad.module] for ad in g.adapters]
-        widths = [g.base.outs[ad.module] for ad in g.adapters]
+        widths = g.widths
         p = first.dropout if dropout else 0.0
         folded = residual is not None and sum(widths) == y.shape[1]   # the kernels add it where adapters write
-        y = lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), columns, widths,
-                                        self._seed, g.salt, p, residual if folded else None)
+        y = lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), g.columns,
+                                        widths, self._seed, g.salt, p, residual if folded else None)
         return y if residual is None or folded else residual + y
 
 
