@@ -15,7 +15,8 @@ adapters. Here:
     of a 37 ms pass). The pass's seed is drawn from torch's CUDA generator inside the
     pass, so captured replays get new masks and a resumed run's generator state gives the same ones;
   - `_a_forward`: u_i = (x * keep_i) @ A_i.T / (1 - p), one program per block of rows, adapter and
-    span of the input (float32 sums over the spans, added after);
+    span of the input (float32 sums over the spans, which `_b_forward` adds as it reads them, and
+    writes out once for backward);
   - `_b_forward`: every adapter's u_i @ B_i.T added into its columns of the base output;
   - backward: `_b_grad` reads each tile of dy once for both du_i = dy[:, columns_i] @ B_i and
     dB_i = dy[:, columns_i].T @ u_i (as cuBLAS's r-wide GEMMs they left most of the GPU idle),
@@ -87,9 +88,9 @@ if triton is not None:
                  mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
-    def _du_tile(du, i, rows, ranks, n, T, R, S, dtype):
-        """du_i[rows] [BT, RP]: the sum of `_b_grad`'s S float32 partials, in `dtype`."""
-        at = du + (i * T + rows[:, None]) * R + ranks[None, :]
+    def _summed_tile(partial, i, rows, ranks, n, T, R, S, dtype):
+        """[BT, RP] of adapter i's rows of S float32 partial sums [S, n, T, R] (u's or du's), added, in `dtype`."""
+        at = partial + (i * T + rows[:, None]) * R + ranks[None, :]
         inside = (rows[:, None] < T) & (ranks[None, :] < R)
         acc = tl.load(at, mask=inside, other=0.0)
         for s in range(1, S):
@@ -112,7 +113,7 @@ if triton is not None:
                          other=0.0)
             if DROP:
                 xt = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), xt, 0.0)
-            dut = _du_tile(du, i, rows, ranks, n, T, R, S, xt.dtype)
+            dut = _summed_tile(du, i, rows, ranks, n, T, R, S, xt.dtype)
             acc += tl.dot(tl.trans(dut), xt, input_precision="ieee")
         tl.store(partial + ((split * n + i) * R + ranks[:, None]) * D + cols[None, :], acc * scale,
                  mask=(ranks[:, None] < R) & (cols[None, :] < D))
@@ -130,7 +131,7 @@ if triton is not None:
         for i in tl.static_range(N):
             at = tl.load(a + (i * R + ranks[:, None]) * D + cols[None, :],
                          mask=(ranks[:, None] < R) & (cols[None, :] < D), other=0.0)
-            dut = _du_tile(du, i, rows, ranks, N, T, R, S, at.dtype)
+            dut = _summed_tile(du, i, rows, ranks, N, T, R, S, at.dtype)
             part = tl.dot(dut, at, input_precision="ieee")
             if DROP:
                 part = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), part, 0.0)
@@ -149,17 +150,20 @@ if triton is not None:
         return i, start, width, first
 
     @triton.jit
-    def _b_forward(y, u, b, residual, T, R, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
+    def _b_forward(y, u_partial, u, b, residual, T, R, S, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
                    RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
         """y[rows, start_i + local] += u_i[rows] @ B_i[local].T (+ residual there, after the update and
         rounded once with it): every adapter's B product in one launch, added where the base GEMM
-        wrote (one read and write of y per projection)."""
+        wrote (one read and write of y per projection). u_i is the sum of `_a_forward`'s S partials;
+        the programs of the first column block write it to `u` for backward (no launch of its own)."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         local = tl.program_id(1) * BC + tl.arange(0, BC)
         ranks = tl.arange(0, RP)
-        ut = tl.load(u + (i * T + rows[:, None]) * R + ranks[None, :],
-                     mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+        ut = _summed_tile(u_partial, i, rows, ranks, tl.num_programs(2), T, R, S, u.dtype.element_ty)
+        if tl.program_id(1) == 0:
+            tl.store(u + (i * T + rows[:, None]) * R + ranks[None, :], ut,
+                     mask=(rows[:, None] < T) & (ranks[None, :] < R))
         bt = tl.load(b + (first + local[None, :]) * R + ranks[:, None],
                      mask=(local[None, :] < width) & (ranks[:, None] < R), other=0.0)
         inside = (rows[:, None] < T) & (local[None, :] < width)
@@ -244,7 +248,8 @@ def _summed(partial: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
-    """u [n, T, r] = (x * keep_i) @ a[i].T * keep_scale(p) for x [T, d] and a [n, r, d] (p = 0: no dropout)."""
+    """u [n, T, r] = (x * keep_i) @ a[i].T * keep_scale(p) for x [T, d] and a [n, r, d] (p = 0: no
+    dropout), as float32 partial sums over spans of the input [S, n, T, r] (`b_product_add` adds them)."""
     t, d = x.shape
     n, r, _ = a.shape
     spans = triton.cdiv(d, SPAN)
@@ -252,7 +257,7 @@ def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
     _a_forward[(triton.cdiv(t, ROWS), n, spans)](x, a, seed, salt, partial, t, d, r, dropout_threshold(p),
                                                  keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
                                                  SPAN=SPAN, DROP=p > 0)
-    return _summed(partial, x.dtype)
+    return partial
 
 
 def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
@@ -285,14 +290,17 @@ def _column_arguments(columns, widths) -> list[int]:
     return [*columns, *pad, *widths, *pad]
 
 
-def b_product_add(y, u, b, columns, widths, residual=None) -> None:
+def b_product_add(y, u_partial, b, columns, widths, residual=None) -> torch.Tensor:
     """y[:, columns[i]:columns[i] + widths[i]] += u[i] @ b_i.T in place, b_i the rows of b [sum of
-    widths, r] after the earlier adapters'; then + `residual` (y's shape and strides) there."""
-    n, t, r = u.shape
+    widths, r] after the earlier adapters', u the sum of `a_product`'s partials; then + `residual`
+    (y's shape and strides) there. Returns u [n, T, r] in b's dtype."""
+    s, n, t, r = u_partial.shape
+    u = torch.empty(n, t, r, dtype=b.dtype, device=b.device)
     grid = (triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS), n)
-    _b_forward[grid](y, u, b, y if residual is None else residual, t, r, y.stride(0),
+    _b_forward[grid](y, u_partial, u, b, y if residual is None else residual, t, r, s, y.stride(0),
                      *_column_arguments(columns, widths), RP=_padded_rank(r), BT=OUT_ROWS, BC=OUT_COLUMNS,
                      RESIDUAL=residual is not None)
+    return u
 
 
 def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +331,7 @@ class _AdaptedUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, a, b, residual, seed, salt: int, p: float, columns: tuple, widths: tuple):
         x = x.contiguous()
-        u = a_product(x, a, seed, salt, p)
-        b_product_add(y, u, b, columns, widths, residual)
+        u = b_product_add(y, a_product(x, a, seed, salt, p), b, columns, widths, residual)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, a, b, seed, u)
         ctx.settings = (salt, p, columns, widths)
