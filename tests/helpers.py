@@ -328,29 +328,36 @@ def check_kernels(device: str, dtype: torch.dtype, tol: float, head_dim: int) ->
     assert not failures, "\n".join(failures)
 
 
-def rope_qkv_reference(y, cos, sin, heads: int, kv_heads: int):
+def rope_qkv_reference(y, cos, sin, heads: int, kv_heads: int, norms=None, eps: float = 1e-6):
     """What train/kernels.rope_qkv computes, in torch's operations on `y`'s dtype: q and k rotated
-    together (models.arch.rotate) and v, from the q/k/v projection's output y [T, width]."""
+    together (models.arch.rotate) and v, from the q/k/v projection's output y [T, width]; with
+    `norms` (q_norm, k_norm weights), each q and k head RMS-normed first."""
+    import torch
+
     from chatlora.models.arch import rotate
 
     hd = cos.shape[-1]
     width = (heads + kv_heads) * hd
-    qk = rotate(y[:, :width].unflatten(-1, (heads + kv_heads, hd)), cos.to(y.dtype)[:, None], sin.to(y.dtype)[:, None])
+    qk = y[:, :width].unflatten(-1, (heads + kv_heads, hd))
+    if norms is not None:
+        weights = torch.cat([norms[0].to(y.dtype).expand(heads, hd), norms[1].to(y.dtype).expand(kv_heads, hd)])
+        qk = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps) * weights
+    qk = rotate(qk, cos.to(y.dtype)[:, None], sin.to(y.dtype)[:, None])
     return qk, y[:, width:].unflatten(-1, (kv_heads, hd))
 
 
-def check_rope_qkv(y, cos, sin, heads: int, kv_heads: int, tol: float) -> None:
+def check_rope_qkv(y, cos, sin, heads: int, kv_heads: int, tol: float, norms=None) -> None:
     """train/kernels.rope_qkv on `y` (requires grad), forward and backward, against
-    `rope_qkv_reference` in float64; v must come out unchanged."""
+    `rope_qkv_reference` in float64; v must come out unchanged. `norms`: Qwen3's q/k norm weights."""
     import torch
 
     from chatlora.train import kernels
 
-    qk, v = kernels.rope_qkv(y, cos, sin, heads, kv_heads)
+    qk, v = kernels.rope_qkv(y, cos, sin, heads, kv_heads, *(norms or ()))
     dqk, dv = torch.randn_like(qk), torch.randn_like(v)
     (dy,) = torch.autograd.grad([qk, v], [y], [dqk, dv])
     y64 = y.detach().double().requires_grad_(True)
-    qk64, v64 = rope_qkv_reference(y64, cos, sin, heads, kv_heads)
+    qk64, v64 = rope_qkv_reference(y64, cos, sin, heads, kv_heads, norms)
     (dy64,) = torch.autograd.grad([qk64, v64], [y64], [dqk.double(), dv.double()])
     assert ((qk.double() - qk64).norm() / qk64.norm()).item() < tol and torch.equal(v.double(), v64), "rope forward"
     assert ((dy.double() - dy64).norm() / dy64.norm()).item() < tol, "rope backward"

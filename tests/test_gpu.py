@@ -497,6 +497,8 @@ def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
     cos, sin = rope_tables(torch.arange(700, device="cuda"), inv, 1.0, dtype)
     y = torch.randn(700, (heads + 2 * kv_heads) * hd, device="cuda", generator=g).to(dtype).requires_grad_(True)
     check_rope_qkv(y, cos, sin, heads, kv_heads, tol)
+    norms = tuple((torch.randn(hd, device="cuda", generator=g) * 0.1 + 1).to(dtype) for _ in range(2))
+    check_rope_qkv(y, cos, sin, heads, kv_heads, tol, norms=norms)   # with Qwen3's q/k norm in the kernel
 
     from chatlora.train import lora_kernels
 

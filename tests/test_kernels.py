@@ -170,6 +170,9 @@ TRAINING_CHECK = textwrap.dedent(f"""
     from helpers import check_rope_qkv
     cos, sin = rope_tables(torch.arange(7), 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16), 1.0, torch.float32)
     check_rope_qkv(torch.randn(7, (4 + 2 * 2) * 16, requires_grad=True), cos, sin, 4, 2, 1e-6)
+    # with Qwen3's q/k norm in the same kernel
+    check_rope_qkv(torch.randn(7, (4 + 2 * 2) * 16, requires_grad=True), cos, sin, 4, 2, 1e-6,
+                   norms=(torch.randn(16) * 0.1 + 1, torch.randn(16) * 0.1 + 1))
 
     # the LoRA updates with dropout (lora_kernels.py) against float64 torch given the same keep flags
     # (the last case: more rows and outputs than one tile or span of the B kernels, the input in three spans)
@@ -315,3 +318,47 @@ def test_the_fused_pass_with_the_training_kernels_equals_peft(index_dir):
     the dropout takes effect; a model the LoRA kernels do not fit keeps stored masks, alike."""
     done = run(FUSED_PASS_CHECK.replace("{index_dir!r}", repr(str(index_dir))))
     assert done.returncode == 0 and "the fused pass matches" in done.stdout, done.stderr[-3000:]
+
+
+QWEN3_PASS_CHECK = textwrap.dedent(f"""
+    import sys, tempfile
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {TESTS!r})
+    from chatlora.config import load_config
+    from chatlora.data.dataset import Example
+    from chatlora.models.load import load_model, prepare_base
+    from chatlora.models.lora import attach, trainable_parameters
+    from chatlora.testing import make_family_dir
+    from chatlora.train.fused_step import FusedStep
+    from chatlora.train.gradients import accumulate_gradients
+    from chatlora.train.steps import pack
+    base = make_family_dir(Path(tempfile.mkdtemp()), "qwen3")
+    model = attach(load_model(prepare_base(str(base)), "float32", "cpu"), load_config(overrides=["lora.dropout=0"]).lora).train()
+    for name, p in trainable_parameters(model):
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (9, 14, 6):
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * 3 + ids[3:], 0))
+    ref = accumulate_gradients(model, examples, 16, lambda ex: pack(ex)).item()
+    grads = [p.grad.clone() for _, p in trainable_parameters(model)]
+    model.zero_grad(set_to_none=True)
+    fast = FusedStep(model, "cpu")
+    fast.zero_grad()
+    loss = fast.accumulate(examples, 16, None).item()
+    assert abs(loss - ref) / ref < 1e-5, (loss, ref)
+    for (_, p), want in zip(trainable_parameters(model), grads):
+        assert (p.grad - want).norm() / want.norm() < 1e-4
+    print("the qwen3 pass matches")
+""")
+
+
+@pytest.mark.slow
+def test_the_fused_pass_with_the_q_k_norm_in_the_rope_kernel_equals_peft():
+    """Qwen3's q/k norm inside the RoPE kernel (train/kernels.rope_qkv) in the whole fused pass under
+    the interpreter, against peft in float32: loss and every adapter gradient."""
+    done = run(QWEN3_PASS_CHECK)
+    assert done.returncode == 0 and "the qwen3 pass matches" in done.stdout, done.stderr[-3000:]

@@ -194,15 +194,19 @@ def fused_layers(lm) -> list[Layer]:
     return layers
 
 
-def block(arch: Architecture, h, layer: Layer, attend, linear, norm=None, activation=None):
+def block(arch: Architecture, h, layer: Layer, attend, linear, norm=None, activation=None,
+          attend_norms_qk: bool = False):
     """One decoder layer over rows `h` [..., hidden]:
         h <- h + o(attend(qkv(norm(h))));  h <- h + down(activation(gate_up(norm(h))))
     `linear(name, x, residual=None)` computes x @ the projection's weight.T (+ `residual`): plain
     (decoding, in place), or with each module's LoRA update (training). `attend(y)` turns the q/k/v
-    projection's output into the attention output [..., heads * head_dim]. `norm` and `activation`
-    default to the torch operations; the decoder passes its Triton ones for one-token steps."""
+    projection's output into the attention output [..., heads * head_dim], after the q/k norm
+    (`normed_qk`) unless `attend_norms_qk` says it applies the norm itself (the training pass's
+    RoPE kernel). `norm` and `activation` default to the torch operations; the decoder passes its
+    Triton ones for one-token steps."""
     norm, activation = norm or arch.norm, activation or arch.activation
-    h = linear("o", attend(arch.normed_qk(linear("qkv", norm(h, layer.attn_norm)), layer)), residual=h)
+    y = linear("qkv", norm(h, layer.attn_norm))
+    h = linear("o", attend(y if attend_norms_qk else arch.normed_qk(y, layer)), residual=h)
     return linear("down", activation(linear("gate_up", norm(h, layer.mlp_norm))), residual=h)
 
 

@@ -281,8 +281,9 @@ class FusedForward:
         arch, t = self.arch, h.shape[0]
 
         def attend(y):
-            if self._kernels:   # q and k rotated, v apart, in one kernel each way
-                qk, v = train_kernels.rope_qkv(y, *rope, arch.heads, arch.kv_heads)
+            if self._kernels:   # q and k normed (Qwen3) and rotated, v apart, in one kernel each way
+                qk, v = train_kernels.rope_qkv(y, *rope, arch.heads, arch.kv_heads, layer.layer.q_norm,
+                                               layer.layer.k_norm, arch.eps)
             else:
                 qk, v = arch.split_qkv(y)
                 qk = rotate(qk, *rope)
@@ -291,7 +292,7 @@ class FusedForward:
         def linear(name, x, residual=None):
             return self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout, residual)
 
-        return block(arch, h, layer.layer, attend, linear, self._norm, self._activation)
+        return block(arch, h, layer.layer, attend, linear, self._norm, self._activation, attend_norms_qk=self._kernels)
 
     def _linear(self, g: AdaptedProjection, x, w, drop=None, dropout: bool = True, residual=None):
         """(`residual` +) x @ fused base weight + each module's LoRA update (its own dropout on its

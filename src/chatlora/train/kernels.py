@@ -7,9 +7,10 @@ per pass beside the GEMMs):
     the backward one kernel writing both halves' gradients; only the gate/up output is kept for it;
   - `cross_entropy_grad_`: each row's cross-entropy from its logits, which it overwrites with their
     gradient (softmax - one-hot): no float32 copy of the logits, one kernel for five (train/head.py);
-  - `rope_qkv`: the q/k/v projection's output split into q and k rotated together (RoPE) and v; its
-    backward writes the whole output's gradient in one kernel (through torch the two slices' gradients
-    were each a zero-filled full-width tensor, then added).
+  - `rope_qkv`: the q/k/v projection's output split into q and k rotated together (RoPE) and v, with
+    Qwen3's q/k norm applied first in the same kernel; its backward writes the whole output's
+    gradient in one kernel (through torch the two slices' gradients were each a zero-filled
+    full-width tensor, then added).
 Each computes in fp32 and rounds once. tests/test_kernels.py compares them, forward and backward,
 with float64 torch under Triton's interpreter; tests/test_gpu.py compiled on a GPU.
 
@@ -81,12 +82,15 @@ if triton is not None:
             tl.store(start + offs, tl.where(valid, g, 0.0).to(logits.dtype.element_ty), mask=keep)
 
     @triton.jit
-    def _rope_qkv_kernel(src, stride, cos, sin, qk, v, rotated, total, BACKWARD: tl.constexpr,
-                         HALF: tl.constexpr, HB: tl.constexpr):
+    def _rope_qkv_kernel(src, stride, cos, sin, qk, v, rotated, total, x, q_weight, k_weight, rstd, q_heads, eps,
+                         BACKWARD: tl.constexpr, NORM: tl.constexpr, HALF: tl.constexpr, HB: tl.constexpr):
         """Forward: row t of src [T, width] -> qk [T, rotated, 2 HALF] (x * cos + swap(x) * sin, sin
         signed as models.arch.rope_tables makes it) and v [T, total - rotated, 2 HALF]. Backward: the
         same layout read from qk and v (their gradients), written into src (the output's gradient):
-        d x = d y * cos + swap(d y * sin)."""
+        d x = d y * cos + swap(d y * sin).
+        NORM (Qwen3): each q and k head is RMS-normed first (q_weight for the first q_heads, k_weight
+        after), its 1 / RMS kept in rstd [T, rotated]; backward then reads the heads' input from x
+        (the projection's output) and returns the gradient through the norm too."""
         t = tl.program_id(0)
         heads = tl.program_id(1) * HB + tl.arange(0, HB)
         offs = tl.arange(0, HALF)
@@ -105,38 +109,66 @@ if triton is not None:
             src_qk, src_v, dst_qk, dst_v, sa, sb = wide, wide, apart, vs, s1, s2
         x1 = tl.load(src_qk, mask=is_qk, other=0.0).to(tl.float32)
         x2 = tl.load(src_qk + HALF, mask=is_qk, other=0.0).to(tl.float32)
-        tl.store(dst_qk, (x1 * c1 + x2 * sa).to(qk.dtype.element_ty), mask=is_qk)
-        tl.store(dst_qk + HALF, (x2 * c2 + x1 * sb).to(qk.dtype.element_ty), mask=is_qk)
+        if NORM:
+            is_q = (heads < q_heads)[:, None]
+            w1 = tl.where(is_q, tl.load(q_weight + offs)[None, :], tl.load(k_weight + offs)[None, :]).to(tl.float32)
+            w2 = tl.where(is_q, tl.load(q_weight + HALF + offs)[None, :],
+                          tl.load(k_weight + HALF + offs)[None, :]).to(tl.float32)
+            if BACKWARD:   # g: the normed heads' gradient times w; dx = r * (g - xhat * mean(g * xhat))
+                r = tl.load(rstd + t * rotated + heads, mask=heads < rotated, other=0.0)[:, None]
+                g1, g2 = (x1 * c1 + x2 * sa) * w1, (x2 * c2 + x1 * sb) * w2
+                inputs = x + t * stride + heads[:, None] * 2 * HALF + offs[None, :]
+                h1 = tl.load(inputs, mask=is_qk, other=0.0).to(tl.float32) * r
+                h2 = tl.load(inputs + HALF, mask=is_qk, other=0.0).to(tl.float32) * r
+                mean = (tl.sum(g1 * h1, axis=1) + tl.sum(g2 * h2, axis=1))[:, None] / (2 * HALF)
+                x1, x2 = r * (g1 - h1 * mean), r * (g2 - h2 * mean)
+            else:
+                r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+                tl.store(rstd + t * rotated + heads, r, mask=heads < rotated)
+                x1, x2 = x1 * r[:, None] * w1, x2 * r[:, None] * w2
+        if NORM and BACKWARD:
+            tl.store(dst_qk, x1.to(src.dtype.element_ty), mask=is_qk)
+            tl.store(dst_qk + HALF, x2.to(src.dtype.element_ty), mask=is_qk)
+        else:
+            tl.store(dst_qk, (x1 * c1 + x2 * sa).to(qk.dtype.element_ty), mask=is_qk)
+            tl.store(dst_qk + HALF, (x2 * c2 + x1 * sb).to(qk.dtype.element_ty), mask=is_qk)
         tl.store(dst_v, tl.load(src_v, mask=is_v), mask=is_v)
         tl.store(dst_v + HALF, tl.load(src_v + HALF, mask=is_v), mask=is_v)
 
 
 class _RoPEQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, cos, sin, rotated: int, total: int):
+    def forward(ctx, y, cos, sin, rotated: int, total: int, norms, eps: float):
         t, hd = y.shape[0], cos.shape[-1]
         y = y if y.stride(1) == 1 else y.contiguous()
         qk = torch.empty(t, rotated, hd, dtype=y.dtype, device=y.device)
         v = torch.empty(t, total - rotated, hd, dtype=y.dtype, device=y.device)
-        _rope_launch(y, cos, sin, qk, v, rotated, total, backward=False)
-        ctx.save_for_backward(cos, sin)
-        ctx.settings = (y.shape, rotated, total)
+        rstd = torch.empty(t, rotated, dtype=torch.float32, device=y.device) if norms else None
+        _rope_launch(y, cos, sin, qk, v, rotated, total, backward=False, norms=norms, rstd=rstd, eps=eps)
+        ctx.save_for_backward(cos, sin, *((y, rstd, *norms[1:]) if norms else ()))   # the norm's backward reads y
+        ctx.settings = (y.shape, rotated, total, norms[0] if norms else 0)
         return qk, v
 
     @staticmethod
     def backward(ctx, dqk, dv):
-        cos, sin = ctx.saved_tensors
-        shape, rotated, total = ctx.settings
+        cos, sin, *kept = ctx.saved_tensors
+        shape, rotated, total, q_heads = ctx.settings
         dy = torch.empty(shape, dtype=dqk.dtype, device=dqk.device)
-        _rope_launch(dy, cos, sin, dqk.contiguous(), dv.contiguous(), rotated, total, backward=True)
-        return dy, None, None, None, None
+        y, rstd, *weights = kept or (None, None)
+        _rope_launch(dy, cos, sin, dqk.contiguous(), dv.contiguous(), rotated, total, backward=True,
+                     norms=(q_heads, *weights) if kept else None, rstd=rstd, x=y)
+        return dy, None, None, None, None, None, None
 
 
-def _rope_launch(wide, cos, sin, qk, v, rotated: int, total: int, backward: bool) -> None:
+def _rope_launch(wide, cos, sin, qk, v, rotated: int, total: int, backward: bool, norms=None, rstd=None,
+                 x=None, eps: float = 0.0) -> None:
+    """The RoPE kernel over every row; `norms`: (q heads, q_norm weight, k_norm weight) or None."""
     heads_per_program = 4
+    q_heads, q_weight, k_weight = norms or (0, cos, cos)   # unread without NORM
     _rope_qkv_kernel[(wide.shape[0], triton.cdiv(total, heads_per_program))](
-        wide, wide.stride(0), cos.contiguous(), sin.contiguous(), qk, v, rotated, total, BACKWARD=backward,
-        HALF=cos.shape[-1] // 2, HB=heads_per_program)
+        wide, wide.stride(0), cos.contiguous(), sin.contiguous(), qk, v, rotated, total,
+        wide if x is None else x, q_weight, k_weight, cos if rstd is None else rstd, q_heads, eps,
+        BACKWARD=backward, NORM=norms is not None, HALF=cos.shape[-1] // 2, HB=heads_per_program)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -200,8 +232,12 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore: int
     return losses
 
 
-def rope_qkv(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int):
+def rope_qkv(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6):
     """The q/k/v projection's output y [T, (heads + 2 kv_heads) * head_dim] as q and k rotated
     together [T, heads + kv_heads, head_dim] and v [T, kv_heads, head_dim] (both new tensors);
-    cos and sin [T, head_dim] as models.arch.rope_tables gives them. As `split_qkv` then `rotate`."""
-    return _RoPEQKV.apply(y, cos, sin, heads + kv_heads, heads + 2 * kv_heads)
+    cos and sin [T, head_dim] as models.arch.rope_tables gives them. As `split_qkv` then `rotate`;
+    with `q_norm` and `k_norm` (Qwen3's [head_dim] weights), each q and k head RMS-normed first, as
+    models.arch's `normed_qk`, in the same kernel (its backward too)."""
+    norms = None if q_norm is None else (heads, q_norm.contiguous(), k_norm.contiguous())
+    return _RoPEQKV.apply(y, cos, sin, heads + kv_heads, heads + 2 * kv_heads, norms, eps)
