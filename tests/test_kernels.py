@@ -208,8 +208,8 @@ TRAINING_CHECK = textwrap.dedent(f"""
             assert (got.double() - want).norm() / want.norm() < 1e-6, "lora gradient"
 
     # a small update on a large residual (half precision: the interpreter's bfloat16 is not numpy's)
-    # is kept on average: added before the residual and rounded once with it, never added to the
-    # rounded sum, where each element below half a unit in the last place would be dropped
+    # is kept on average: added to the projection's output before the residual, never to the
+    # residual's rounded sum, where each element below half a unit in the last place would be dropped
     x, y = torch.rand(64, 64).half(), torch.randn(64, 64).half()
     a, b = torch.full((1, 8, 64), 1 / 64).half(), torch.full((64, 8), 0.02).half()
     big = (1000 + 10 * torch.randn(64, 64)).half()   # its unit in the last place: 0.5; the update: ~0.08
@@ -217,6 +217,14 @@ TRAINING_CHECK = textwrap.dedent(f"""
     update = (x.double() @ a[0].double().t()) @ b.double().t()
     bias = (out.double() - (y.double() + update + big.double())).mean().item()
     assert abs(bias) < 0.1 * update.mean().item(), ("lora update lost on the residual", bias)
+    # rounded as peft rounds: the projection's output first, where an update below half its unit in
+    # the last place is lost as on the plain path, then its sum with the residual. Here each sum
+    # of output and residual is a tie (1.25 + a multiple of 0.5): the tiny update would break every
+    # tie upwards if both were rounded once, where peft's order rounds half of them to even
+    y, b = torch.full((64, 64), 1.25).half(), torch.full((64, 8), 2e-5).half()   # update ~8e-5
+    big = (1000 + 10 * torch.randn(64, 64)).half()
+    out = lora_kernels.adapted_update(y.clone(), x, a, b, [0], [64], torch.zeros(1, dtype=torch.int64), 0, 0.0, big)
+    assert torch.equal(out, y + big), "lora update and residual not rounded as peft rounds them"
 
     print("training kernels match")
 """)

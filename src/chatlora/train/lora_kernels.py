@@ -152,9 +152,9 @@ if triton is not None:
     @triton.jit
     def _b_forward(y, u_partial, u, b, residual, T, R, S, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
                    RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
-        """y[rows, start_i + local] += u_i[rows] @ B_i[local].T (+ residual there, after the update and
-        rounded once with it): every adapter's B product in one launch, added where the base GEMM
-        wrote (one read and write of y per projection). u_i is the sum of `_a_forward`'s S partials;
+        """y[rows, start_i + local] += u_i[rows] @ B_i[local].T (+ residual there, after the update):
+        every adapter's B product in one launch, added where the base GEMM wrote (one read and write
+        of y per projection). u_i is the sum of `_a_forward`'s S partials;
         the programs of the first column block write it to `u` for backward (no launch of its own)."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -169,8 +169,9 @@ if triton is not None:
         inside = (rows[:, None] < T) & (local[None, :] < width)
         at = y + rows[:, None] * ldy + start + local[None, :]
         out = tl.load(at, mask=inside, other=0.0).to(tl.float32) + tl.dot(ut, bt, input_precision="ieee")
-        if RESIDUAL:
-            out += tl.load(residual + rows[:, None] * ldy + start + local[None, :], mask=inside, other=0.0)
+        if RESIDUAL:   # peft's roundings: the projection's output in y's dtype, then the layer's residual add
+            out = out.to(y.dtype.element_ty).to(tl.float32) + tl.load(
+                residual + rows[:, None] * ldy + start + local[None, :], mask=inside, other=0.0)
         tl.store(at, out.to(y.dtype.element_ty), mask=inside)
 
     @triton.jit
@@ -351,7 +352,8 @@ def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float, resid
     """`y` [T, out] (the base output x @ W.T; updated in place) plus, for each adapter i, the LoRA
     update dropout_i(x) @ a[i].T @ b_i.T in columns columns[i]:columns[i] + widths[i], where b_i
     are the widths[i] rows of b [sum of widths, r] after the earlier adapters'; then `residual`
-    ([T, out], added in those columns after the updates, one rounding for both), if given.
+    ([T, out], added in those columns to the updated output rounded to y's dtype, as peft's
+    output meets the decoder's residual add), if given.
     x [T, d], a [n, r, d] (contiguous, n <= MAX_ADAPTERS); seed: the pass's (int64 [1], on x's
     device); salt: this projection's adapters' first stream (each adapter's is salt + i, below
     SEED_STRIDE)."""
