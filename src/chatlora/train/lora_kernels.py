@@ -41,12 +41,19 @@ from chatlora.models.triton_kernels import tl, triton
 SEED_STRIDE = 2 ** 16   # salts per pass seed: layers x projection groups x adapters, each its own stream
 ROUNDS = 7              # Philox-4x32 rounds: 7 is Crush-resistant (Salmon et al. 2011), 10 Triton's default
 LEVELS = 2 ** 16        # each keep flag compares a 16-bit uniform with the dropout probability in 1/65536ths
-ROWS, COLUMNS, ROW_SPLIT = 16, 64, 128   # tile rows and input columns; rows per program in dA's sums
-SPAN = 512              # input columns per program of the A product: its sums are split over the input
-OUT_ROWS, OUT_COLUMNS = 64, 64   # the B kernels' tiles of the projection's output
-GRAD_ROWS, OUT_SPAN = 32, 512    # `_b_grad`'s rows per program, output columns per program (in tiles)
+ROWS, COLUMNS = 16, 64  # `keep_flags`' tile (the flags never depend on a kernel's tiling)
 MAX_ADAPTERS = 4        # adapters per projection the B kernels take (q/k/v: 3)
 SUM_BLOCK = 256
+# Each kernel's launch: BT rows and BK input (BC output) columns per tile; SPAN: input columns per
+# program of the A product (its sums split over the input), output columns per program of `_b_grad`;
+# SPLIT: rows per program of dA's sums; num_warps. bench/lora_kernel_tiles.py times alternatives.
+LAUNCH = {
+    "a_forward": dict(BT=16, BK=64, SPAN=512, num_warps=4),
+    "a_grad": dict(BT=16, BK=64, SPLIT=128, num_warps=4),
+    "x_grad": dict(BT=16, BK=64, num_warps=4),
+    "b_forward": dict(BT=64, BC=64, num_warps=4),
+    "b_grad": dict(BT=32, BC=64, SPAN=512, num_warps=4),
+}
 
 if triton is not None:
 
@@ -253,11 +260,11 @@ def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
     dropout), as float32 partial sums over spans of the input [S, n, T, r] (`b_product_add` adds them)."""
     t, d = x.shape
     n, r, _ = a.shape
-    spans = triton.cdiv(d, SPAN)
+    launch = LAUNCH["a_forward"]
+    spans = triton.cdiv(d, launch["SPAN"])
     partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=x.device)
-    _a_forward[(triton.cdiv(t, ROWS), n, spans)](x, a, seed, salt, partial, t, d, r, dropout_threshold(p),
-                                                 keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
-                                                 SPAN=SPAN, DROP=p > 0)
+    _a_forward[(triton.cdiv(t, launch["BT"]), n, spans)](x, a, seed, salt, partial, t, d, r, dropout_threshold(p),
+                                                         keep_scale(p), RP=_padded_rank(r), DROP=p > 0, **launch)
     return partial
 
 
@@ -266,11 +273,12 @@ def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
     sums [S, n, T, r] (`b_gradients`)."""
     t, d = x.shape
     _, n, _, r = du.shape
-    splits = triton.cdiv(t, ROW_SPLIT)
+    launch = LAUNCH["a_grad"]
+    splits = triton.cdiv(t, launch["SPLIT"])
     partial = torch.empty(splits, n, r, d, dtype=torch.float32, device=x.device)
-    _a_grad[(triton.cdiv(d, COLUMNS), splits, n)](x, du, seed, salt, partial, t, d, r, du.shape[0], dropout_threshold(p),
-                                                  keep_scale(p), RP=_padded_rank(r), BT=ROWS, BK=COLUMNS,
-                                                  SPLIT=ROW_SPLIT, DROP=p > 0)
+    _a_grad[(triton.cdiv(d, launch["BK"]), splits, n)](x, du, seed, salt, partial, t, d, r, du.shape[0],
+                                                       dropout_threshold(p), keep_scale(p), RP=_padded_rank(r),
+                                                       DROP=p > 0, **launch)
     return _summed(partial, x.dtype)
 
 
@@ -279,9 +287,10 @@ def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
     _, n, t, r = du.shape
     d = a.shape[2]
     dx = torch.empty(t, d, dtype=a.dtype, device=a.device)
-    _x_grad[(triton.cdiv(t, ROWS), triton.cdiv(d, COLUMNS))](
-        dx, du, a, seed, salt, t, d, r, du.shape[0], dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r), BT=ROWS,
-        BK=COLUMNS, DROP=p > 0)
+    launch = LAUNCH["x_grad"]
+    _x_grad[(triton.cdiv(t, launch["BT"]), triton.cdiv(d, launch["BK"]))](
+        dx, du, a, seed, salt, t, d, r, du.shape[0], dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r),
+        DROP=p > 0, **launch)
     return dx
 
 
@@ -297,10 +306,10 @@ def b_product_add(y, u_partial, b, columns, widths, residual=None) -> torch.Tens
     (y's shape and strides) there. Returns u [n, T, r] in b's dtype."""
     s, n, t, r = u_partial.shape
     u = torch.empty(n, t, r, dtype=b.dtype, device=b.device)
-    grid = (triton.cdiv(t, OUT_ROWS), triton.cdiv(max(widths), OUT_COLUMNS), n)
+    launch = LAUNCH["b_forward"]
+    grid = (triton.cdiv(t, launch["BT"]), triton.cdiv(max(widths), launch["BC"]), n)
     _b_forward[grid](y, u_partial, u, b, y if residual is None else residual, t, r, s, y.stride(0),
-                     *_column_arguments(columns, widths), RP=_padded_rank(r), BT=OUT_ROWS, BC=OUT_COLUMNS,
-                     RESIDUAL=residual is not None)
+                     *_column_arguments(columns, widths), RP=_padded_rank(r), RESIDUAL=residual is not None, **launch)
     return u
 
 
@@ -308,12 +317,12 @@ def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
     """(du as float32 partial sums [S, n, T, r], db [sum of widths, r]) of `b_product_add`, for the
     output gradient dy."""
     n, t, r = u.shape
-    row_blocks, spans = triton.cdiv(t, GRAD_ROWS), triton.cdiv(max(widths), OUT_SPAN)
+    launch = LAUNCH["b_grad"]
+    row_blocks, spans = triton.cdiv(t, launch["BT"]), triton.cdiv(max(widths), launch["SPAN"])
     du_partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=u.device)
     db_partial = torch.empty(row_blocks, b.shape[0], r, dtype=torch.float32, device=u.device)
     _b_grad[(row_blocks, spans, n)](dy, u, b, du_partial, db_partial, t, r, dy.stride(0), b.shape[0],
-                                    *_column_arguments(columns, widths), RP=_padded_rank(r), BT=GRAD_ROWS,
-                                    BC=OUT_COLUMNS, SPAN=OUT_SPAN)
+                                    *_column_arguments(columns, widths), RP=_padded_rank(r), **launch)
     return du_partial, _summed(db_partial, b.dtype)
 
 
