@@ -354,11 +354,13 @@ def test_chunked_cross_entropy_equals_the_full_one(rows):
         assert chunked_cross_entropy(x, w, targets, rows=rows).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters():
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters(amsgrad):
     """AdamW on one flat tensor whose views are the parameters (train/flat_optimizer.py) moves every
     parameter exactly as torch's AdamW over the parameters does, bit for bit, over steps with new
     gradients and learning rates; its state dict is AdamW's, tensor for tensor (so checkpoints are
-    the same files); and loaded from AdamW's state dict it goes on identically."""
+    the same files); and loaded from AdamW's state dict it goes on identically. With amsgrad, its
+    third moment travels the same way."""
     from chatlora.train.flat_optimizer import FlatAdamW
 
     g = torch.Generator().manual_seed(0)
@@ -372,9 +374,9 @@ def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters():
         p.data = v
         p.grad = flat.grad[s:s + a * b].view(a, b)
     order = [2, 0, 3, 1]                                   # the optimizer's order is not the buffer's
-    ours = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1)
+    ours = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     reference = [torch.nn.Parameter(v.clone()) for v in views]
-    theirs = torch.optim.AdamW([reference[i] for i in order], lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW([reference[i] for i in order], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     for step in range(3):
         flat.grad.copy_(torch.randn(flat.shape, generator=g))
         for r, p in zip(reference, params):
@@ -388,7 +390,8 @@ def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters():
     for i in want["state"]:
         assert mine["state"][i].keys() == want["state"][i].keys()
         assert all(torch.equal(mine["state"][i][k], v) for k, v in want["state"][i].items())
-    again = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1)
+    assert ("max_exp_avg_sq" in want["state"][0]) == amsgrad
+    again = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     again.load_state_dict(want)
     flat.grad.copy_(torch.randn(flat.shape, generator=g))
     for r, p in zip(reference, params):

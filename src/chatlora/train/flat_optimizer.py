@@ -18,6 +18,8 @@ import math
 
 import torch
 
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")   # AdamW's state per element; "step" is one count
+
 
 class FlatAdamW:
     """`torch.optim.AdamW(params, **settings)` computed on `flat`, the one tensor every parameter of
@@ -56,7 +58,8 @@ class FlatAdamW:
         state = {}
         if flat_state is not None:
             for i, (start, shape) in enumerate(self._spans):
-                state[i] = {key: self._slice(value, start, shape) for key, value in flat_state.items()}
+                state[i] = {key: value[start:start + math.prod(shape)].view(shape) if key in MOMENTS else value
+                            for key, value in flat_state.items()}
         return {"state": state, "param_groups": [group]}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -66,7 +69,7 @@ class FlatAdamW:
         flat_state = {}
         if state:
             for key, value in state[0].items():
-                if torch.is_tensor(value) and value.shape == self.params[0].shape and key != "step":
+                if key in MOMENTS:
                     whole = torch.empty(self.flat.shape, dtype=value.dtype, device=value.device)
                     for i, (start, shape) in enumerate(self._spans):
                         whole[start:start + math.prod(shape)] = state[i][key].reshape(-1)
@@ -75,8 +78,3 @@ class FlatAdamW:
                     flat_state[key] = value.clone() if torch.is_tensor(value) else value
         self.inner.load_state_dict({"state": {0: flat_state} if flat_state else {},
                                     "param_groups": [{**group, "params": [0]}]})
-
-    def _slice(self, value, start: int, shape):
-        if torch.is_tensor(value) and value.shape == self.flat.shape:
-            return value[start:start + math.prod(shape)].view(shape)
-        return value
