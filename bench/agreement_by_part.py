@@ -11,7 +11,6 @@ its step losses from the plain path's, and its held-out loss. On a GPU.
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,7 +22,6 @@ import train_speed as ts  # noqa: E402
 from chatlora.models.arch import rotate  # noqa: E402
 from chatlora.train import fused, loop, lora_kernels  # noqa: E402
 from chatlora.train import kernels as tk  # noqa: E402
-from chatlora.train.loop import train  # noqa: E402
 
 
 def rms_torch(x, w, eps):   # transformers' RMSNorm
@@ -67,12 +65,8 @@ def run(model_dir: str, mode: str, part: str) -> tuple[list[float], float]:
             saved.append((obj, name, getattr(obj, name)))
             setattr(obj, name, value)
     try:
-        cfg = ts.job_config(model_dir, fast_path=mode, max_steps=30)
-        cfg.data.held_out_fraction, cfg.lora.dropout = 0.02, 0.0
-        r = Path(tempfile.mkdtemp()) / "run"
-        train(cfg, r)
-        rows = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
-        return [x["loss"] for x in rows if "loss" in x], [x["held_out_loss"] for x in rows if "held_out_loss" in x][-1]
+        run = ts.agreement_run(model_dir, mode, 30)
+        return run["losses"], run["held_out_loss"]
     finally:
         for obj, name, value in saved:
             if obj is os.environ and value is None:

@@ -186,18 +186,22 @@ def first_step_losses(cfg, examples) -> dict:
     return {"reference": total / count, "plain": plain, "graphs_captured": graphs[0], "graphs_replayed": graphs[1]}
 
 
+def agreement_run(model_dir: str, mode: str, steps: int) -> dict:
+    """`steps` steps of the job on `mode` with dropout off (every path then computes the same
+    function) and 2% held out: the per-step losses and the final held-out loss."""
+    cfg = job_config(model_dir, fast_path=mode, max_steps=steps)
+    cfg.data.held_out_fraction, cfg.lora.dropout = 0.02, 0.0
+    run = Path(tempfile.mkdtemp()) / "run"
+    train(cfg, run)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"losses": [r["loss"] for r in rows if "loss" in r],
+            "held_out_loss": [r["held_out_loss"] for r in rows if "held_out_loss" in r][-1]}
+
+
 def loss_agreement(model_dir: str, steps: int) -> dict:
     """The plain peft path and the default fast path trained side by side from the same seed,
-    dropout off (so both compute the same function): per-step losses and the final held-out loss."""
-    out = {}
-    for mode in ("plain", "graphs"):
-        cfg = job_config(model_dir, fast_path=mode, max_steps=steps)
-        cfg.data.held_out_fraction, cfg.lora.dropout = 0.02, 0.0
-        run = Path(tempfile.mkdtemp()) / "run"
-        train(cfg, run)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        out[mode] = {"losses": [r["loss"] for r in rows if "loss" in r],
-                     "held_out_loss": [r["held_out_loss"] for r in rows if "held_out_loss" in r][-1]}
+    dropout off: per-step losses and the final held-out loss (`agreement_run`)."""
+    out = {mode: agreement_run(model_dir, mode, steps) for mode in ("plain", "graphs")}
     pairs = zip(out["plain"]["losses"], out["graphs"]["losses"])
     out["max_relative_step_loss_difference"] = max(abs(a - b) / abs(a) for a, b in pairs)
     return out
