@@ -11,8 +11,9 @@ run's largest pass, counted from what its operations keep for backward:
     and each adapter's rank-wide product (the dropout's keep flags are drawn again in backward,
     train/lora_kernels.py; the o projection's input is the attention output, counted there);
     the rotated q and k and v (the RoPE kernel writes both, and its backward needs neither), the
-    attention output and its log-sum-exp; with Qwen3's q/k norm, the q/k/v output, which the norm's
-    inputs are views into; the gate/up output (the SiLU * up kernel keeps nothing else);
+    attention output and its log-sum-exp; with Qwen3's q/k norm, the q/k/v output (the RoPE
+    kernel normalises the heads and reads them again in backward); the gate/up output (the SiLU * up
+    kernel keeps nothing else);
   - the vocabulary projection at supervised positions (train/head.py): the final norm's input and
     output, the input's gradient, and one chunk's logits buffer (at most `HEAD_LOGITS` entries, rows
     padded to `ALIGN`, in the compute dtype);
@@ -187,7 +188,7 @@ def estimate(shape: ModelShape, *, dtype: str, rank: int, targets: list[str],
         if n:
             lora_inputs += (0 if group == "o" else group_inputs[group] * e) + n * rank * e
     # rotated q and k, v (the RoPE kernel's copy), the attention output and its log-sum-exp; with a
-    # q/k norm (Qwen3) the q/k/v output too, which the norm's input views keep
+    # q/k norm (Qwen3) the q/k/v output too, which the RoPE kernel's backward reads
     attention = (q + kv) * e + kv * e + q * e + shape.heads * 4 + (q + 2 * kv) * e * shape.qk_norm
     mlp = 2 * shape.intermediate * e
     layer = 2 * shape.hidden * e + lora_inputs + attention + mlp
