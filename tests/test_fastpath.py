@@ -264,11 +264,12 @@ def test_buckets_bound_padding_and_shapes():
 
 
 def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
-    """Supervised positions are padded to eighths of the token bucket (at least BUCKET_SUPERVISED),
-    never beyond it: every pass fits its shape, and a token bucket has at most 8 supervised sizes."""
+    """Supervised positions are padded to halves of the token bucket (at least BUCKET_SUPERVISED),
+    never beyond it: every pass fits its shape, and a token bucket has at most 2 supervised sizes
+    (each shape is one capture)."""
     from types import SimpleNamespace
 
-    from chatlora.train.packed_row import BUCKET_SUPERVISED, pass_shape
+    from chatlora.train.packed_row import BUCKET_SUPERVISED, SUPERVISED_PARTS, pass_shape
 
     shapes = set()
     for n in range(2, 3000, 37):
@@ -278,12 +279,12 @@ def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
             tokens, s, sequences = pass_shape([ex])
             assert sequences == 16
             assert tokens >= n and sup <= s <= tokens
-            assert s % max(BUCKET_SUPERVISED, tokens // 8) == 0 or s == tokens
+            assert s % max(BUCKET_SUPERVISED, tokens // SUPERVISED_PARTS) == 0 or s == tokens
             shapes.add((tokens, s))
     per_bucket = {}
     for t, s in shapes:
         per_bucket.setdefault(t, set()).add(s)
-    assert max(len(v) for v in per_bucket.values()) <= 8
+    assert max(len(v) for v in per_bucket.values()) <= 2
 
 
 def test_held_out_loss_through_the_fused_pass_equals_peft_in_eval_mode(index_dir, index_tok, huanhuan_rows):

@@ -7,7 +7,7 @@ as a CUDA graph once.
     parts = row_parts(row, shape)       # named views: ids, positions, segments, supervised, targets, starts
 
 Tokens take multiples of `BUCKET_TOKENS` (coarser for long rows, `bucket`), supervised positions
-eighths of that, sequence slots powers of two.
+halves of that, sequence slots powers of two.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from chatlora.train.steps import supervised_count, targets_of
 
 BUCKET_TOKENS = 128
 BUCKET_SUPERVISED = 64
+SUPERVISED_PARTS = 2     # supervised positions are padded to a multiple of tokens / SUPERVISED_PARTS
 
 
 class PassShape(NamedTuple):
@@ -39,12 +40,13 @@ def bucket(n: int, minimum: int) -> int:
 
 def pass_shape(examples) -> PassShape:
     """The padded shape of a pass over `examples`. Supervised positions only size the vocabulary
-    projection (~2% of a pass), so they take coarse steps of an eighth of the token bucket: fewer
-    shapes to capture (bench/NOTES.md: 30 -> 19 over the self-llm job) for ~0.4% more arithmetic.
+    projection (~1.2 us per row of a 25 ms step at the Index-1.9B shape on the H200), so they take
+    coarse steps of half the token bucket: each new shape costs a capture (0.3-0.5 s), and halves
+    leave the self-llm job 12 shapes where eighths left 22, for ~0.1 ms more per step.
     Sequence slots hold the examples and the padding (at least 16, doubling): empty slots cost the
     flash kernel nothing, and the self-llm job's passes all take 32."""
     tokens = bucket(sum(len(e.input_ids) for e in examples), BUCKET_TOKENS)
-    step = max(BUCKET_SUPERVISED, tokens // 8)
+    step = max(BUCKET_SUPERVISED, tokens // SUPERVISED_PARTS)
     supervised = min(tokens, -(-supervised_count(examples) // step) * step)
     return PassShape(tokens, supervised, max(16, 1 << len(examples).bit_length()))
 
