@@ -22,7 +22,7 @@ from chatlora.data.dataset import dataset_for_config  # noqa: E402
 from chatlora.models.load import load_model  # noqa: E402
 from chatlora.models.lora import attach, trainable_parameters  # noqa: E402
 from chatlora.train.flat_optimizer import FlatAdamW  # noqa: E402
-from chatlora.train.fused_step import FusedStep  # noqa: E402
+from chatlora.train.fused_step import FusedStep, GraphKey  # noqa: E402
 from chatlora.train.packed_row import host_row, pass_shape  # noqa: E402
 from chatlora.train.steps import StepPlan  # noqa: E402
 
@@ -46,7 +46,7 @@ def main():
     model = attach(load_model(base, "bfloat16", "cuda"), cfg.lora).train()
     params = [p for _, p in trainable_parameters(model)]
     plan = StepPlan(len(ds.train), 16, 42)
-    fast = FusedStep(model, "cuda", graphs=True)
+    fast = FusedStep(model, "cuda", graphs=True, capture_at_use=1)   # every shape captured on its first pass
     opt = FlatAdamW(params, fast.net.flat, lr=1e-4, fused=True)   # as the training loop steps it
     fast.net.flash = "--mask-attention" not in sys.argv   # the block-diagonal mask instead of flash attention
     steps = [[ds.train[j] for j in plan.indices(i)] for i in range(40)]
@@ -58,7 +58,7 @@ def main():
 
     ex = steps[0]
     shape = pass_shape(ex)
-    captured = fast._captured[shape]
+    captured = fast._captured[GraphKey(shape, backward=True)]
     replay = median_ms(captured.graph.replay)
     t0 = time.perf_counter()
     for _ in range(20):

@@ -180,7 +180,7 @@ def first_step_losses(cfg, examples) -> dict:
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = model(**{k: v.cuda() for k, v in batch.items()}).loss.float().item()
             total, count = total + loss * n, count + n
-    fast = FusedStep(model, "cuda", graphs=True)
+    fast = FusedStep(model, "cuda", graphs=True, capture_at_use=1)
     fast.zero_grad()
     graphs = [fast.accumulate(step, 16, 2048).item() for _ in range(2)]  # capture, then a replay
     return {"reference": total / count, "plain": plain, "graphs_captured": graphs[0], "graphs_replayed": graphs[1]}

@@ -287,6 +287,59 @@ def test_pass_shape_covers_the_pass_with_few_supervised_buckets():
     assert max(len(v) for v in per_bucket.values()) <= 2
 
 
+def test_shapes_are_captured_on_their_second_pass(index_dir, index_tok, huanhuan_rows, monkeypatch):
+    """What FusedStep captures when (CUDA graphs stood in for on CPU by a "graph" that reruns the
+    pass on its static row): a shape's first pass runs eagerly, its second is captured after the
+    warm-up passes the first capture wants (its own eager pass counting as one, their gradients
+    discarded), later ones replay; held-out passes are their own graphs, captured at the second
+    evaluation, and never touch the gradients. Losses and gradients equal the eager step's throughout."""
+    from collections import Counter
+
+    from chatlora.train.fused_step import Captured, GraphKey
+    from chatlora.train.steps import micro_batches
+
+    model, _ = lora_model(index_dir)
+    step, held_out = examples_for(index_tok, huanhuan_rows[:8]), examples_for(index_tok, huanhuan_rows[8:20])
+    reference = FusedStep(model, "cpu")
+    reference.zero_grad()
+    loss, grad = reference.accumulate(step, 16, None).item(), reference.net.flat.grad.clone()
+    held = reference.held_out_loss_sum(held_out, 16, 200).item()
+
+    fast = FusedStep(model, "cpu")
+    fast.graphs, captures, passes = True, [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(fast, "_on_side_stream", lambda work: work())
+    counting = fast._pass
+    monkeypatch.setattr(fast, "_pass", lambda key, row: passes.append(key) or counting(key, row))
+
+    class Rerun:   # a stand-in graph: replaying reruns the pass on the captured row
+        def __init__(self, run):
+            self.replay = run
+
+    def capture(key, static):
+        captures.append(key)
+        out = torch.zeros(())
+        return Captured(static, Rerun(lambda: out.copy_(counting(key, static))), out)
+
+    monkeypatch.setattr(fast, "_capture", capture)
+    key = GraphKey(pass_shape(step), backward=True)
+    for use, eager_passes in ((1, 1), (2, 1), (3, 0)):   # second use: one warm-up (the first pass counts as the other)
+        passes.clear()
+        fast.zero_grad()
+        got = fast.accumulate(step, 16, None).item()
+        assert captures == ([key] if use > 1 else []) and len(passes) == eager_passes, (use, captures, passes)
+        assert got == pytest.approx(loss, rel=1e-6)
+        assert ((fast.net.flat.grad - grad).norm() / grad.norm()).item() < 1e-6, use
+    before = fast.net.flat.grad.clone()
+    uses = Counter(pass_shape(c) for c in micro_batches(held_out, len(held_out), 200))   # by tokens alone
+    for evaluation in (1, 2, 3):
+        assert fast.held_out_loss_sum(held_out, 16, 200).item() == pytest.approx(held, rel=1e-6)
+        captured = {k.shape for k in captures if not k.backward}
+        assert captured == {s for s, n in uses.items() if n > 1 or evaluation > 1}, (evaluation, uses)
+    assert len(uses) > 1 and torch.equal(fast.net.flat.grad, before)
+
+
 def test_held_out_loss_through_the_fused_pass_equals_peft_in_eval_mode(index_dir, index_tok, huanhuan_rows):
     """Evaluation through the fused forward pass (no dropout, no gradients) gives what the plain peft
     model gives in eval mode, and leaves no gradient behind; with dropout the pass would differ."""

@@ -95,7 +95,7 @@ def losses_and_gradients(make_model, steps, modes) -> dict[str, list]:
     for mode in modes:
         model = make_model()
         fast = None if mode == "peft" else FusedStep(model, "cuda", graphs=mode != "eager",
-                                                    checkpoint=mode == "graphs+checkpoint")
+                                                    checkpoint=mode == "graphs+checkpoint", capture_at_use=1)
         out = []
         for examples in steps:
             if fast:
@@ -174,7 +174,7 @@ def test_flash_attention_pass_is_as_close_to_float32_as_the_mask_pass(family, fa
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 12]) for i in (0, 12)]
 
     def run(dtype, flash):
-        fast = FusedStep(lora_model(family_dir(family), dtype), "cuda", graphs=dtype != "float32")
+        fast = FusedStep(lora_model(family_dir(family), dtype), "cuda", graphs=dtype != "float32", capture_at_use=1)
         fast.net.flash = flash
         assert fast.net.uses_flash("cuda") == (flash and dtype != "float32")
         out = []
@@ -211,6 +211,46 @@ def test_each_familys_captured_decoder_equals_generate_on_cuda(family, family_di
         assert got == expected
 
 
+def test_a_shape_is_captured_on_its_second_pass_and_held_out_passes_replay(index_dir, index_tok, huanhuan_rows):
+    """Float32. By default a bucket shape's first pass runs eagerly and its second is captured, then
+    replayed: the same losses and gradients as the eager pass's every time. A held-out pass's shape
+    (forward only, the same examples at every evaluation) is captured at its second use; every
+    evaluation gives the eager pass's sum and leaves the gradients alone."""
+    from collections import Counter
+
+    from helpers import examples_for
+
+    from chatlora.train.fused_step import FusedStep, GraphKey
+    from chatlora.train.packed_row import pass_shape
+    from chatlora.train.steps import micro_batches
+
+    step, held_out = examples_for(index_tok, huanhuan_rows[:16]), examples_for(index_tok, huanhuan_rows[16:40])
+    eager = FusedStep(lora_model(index_dir, "float32"), "cuda")
+    eager.zero_grad()
+    loss, grad = eager.accumulate(step, 16, None).item(), eager.net.flat.grad.clone()
+    held = eager.held_out_loss_sum(held_out, 16, 300).item()
+
+    fast = FusedStep(lora_model(index_dir, "float32"), "cuda", graphs=True)
+    key = GraphKey(pass_shape(step), backward=True)
+    for use in (1, 2, 3):
+        fast.zero_grad()
+        got = fast.accumulate(step, 16, None).item()
+        assert (key in fast._captured) == (use > 1), use
+        assert abs(got - loss) / loss < 1e-5, (use, got, loss)
+        assert ((fast.net.flat.grad - grad).norm() / grad.norm()).item() < 1e-4, use
+    before = fast.net.flat.grad.clone()
+    # Forward passes: tokens alone bound them. Two passes of one evaluation may share a shape, and
+    # then the second is that shape's second use: captured already in the first evaluation.
+    passes_per_shape = Counter(pass_shape(c) for c in micro_batches(held_out, len(held_out), 300))
+    for evaluation in (1, 2, 3):
+        got = fast.held_out_loss_sum(held_out, 16, 300).item()
+        assert abs(got - held) / held < 1e-5, (evaluation, got, held)
+        used_twice = sum(1 for n in passes_per_shape.values() if n * evaluation >= 2)
+        assert sum(not k.backward for k in fast._captured) == used_twice, evaluation
+    assert torch.equal(fast.net.flat.grad, before)
+    assert fast.capture_failures == []
+
+
 def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_rows):
     """Each captured shape's memory goes back to the shared graph pool: after the first capture,
     capturing more shapes leaves allocated memory flat (a fresh warm-up stream per capture kept a
@@ -219,7 +259,7 @@ def test_captures_of_new_shapes_keep_no_memory(index_dir, index_tok, huanhuan_ro
 
     from chatlora.train.fused_step import FusedStep
 
-    fast = FusedStep(lora_model(index_dir, "bfloat16"), "cuda", graphs=True, checkpoint=True)
+    fast = FusedStep(lora_model(index_dir, "bfloat16"), "cuda", graphs=True, checkpoint=True, capture_at_use=1)
     after = []
     for n in (4, 8, 12, 16, 24):  # a new bucket shape each
         fast.accumulate(examples_for(index_tok, huanhuan_rows[:n]), 32, None)
@@ -247,16 +287,16 @@ def test_a_failed_capture_is_undone_then_retried_or_run_eagerly(index_dir, index
         eager.zero_grad()
         expected.append((eager.accumulate(examples, 16, 300).item(), eager.net.flat.grad.clone()))
 
-    fast = FusedStep(lora_model(index_dir, "float32"), "cuda", graphs=True)
-    original, left = fast._forward_backward, [failing_tries]
+    fast = FusedStep(lora_model(index_dir, "float32"), "cuda", graphs=True, capture_at_use=1)
+    original, left = fast._pass, [failing_tries]
 
-    def invalidating(row, shape):
+    def invalidating(key, row):
         if torch.cuda.is_current_stream_capturing() and left[0] > 0:
             left[0] -= 1
             torch.cuda.synchronize()   # not permitted while capturing: the capture is invalidated
-        return original(row, shape)
+        return original(key, row)
 
-    fast._forward_backward = invalidating
+    fast._pass = invalidating
     with pytest.warns(UserWarning, match="could not be captured") if failing_tries == 2 else nullcontext():
         for examples, (loss, grad) in zip(steps, expected):
             fast.zero_grad()
