@@ -15,14 +15,17 @@ adapters. Here:
     of a 37 ms pass). The pass's seed is drawn from torch's CUDA generator inside the
     pass, so captured replays get new masks and a resumed run's generator state gives the same ones;
   - `_a_forward`: u_i = (x * keep_i) @ A_i.T / (1 - p), one program per block of rows, adapter and
-    span of the input (float32 sums over the spans, which `_b_forward` adds as it reads them, and
-    writes out once for backward);
+    span of the input, each adding its span's share into one float32 u with atomic adds;
   - `_b_forward`: every adapter's u_i @ B_i.T added into its columns of the base output;
   - backward: `_b_grad` reads each tile of dy once for both du_i = dy[:, columns_i] @ B_i and
     dB_i = dy[:, columns_i].T @ u_i (as cuBLAS's r-wide GEMMs they left most of the GPU idle),
     `_a_grad`: dA_i = du_i.T @ (x * keep_i) / (1 - p), and `_x_grad`: dx = sum_i ((du_i @ A_i) *
-    keep_i) / (1 - p). du stays as float32 sums over spans of the output, which the two add as
-    they read them; dB's and dA's sums over blocks of rows are added by one small kernel each.
+    keep_i) / (1 - p). `_b_grad`'s programs add their spans' shares of du into one float32 du with
+    atomic adds; dB's and dA's sums over blocks of rows are added by one small kernel each.
+    (Partial sums per span, added by each reader as it read them, cost the readers more than the
+    sums: every column block of `_b_forward`, `_a_grad` and `_x_grad` read all of them again. The
+    atomic adds make the order of u's and du's float32 sums vary between runs, as flash
+    attention's dq sums do.)
 Only x, u and the seed are kept for backward (the dropped copies and masks were n x 3 bytes per
 element of x).
 
@@ -71,9 +74,9 @@ if triton is not None:
         return tl.reshape(tl.join(low, high), (BT, BK)) >= threshold
 
     @triton.jit
-    def _a_forward(x, a, seed_ptr, salt, partial, T, D, R, threshold, scale,
+    def _a_forward(x, a, seed_ptr, salt, u_sum, T, D, R, threshold, scale,
                    RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr, DROP: tl.constexpr):
-        """partial[s, i, rows] = (x * keep_i) @ A_i.T * scale over input columns [s * SPAN, (s + 1) * SPAN),
+        """u_sum[i, rows] += (x * keep_i) @ A_i.T * scale over input columns [s * SPAN, (s + 1) * SPAN),
         for this program's rows, adapter i and span s (one program per row block alone was latency-bound:
         a down projection's 5,632 inputs are 88 steps in a row)."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -90,25 +93,20 @@ if triton is not None:
             at = tl.load(a + (i * R + ranks[None, :]) * D + cols[:, None],
                          mask=(ranks[None, :] < R) & (cols[:, None] < D), other=0.0)
             acc += tl.dot(xt, at, input_precision="ieee")
-        n = tl.num_programs(1)
-        tl.store(partial + ((s * n + i) * T + rows[:, None]) * R + ranks[None, :], acc * scale,
-                 mask=(rows[:, None] < T) & (ranks[None, :] < R))
+        tl.atomic_add(u_sum + (i * T + rows[:, None]) * R + ranks[None, :], acc * scale,
+                      mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
-    def _summed_tile(partial, i, rows, ranks, n, T, R, S, dtype):
-        """[BT, RP] of adapter i's rows of S float32 partial sums [S, n, T, R] (u's or du's), added, in `dtype`."""
-        at = partial + (i * T + rows[:, None]) * R + ranks[None, :]
-        inside = (rows[:, None] < T) & (ranks[None, :] < R)
-        acc = tl.load(at, mask=inside, other=0.0)
-        for s in range(1, S):
-            acc += tl.load(at + s * n * T * R, mask=inside, other=0.0)
-        return acc.to(dtype)
+    def _rank_tile(values, i, rows, ranks, T, R, dtype):
+        """[BT, RP] of adapter i's rows of `values` [n, T, R] (u's or du's float32 sums), in `dtype`."""
+        return tl.load(values + (i * T + rows[:, None]) * R + ranks[None, :],
+                       mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0).to(dtype)
 
     @triton.jit
-    def _a_grad(x, du, seed_ptr, salt, partial, T, D, R, S, threshold, scale,
+    def _a_grad(x, du, seed_ptr, salt, partial, T, D, R, threshold, scale,
                 RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DROP: tl.constexpr):
         """partial[s, i] = du_i.T @ (x * keep_i) * scale over this program's SPLIT rows and BK columns
-        (du: S partial sums [S, n, T, R], added here)."""
+        (du: float32 [n, T, R])."""
         first_col = tl.program_id(0) * BK
         cols = first_col + tl.arange(0, BK)
         split, i, n = tl.program_id(1), tl.program_id(2), tl.num_programs(2)
@@ -120,16 +118,16 @@ if triton is not None:
                          other=0.0)
             if DROP:
                 xt = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), xt, 0.0)
-            dut = _summed_tile(du, i, rows, ranks, n, T, R, S, xt.dtype)
+            dut = _rank_tile(du, i, rows, ranks, T, R, xt.dtype)
             acc += tl.dot(tl.trans(dut), xt, input_precision="ieee")
         tl.store(partial + ((split * n + i) * R + ranks[:, None]) * D + cols[None, :], acc * scale,
                  mask=(ranks[:, None] < R) & (cols[None, :] < D))
 
     @triton.jit
-    def _x_grad(dx, du, a, seed_ptr, salt, T, D, R, S, threshold, scale,
+    def _x_grad(dx, du, a, seed_ptr, salt, T, D, R, threshold, scale,
                 N: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DROP: tl.constexpr):
-        """dx = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and input columns (du: S
-        partial sums, added here)."""
+        """dx = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and input columns (du:
+        float32 [n, T, R])."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         first_col = tl.program_id(1) * BK
         cols = first_col + tl.arange(0, BK)
@@ -138,7 +136,7 @@ if triton is not None:
         for i in tl.static_range(N):
             at = tl.load(a + (i * R + ranks[:, None]) * D + cols[None, :],
                          mask=(ranks[:, None] < R) & (cols[None, :] < D), other=0.0)
-            dut = _summed_tile(du, i, rows, ranks, N, T, R, S, at.dtype)
+            dut = _rank_tile(du, i, rows, ranks, T, R, at.dtype)
             part = tl.dot(dut, at, input_precision="ieee")
             if DROP:
                 part = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), part, 0.0)
@@ -157,17 +155,17 @@ if triton is not None:
         return i, start, width, first
 
     @triton.jit
-    def _b_forward(y, u_partial, u, b, residual, T, R, S, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
+    def _b_forward(y, u_sum, u, b, residual, T, R, ldy, C0, C1, C2, C3, O0, O1, O2, O3,
                    RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
         """y[rows, start_i + local] += u_i[rows] @ B_i[local].T (+ residual there, after the update):
         every adapter's B product in one launch, added where the base GEMM wrote (one read and write
-        of y per projection). u_i is the sum of `_a_forward`'s S partials;
+        of y per projection). u_i is `_a_forward`'s float32 sum;
         the programs of the first column block write it to `u` for backward (no launch of its own)."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         local = tl.program_id(1) * BC + tl.arange(0, BC)
         ranks = tl.arange(0, RP)
-        ut = _summed_tile(u_partial, i, rows, ranks, tl.num_programs(2), T, R, S, u.dtype.element_ty)
+        ut = _rank_tile(u_sum, i, rows, ranks, T, R, u.dtype.element_ty)
         if tl.program_id(1) == 0:
             tl.store(u + (i * T + rows[:, None]) * R + ranks[None, :], ut,
                      mask=(rows[:, None] < T) & (ranks[None, :] < R))
@@ -182,11 +180,11 @@ if triton is not None:
         tl.store(at, out.to(y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _b_grad(dy, u, b, du_partial, db_partial, T, R, ldy, total, C0, C1, C2, C3, O0, O1, O2, O3,
+    def _b_grad(dy, u, b, du_sum, db_partial, T, R, ldy, total, C0, C1, C2, C3, O0, O1, O2, O3,
                 RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SPAN: tl.constexpr):
         """From one read of each dy tile, over this program's rows and SPAN output columns of adapter i:
-        du_partial[c, i, rows] = dy_i[rows, span c] @ B_i[span c] (its partial sums are added where du
-        is read) and db_partial[t, first_i + local] = dy_i[rows, local].T @ u_i[rows] (summed over row
+        du_sum[i, rows] += dy_i[rows, span c] @ B_i[span c] (float32, atomic adds) and
+        db_partial[t, first_i + local] = dy_i[rows, local].T @ u_i[rows] (summed over row
         blocks t after). cuBLAS ran these as 2 GEMMs per adapter whose r = 8 wide outputs left most
         of the GPU idle."""
         i, start, width, first = _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3)
@@ -205,9 +203,8 @@ if triton is not None:
             tl.store(db_partial + (tl.program_id(0) * total + first + local[:, None]) * R + ranks[None, :],
                      tl.dot(tl.trans(dyt), ut, input_precision="ieee"),
                      mask=(local[:, None] < width) & (ranks[None, :] < R))
-        n = tl.num_programs(2)
-        tl.store(du_partial + ((tl.program_id(1) * n + i) * T + rows[:, None]) * R + ranks[None, :], du,
-                 mask=(rows[:, None] < T) & (ranks[None, :] < R))
+        tl.atomic_add(du_sum + (i * T + rows[:, None]) * R + ranks[None, :], du,
+                      mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
     def _sum_partials(partial, out, S, M, BLOCK: tl.constexpr):
@@ -256,40 +253,38 @@ def _summed(partial: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def a_product(x, a, seed, salt: int, p: float) -> torch.Tensor:
-    """u [n, T, r] = (x * keep_i) @ a[i].T * keep_scale(p) for x [T, d] and a [n, r, d] (p = 0: no
-    dropout), as float32 partial sums over spans of the input [S, n, T, r] (`b_product_add` adds them)."""
+    """u [n, T, r] (float32) = (x * keep_i) @ a[i].T * keep_scale(p) for x [T, d] and a [n, r, d]
+    (p = 0: no dropout)."""
     t, d = x.shape
     n, r, _ = a.shape
     launch = LAUNCH["a_forward"]
-    spans = triton.cdiv(d, launch["SPAN"])
-    partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=x.device)
-    _a_forward[(triton.cdiv(t, launch["BT"]), n, spans)](x, a, seed, salt, partial, t, d, r, dropout_threshold(p),
-                                                         keep_scale(p), RP=_padded_rank(r), DROP=p > 0, **launch)
-    return partial
+    u = torch.zeros(n, t, r, dtype=torch.float32, device=x.device)
+    _a_forward[(triton.cdiv(t, launch["BT"]), n, triton.cdiv(d, launch["SPAN"]))](
+        x, a, seed, salt, u, t, d, r, dropout_threshold(p), keep_scale(p), RP=_padded_rank(r), DROP=p > 0, **launch)
+    return u
 
 
 def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
-    """dA [n, r, d] (x's dtype) = du[i].T @ (x * keep_i) * keep_scale(p), du given as float32 partial
-    sums [S, n, T, r] (`b_gradients`)."""
+    """dA [n, r, d] (x's dtype) = du[i].T @ (x * keep_i) * keep_scale(p), du float32 [n, T, r]
+    (`b_gradients`)."""
     t, d = x.shape
-    _, n, _, r = du.shape
+    n, _, r = du.shape
     launch = LAUNCH["a_grad"]
     splits = triton.cdiv(t, launch["SPLIT"])
     partial = torch.empty(splits, n, r, d, dtype=torch.float32, device=x.device)
-    _a_grad[(triton.cdiv(d, launch["BK"]), splits, n)](x, du, seed, salt, partial, t, d, r, du.shape[0],
-                                                       dropout_threshold(p), keep_scale(p), RP=_padded_rank(r),
-                                                       DROP=p > 0, **launch)
+    _a_grad[(triton.cdiv(d, launch["BK"]), splits, n)](x, du, seed, salt, partial, t, d, r, dropout_threshold(p),
+                                                       keep_scale(p), RP=_padded_rank(r), DROP=p > 0, **launch)
     return _summed(partial, x.dtype)
 
 
 def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
     """dx [T, d] = sum_i ((du[i] @ a[i]) * keep_i) * keep_scale(p) (du as `a_gradient` takes it)."""
-    _, n, t, r = du.shape
+    n, t, r = du.shape
     d = a.shape[2]
     dx = torch.empty(t, d, dtype=a.dtype, device=a.device)
     launch = LAUNCH["x_grad"]
     _x_grad[(triton.cdiv(t, launch["BT"]), triton.cdiv(d, launch["BK"]))](
-        dx, du, a, seed, salt, t, d, r, du.shape[0], dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r),
+        dx, du, a, seed, salt, t, d, r, dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r),
         DROP=p > 0, **launch)
     return dx
 
@@ -300,30 +295,29 @@ def _column_arguments(columns, widths) -> list[int]:
     return [*columns, *pad, *widths, *pad]
 
 
-def b_product_add(y, u_partial, b, columns, widths, residual=None) -> torch.Tensor:
+def b_product_add(y, u_sum, b, columns, widths, residual=None) -> torch.Tensor:
     """y[:, columns[i]:columns[i] + widths[i]] += u[i] @ b_i.T in place, b_i the rows of b [sum of
-    widths, r] after the earlier adapters', u the sum of `a_product`'s partials; then + `residual`
-    (y's shape and strides) there. Returns u [n, T, r] in b's dtype."""
-    s, n, t, r = u_partial.shape
+    widths, r] after the earlier adapters', u `a_product`'s float32 [n, T, r]; then + `residual`
+    (y's shape and strides) there. Returns u in b's dtype."""
+    n, t, r = u_sum.shape
     u = torch.empty(n, t, r, dtype=b.dtype, device=b.device)
     launch = LAUNCH["b_forward"]
     grid = (triton.cdiv(t, launch["BT"]), triton.cdiv(max(widths), launch["BC"]), n)
-    _b_forward[grid](y, u_partial, u, b, y if residual is None else residual, t, r, s, y.stride(0),
+    _b_forward[grid](y, u_sum, u, b, y if residual is None else residual, t, r, y.stride(0),
                      *_column_arguments(columns, widths), RP=_padded_rank(r), RESIDUAL=residual is not None, **launch)
     return u
 
 
 def b_gradients(dy, u, b, columns, widths) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du as float32 partial sums [S, n, T, r], db [sum of widths, r]) of `b_product_add`, for the
-    output gradient dy."""
+    """(du float32 [n, T, r], db [sum of widths, r]) of `b_product_add`, for the output gradient dy."""
     n, t, r = u.shape
     launch = LAUNCH["b_grad"]
     row_blocks, spans = triton.cdiv(t, launch["BT"]), triton.cdiv(max(widths), launch["SPAN"])
-    du_partial = torch.empty(spans, n, t, r, dtype=torch.float32, device=u.device)
+    du = torch.zeros(n, t, r, dtype=torch.float32, device=u.device)
     db_partial = torch.empty(row_blocks, b.shape[0], r, dtype=torch.float32, device=u.device)
-    _b_grad[(row_blocks, spans, n)](dy, u, b, du_partial, db_partial, t, r, dy.stride(0), b.shape[0],
+    _b_grad[(row_blocks, spans, n)](dy, u, b, du, db_partial, t, r, dy.stride(0), b.shape[0],
                                     *_column_arguments(columns, widths), RP=_padded_rank(r), **launch)
-    return du_partial, _summed(db_partial, b.dtype)
+    return du, _summed(db_partial, b.dtype)
 
 
 def keep_flags(seed, salt: int, shape, p: float) -> torch.Tensor:
