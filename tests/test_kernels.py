@@ -207,6 +207,22 @@ TRAINING_CHECK = textwrap.dedent(f"""
         for got, want in zip(grads, wanted):
             assert (got.double() - want).norm() / want.norm() < 1e-6, "lora gradient"
 
+    # the base product computed inside (16-bit weight, no bias): backward's dx is the base's plus the
+    # adapters', added in the dx kernel
+    x, w = torch.randn(37, 104, requires_grad=True), torch.randn(40, 104) * 0.1
+    a, b = (torch.randn(1, 8, 104) * 0.1).requires_grad_(True), (torch.randn(40, 8) * 0.1).requires_grad_(True)
+    residual, seed, dy = torch.randn(37, 40, requires_grad=True), torch.tensor([77]), torch.randn(37, 40)
+    out = lora_kernels.adapted_update(None, x, a, b, [0], [40], seed, 8, 0.2, residual, weight=w)
+    grads = torch.autograd.grad(out, [x, a, b, residual], dy)
+    keep = lora_kernels.keep_flags(seed, 8, (37, 104), 0.2)
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, b))
+    ref = (x64 @ w.double().t() + (x64 * keep * lora_kernels.keep_scale(0.2)) @ a64[0].t() @ b64.t()
+           + residual.detach().double())
+    wanted = (*torch.autograd.grad(ref, [x64, a64, b64], dy.double()), dy.double())
+    assert (out.double() - ref).norm() / ref.norm() < 1e-6, "lora update on the base product"
+    for got, want in zip(grads, wanted):
+        assert (got.double() - want).norm() / want.norm() < 1e-6, "lora gradient with the base product's"
+
     # a small update on a large residual (half precision: the interpreter's bfloat16 is not numpy's)
     # is kept on average: added to the projection's output before the residual, never to the
     # residual's rounded sum, where each element below half a unit in the last place would be dropped

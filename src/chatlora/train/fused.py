@@ -313,10 +313,10 @@ class FusedForward:
                 return torch.addmm(residual, x, g.base.weight.t())
             y = times_weight_t(x, g.base.weight, g.base.bias)
             return y if residual is None else residual + y
+        if self._lora_kernels:
+            return self._kernel_update(g, x, w, dropout, residual)
         y = times_weight_t(x, g.base.weight, g.base.bias)
         t, d_in = x.shape
-        if self._lora_kernels:
-            return self._kernel_update(g, y, x, w, dropout, residual)
         if g.stacked:
             n, first = len(g.adapters), g.adapters[0]
             d_out, r, p = g.base.outs[0], first.rank, first.dropout if dropout else 0.0
@@ -335,16 +335,20 @@ class FusedForward:
             y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return y if residual is None else residual + y
 
-    def _kernel_update(self, g: AdaptedProjection, y, x, w, dropout: bool, residual=None):
-        """`_linear`'s LoRA updates (and then `residual`) through lora_kernels.adapted_update (one rank
-        and dropout)."""
+    def _kernel_update(self, g: AdaptedProjection, x, w, dropout: bool, residual=None):
+        """`_linear` through lora_kernels.adapted_update (one rank and dropout). A 16-bit weight
+        without bias goes to the kernels' function whole, which then adds the adapters' dx into the
+        base product's in backward (no add kernel); a 4-bit one or a bias is applied first."""
         first, n, d_in = g.adapters[0], len(g.adapters), x.shape[1]
         a, b = g.weights(w)
         widths = g.widths
         p = first.dropout if dropout else 0.0
-        folded = residual is not None and sum(widths) == y.shape[1]   # the kernels add it where adapters write
+        whole = g.base.bias is None and isinstance(g.base.weight, torch.Tensor)
+        y = None if whole else times_weight_t(x, g.base.weight, g.base.bias)
+        folded = residual is not None and sum(widths) == g.base.weight.shape[0]   # the kernels add it where adapters write
         y = lora_kernels.adapted_update(y, x, a.view(n, first.rank, d_in), b.view(-1, first.rank), g.columns,
-                                        widths, self._seed, g.salt, p, residual if folded else None)
+                                        widths, self._seed, g.salt, p, residual if folded else None,
+                                        weight=g.base.weight if whole else None)
         return y if residual is None or folded else residual + y
 
 

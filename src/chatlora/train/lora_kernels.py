@@ -125,9 +125,10 @@ if triton is not None:
 
     @triton.jit
     def _x_grad(dx, du, a, seed_ptr, salt, T, D, R, threshold, scale,
-                N: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DROP: tl.constexpr):
-        """dx = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and input columns (du:
-        float32 [n, T, R])."""
+                N: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DROP: tl.constexpr,
+                ACCUMULATE: tl.constexpr):
+        """dx (ACCUMULATE: dx +) = sum_i ((du_i @ A_i) * keep_i) * scale, for this program's rows and
+        input columns (du: float32 [n, T, R])."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         first_col = tl.program_id(1) * BK
         cols = first_col + tl.arange(0, BK)
@@ -141,8 +142,11 @@ if triton is not None:
             if DROP:
                 part = tl.where(_keep(seed_ptr, salt + i, rows, first_col, D, threshold, BT, BK), part, 0.0)
             acc += part
-        tl.store(dx + rows[:, None] * D + cols[None, :], (acc * scale).to(dx.dtype.element_ty),
-                 mask=(rows[:, None] < T) & (cols[None, :] < D))
+        at, inside = dx + rows[:, None] * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+        acc = acc * scale
+        if ACCUMULATE:   # the base product's dx, rounded once with the adapters' share
+            acc += tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(at, acc.to(dx.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _adapter_columns(C0, C1, C2, C3, O0, O1, O2, O3):
@@ -277,15 +281,16 @@ def a_gradient(x, du, seed, salt: int, p: float) -> torch.Tensor:
     return _summed(partial, x.dtype)
 
 
-def x_gradient(du, a, seed, salt: int, p: float) -> torch.Tensor:
-    """dx [T, d] = sum_i ((du[i] @ a[i]) * keep_i) * keep_scale(p) (du as `a_gradient` takes it)."""
+def x_gradient(du, a, seed, salt: int, p: float, into: torch.Tensor | None = None) -> torch.Tensor:
+    """dx [T, d] = sum_i ((du[i] @ a[i]) * keep_i) * keep_scale(p) (du as `a_gradient` takes it);
+    added into `into` (a contiguous [T, d] in a's dtype, returned) where given."""
     n, t, r = du.shape
     d = a.shape[2]
-    dx = torch.empty(t, d, dtype=a.dtype, device=a.device)
+    dx = torch.empty(t, d, dtype=a.dtype, device=a.device) if into is None else into
     launch = LAUNCH["x_grad"]
     _x_grad[(triton.cdiv(t, launch["BT"]), triton.cdiv(d, launch["BK"]))](
         dx, du, a, seed, salt, t, d, r, dropout_threshold(p), keep_scale(p), N=n, RP=_padded_rank(r),
-        DROP=p > 0, **launch)
+        DROP=p > 0, ACCUMULATE=into is not None, **launch)
     return dx
 
 
@@ -330,29 +335,38 @@ def keep_flags(seed, salt: int, shape, p: float) -> torch.Tensor:
 
 
 class _AdaptedUpdate(torch.autograd.Function):
-    """y (the base output, updated in place and returned) += each adapter's LoRA update of x."""
+    """y += each adapter's LoRA update of x, y the base output (updated in place and returned), or
+    where y is None, x @ weight.T computed here: backward then computes the base's dx too and adds
+    the adapters' share into it in `_x_grad`, where autograd would add two dx tensors."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, residual, seed, salt: int, p: float, columns: tuple, widths: tuple):
+    def forward(ctx, y, x, weight, a, b, residual, seed, salt: int, p: float, columns: tuple, widths: tuple):
         x = x.contiguous()
+        if y is None:
+            y = x @ weight.t()
+        else:
+            ctx.mark_dirty(y)
         u = b_product_add(y, a_product(x, a, seed, salt, p), b, columns, widths, residual)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, a, b, seed, u)
+        ctx.save_for_backward(x, weight, a, b, seed, u)
         ctx.settings = (salt, p, columns, widths)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, b, seed, u = ctx.saved_tensors
+        x, weight, a, b, seed, u = ctx.saved_tensors
         salt, p, columns, widths = ctx.settings
-        du, db = b_gradients(dy if dy.stride(1) == 1 else dy.contiguous(), u, b, columns, widths)
+        dy = dy if dy.stride(1) == 1 else dy.contiguous()
+        du, db = b_gradients(dy, u, b, columns, widths)
         da = a_gradient(x, du, seed, salt, p).to(a.dtype)
-        dx = x_gradient(du, a, seed, salt, p)
-        return dy, dx, da, db, dy if ctx.needs_input_grad[4] else None, None, None, None, None, None
+        dx = x_gradient(du, a, seed, salt, p, into=None if weight is None else dy @ weight)
+        dy_base = dy if ctx.needs_input_grad[0] else None
+        return dy_base, dx, None, da, db, dy if ctx.needs_input_grad[5] else None, None, None, None, None, None
 
 
-def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float, residual=None) -> torch.Tensor:
-    """`y` [T, out] (the base output x @ W.T; updated in place) plus, for each adapter i, the LoRA
+def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float, residual=None,
+                   weight=None) -> torch.Tensor:
+    """`y` [T, out] (the base output x @ W.T; updated in place; None: computed here from the 16-bit
+    `weight` [out, d], which backward's dx then includes) plus, for each adapter i, the LoRA
     update dropout_i(x) @ a[i].T @ b_i.T in columns columns[i]:columns[i] + widths[i], where b_i
     are the widths[i] rows of b [sum of widths, r] after the earlier adapters'; then `residual`
     ([T, out], added in those columns to the updated output rounded to y's dtype, as peft's
@@ -360,10 +374,14 @@ def adapted_update(y, x, a, b, columns, widths, seed, salt: int, p: float, resid
     x [T, d], a [n, r, d] (contiguous, n <= MAX_ADAPTERS); seed: the pass's (int64 [1], on x's
     device); salt: this projection's adapters' first stream (each adapter's is salt + i, below
     SEED_STRIDE)."""
-    if y.stride(1) != 1:
+    if (y is None) == (weight is None):
+        raise ValueError("the LoRA kernels take the base output or the base weight, one of them")
+    if y is not None and y.stride(1) != 1:
         raise ValueError("the LoRA kernels add into an output whose rows are contiguous")
     if len(columns) > MAX_ADAPTERS:
         raise ValueError(f"the LoRA kernels take at most {MAX_ADAPTERS} adapters per projection, not {len(columns)}")
-    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
+    shape, strides = (y.shape, y.stride()) if y is not None else ((x.shape[0], weight.shape[0]), (weight.shape[0], 1))
+    if residual is not None and (tuple(residual.shape) != tuple(shape) or residual.stride() != strides):
         raise ValueError("the residual must have the output's shape and strides")
-    return _AdaptedUpdate.apply(y, x, a, b.contiguous(), residual, seed, salt, p, tuple(columns), tuple(widths))
+    return _AdaptedUpdate.apply(y, x, weight, a, b.contiguous(), residual, seed, salt, p, tuple(columns),
+                                tuple(widths))
