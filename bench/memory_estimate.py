@@ -32,14 +32,14 @@ from chatlora.train.memory import GIB, ModelShape, estimate, largest_pass  # noq
 
 RESULTS = Path(__file__).parent / "results"
 MEASURED = [  # model, variant, results file with its peak, the run's key there, steps it planned (warm-up + timed)
-    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "graphs", 25),
-    ("index-1.9b", "lowmem", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "lowmem", 25),
-    ("index-1.9b", "batch64", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "batch64", 25),
-    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "nf4", 25),
-    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-lora-b-kernels.json", "nf4_lowmem", 25),
-    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "qwen3-1.7b/lora-b-kernels/run1", 25),
-    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "qwen2.5-1.5b/lora-b-kernels/run1", 25),
-    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-lora-b-kernels-ab.json", "llama-3.2-1b/lora-b-kernels/run1", 25),
+    ("index-1.9b", "graphs", "2026-11-30-h200-train-index-1.9b-in-place-dx.json", "graphs", 25),
+    ("index-1.9b", "lowmem", "2026-11-30-h200-train-index-1.9b-in-place-dx.json", "lowmem", 25),
+    ("index-1.9b", "batch64", "2026-11-30-h200-train-index-1.9b-in-place-dx.json", "batch64", 25),
+    ("index-1.9b", "nf4", "2026-11-30-h200-train-index-1.9b-in-place-dx.json", "nf4", 25),
+    ("index-1.9b", "nf4_lowmem", "2026-11-30-h200-train-index-1.9b-in-place-dx.json", "nf4_lowmem", 25),
+    ("qwen3-1.7b", "graphs", "2026-11-30-h200-train-families-in-place-dx.json", "qwen3-1.7b", 25),
+    ("qwen2.5-1.5b", "graphs", "2026-11-30-h200-train-families-in-place-dx.json", "qwen2.5-1.5b", 25),
+    ("llama-3.2-1b", "graphs", "2026-11-30-h200-train-families-in-place-dx.json", "llama-3.2-1b", 25),
 ]
 VARIANTS = {  # variant: (preset, train overrides, 4-bit base)
     "graphs": (None, {}, False), "lowmem": ("lowmem", {}, False),

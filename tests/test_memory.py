@@ -21,14 +21,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Peaks `bench/train_speed.py` measured on the H200 (torch.cuda.max_memory_allocated, bench/results/
 # 2026-11-30-h200-train-*.json) and the largest pass of each run's steps (bench/memory_estimate.py).
 MEASURED = [  # shape, lowmem (checkpointing), 4-bit base, largest pass (tokens, supervised), measured GiB
-    (INDEX, False, False, (1280, 640), 7.38),
+    (INDEX, False, False, (1280, 640), 7.32),
     (INDEX, True, False, (1024, 512), 4.58),
     (INDEX, False, False, (4096, 2048), 13.88),     # 64 examples per pass
-    (INDEX, False, True, (1280, 640), 4.78),
+    (INDEX, False, True, (1280, 640), 4.72),
     (INDEX, True, True, (1024, 512), 1.98),
-    (QWEN3, False, False, (1408, 704), 6.39),
-    (QWEN25, False, False, (1408, 704), 5.96),
-    (LLAMA32, False, False, (2048, 512), 4.93),
+    (QWEN3, False, False, (1408, 704), 6.37),
+    (QWEN25, False, False, (1408, 704), 5.92),
+    (LLAMA32, False, False, (2048, 1024), 4.94),
 ]
 
 
