@@ -386,3 +386,21 @@ def test_the_fused_pass_with_the_q_k_norm_in_the_rope_kernel_equals_peft():
     the interpreter, against peft in float32: loss and every adapter gradient."""
     done = run(QWEN3_PASS_CHECK)
     assert done.returncode == 0 and "the qwen3 pass matches" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_first_run_notice_looks_for_compiled_kernels_in_tritons_cache(tmp_path, monkeypatch):
+    """`in_cache` finds a kernel's compiled copy (a folder holding `<name>.json`) in Triton's cache
+    (TRITON_CACHE_DIR here) and reports a missing or unrelated cache as none; the kernels training
+    asks for exist by those names."""
+    from chatlora.models import triton_kernels
+    from chatlora.train import gradients, kernels, lora_kernels
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert triton_kernels.cache_dir() == tmp_path / "cache"
+    assert not triton_kernels.in_cache(gradients.KERNELS)
+    (tmp_path / "cache" / "1a2b").mkdir(parents=True)
+    (tmp_path / "cache" / "1a2b" / "_other_kernel.json").write_text("{}")
+    assert not triton_kernels.in_cache(gradients.KERNELS)
+    (tmp_path / "cache" / "1a2b" / "_a_grad.json").write_text("{}")
+    assert triton_kernels.in_cache(gradients.KERNELS)
+    assert all(hasattr(kernels, name) or hasattr(lora_kernels, name) for name in gradients.KERNELS)

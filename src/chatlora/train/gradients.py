@@ -14,12 +14,17 @@ import torch
 
 from chatlora.config import Config
 from chatlora.errors import UserError
+from chatlora.models import triton_kernels
 from chatlora.train import distributed
 from chatlora.train.checkpoint import NonFiniteError
 from chatlora.train.distributed import Ranks
 from chatlora.train.fused import unsupported_reason
 from chatlora.train.fused_step import FusedStep
 from chatlora.train.steps import held_out_loss, loss_sum, micro_batches, supervised_count
+
+# Kernels every fused training pass on a GPU compiles (train/kernels.py, lora_kernels.py): none in
+# Triton's cache means a first run on this machine (or Triton version), which compiles them all.
+KERNELS = ("_rms_norm_backward_kernel", "_silu_mul_backward_kernel", "_a_grad")
 
 
 def accumulate_gradients(model, examples, micro_batch_examples: int, collate,
@@ -122,6 +127,9 @@ def choose_fused_step(model, cfg: Config, device: str) -> FusedStep | None:
         return None
     step = FusedStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
     step.zero_grad()
+    if step.device.type == "cuda" and triton_kernels.enabled(step.device) and not triton_kernels.in_cache(KERNELS):
+        print("chatlora: compiling the training kernels for this GPU before the first step (once: later runs "
+              "reuse them)")
     return step
 
 
