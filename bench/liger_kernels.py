@@ -20,7 +20,6 @@ with float64 torch (relative error of the whole tensor). On a GPU.
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from profile_fast import median_ms  # noqa: E402
 
 from chatlora.models.arch import rope_tables  # noqa: E402
 from chatlora.templates import IGNORE  # noqa: E402
@@ -55,15 +57,7 @@ def timed(run, n: int = 50) -> tuple[float, bool]:
         print(f"  (not capturable: {str(error).splitlines()[0][:100]})")
         torch.cuda.synchronize()
         captured, go = False, run
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        go()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times), captured
+    return median_ms(go, n) * 1e3, captured
 
 
 def error(ours, reference) -> float:
