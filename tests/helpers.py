@@ -361,3 +361,61 @@ def check_rope_qkv(y, cos, sin, heads: int, kv_heads: int, tol: float, norms=Non
     (dy64,) = torch.autograd.grad([qk64, v64], [y64], [dqk.double(), dv.double()])
     assert ((qk.double() - qk64).norm() / qk64.norm()).item() < tol and torch.equal(v.double(), v64), "rope forward"
     assert ((dy.double() - dy64).norm() / dy64.norm()).item() < tol, "rope backward"
+
+
+def run_interpreted(script: str, **env) -> subprocess.CompletedProcess:
+    """`script` in its own Python process under Triton's interpreter (chosen when kernels are
+    defined, so never in this process), the kernels switched on."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1", CHATLORA_TRITON="1", **env))
+
+
+def packed_attention_reference(qk, v, starts: list[int], heads: int, scale: float, left: int):
+    """What train/attention_kernels.packed_attention computes, by a mask over the whole row: causal,
+    within each sequence between consecutive `starts` (and `left` keys back when >= 0)."""
+    tokens, kv_heads = qk.shape[0], qk.shape[1] - heads
+    sequence = torch.full((tokens,), -1, device=qk.device)
+    for i, (lo, hi) in enumerate(zip(starts, starts[1:])):
+        sequence[lo:hi] = i
+    r = torch.arange(tokens, device=qk.device)
+    allowed = (sequence[:, None] == sequence[None, :]) & (r[None, :] <= r[:, None])
+    if left >= 0:
+        allowed &= r[None, :] >= r[:, None] - left
+    k = qk[:, heads:].repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("thd,shd->hts", qk[:, :heads], k) * scale
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("hts,shd->thd", p, v.repeat_interleave(heads // kv_heads, 1))
+
+
+# sequences (lengths; the rest of the row is one more, the padding, then empty slots), slots, heads,
+# K/V heads, head size, window (`left`; -1: none): lengths across block boundaries, one-token
+# sequences, grouped heads 2:1 and 6:1, a window shorter than the sequences
+ATTENTION_CASES = [((5, 16, 17, 40, 1), 8, 4, 2, 16, -1), ((5, 16, 17, 40, 1), 8, 4, 2, 32, 7),
+                   ((30, 3, 33), 4, 6, 1, 16, -1)]
+
+
+def check_packed_attention(device: str, dtype: torch.dtype, tol: float, cases=ATTENTION_CASES,
+                           attention=None) -> None:
+    """train/attention_kernels.packed_attention (or `attention`, same arguments), forward and the
+    gradients of q/k and v, against `packed_attention_reference` in float64."""
+    from chatlora.train import attention_kernels
+
+    attention = attention or attention_kernels.packed_attention
+    g = torch.Generator().manual_seed(0)
+    for lengths, slots, heads, kv_heads, dim, left in cases:
+        tokens = sum(lengths) + 3
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        starts = starts + [starts[-1]] * (slots - len(starts)) + [tokens]
+        qk = torch.randn(tokens, heads + kv_heads, dim, generator=g).to(device, dtype).requires_grad_(True)
+        v = torch.randn(tokens, kv_heads, dim, generator=g).to(device, dtype).requires_grad_(True)
+        out = attention(qk, v, torch.tensor(starts, dtype=torch.int32, device=device), heads, dim ** -0.5, left)
+        dout = torch.randn(out.shape, generator=g).to(device, dtype)
+        dqk, dv = torch.autograd.grad(out, [qk, v], dout)
+        qk64, v64 = (x.detach().double().requires_grad_(True) for x in (qk, v))
+        want = packed_attention_reference(qk64, v64, starts, heads, dim ** -0.5, left)
+        dqk64, dv64 = torch.autograd.grad(want, [qk64, v64], dout.double())
+        for name, ours, ref in (("out", out, want), ("dqk", dqk, dqk64), ("dv", dv, dv64)):
+            err = ((ours.double() - ref).norm() / ref.norm()).item()
+            assert err < tol, f"packed attention {name} {lengths} left {left}: relative error {err:.2e}"

@@ -163,19 +163,20 @@ def test_each_familys_captured_pass_equals_peft_on_cuda(family, family_dir, inde
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
-def test_flash_attention_pass_is_as_close_to_float32_as_the_mask_pass(family, family_dir, index_tok, huanhuan_rows):
-    """bf16 passes attend by flash attention over each example (rows with padding, empty sequence
-    slots and, for Mistral, examples longer than its window of 8): their loss and gradients are as
-    close to the float32 pass as the mask path's, captured and replayed with new data."""
+def test_per_sequence_attention_is_as_close_to_float32_as_the_mask_pass(family, family_dir, index_tok, huanhuan_rows):
+    """bf16 passes attend within each example, by torch's flash kernel and by the packed-row kernel
+    (rows with padding, empty sequence slots and, for Mistral, examples longer than its window of 8):
+    their loss and gradients are as close to the float32 pass as the mask path's, captured and
+    replayed with new data."""
     from helpers import examples_for
 
     from chatlora.train.fused_step import FusedStep
 
     steps = [examples_for(index_tok, huanhuan_rows[i:i + 12]) for i in (0, 12)]
 
-    def run(dtype, flash):
+    def run(dtype, flash, kernel=False):
         fast = FusedStep(lora_model(family_dir(family), dtype), "cuda", graphs=dtype != "float32", capture_at_use=1)
-        fast.net.flash = flash
+        fast.net.flash, fast.net.attention_kernel = flash, kernel
         assert fast.net.uses_flash("cuda") == (flash and dtype != "float32")
         out = []
         for examples in steps:
@@ -183,12 +184,13 @@ def test_flash_attention_pass_is_as_close_to_float32_as_the_mask_pass(family, fa
             out.append((fast.accumulate(examples, 16, 300).item(), fast.net.flat.grad.float().clone()))
         return out
 
-    reference, masked, flash = run("float32", False), run("bfloat16", False), run("bfloat16", True)
-    for (l32, g32), (lm, gm), (lf, gf) in zip(reference, masked, flash):
-        loss_error, mask_loss_error = abs(lf - l32) / l32, abs(lm - l32) / l32
-        grad_error, mask_grad_error = ((gf - g32).norm() / g32.norm()).item(), ((gm - g32).norm() / g32.norm()).item()
-        assert loss_error < max(2 * mask_loss_error, 2e-3), (loss_error, mask_loss_error)
-        assert grad_error < max(1.5 * mask_grad_error, 2e-2), (grad_error, mask_grad_error)
+    reference, masked = run("float32", False), run("bfloat16", False)
+    for per_sequence in (run("bfloat16", True), run("bfloat16", True, kernel=True)):   # torch's flash, ours
+        for (l32, g32), (lm, gm), (lf, gf) in zip(reference, masked, per_sequence):
+            loss_error, mask_loss_error = abs(lf - l32) / l32, abs(lm - l32) / l32
+            grad_error, mask_grad_error = ((gf - g32).norm() / g32.norm()).item(), ((gm - g32).norm() / g32.norm()).item()
+            assert loss_error < max(2 * mask_loss_error, 2e-3), (loss_error, mask_loss_error)
+            assert grad_error < max(1.5 * mask_grad_error, 2e-2), (grad_error, mask_grad_error)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
@@ -482,6 +484,27 @@ def test_nf4_dequantize_kernel_equals_torchao_on_cuda(dtype):
         w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).to("cuda", dtype)
         q = nf4.NF4Tensor.from_tensor(w, quantize.BLOCK, quantize.scaler_block_size(w.numel()))
         assert torch.equal(quantize.dequantize(q), q.get_original_weight()), shape
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_packed_attention_kernels_equal_float64_torch_on_cuda(dtype, tol):
+    """The packed-row attention kernels compiled, forward and the q/k and v gradients, against float64
+    torch: the interpreter's cases with blocks of 16 rows, then real head shapes with the default
+    blocks (Index's 16 heads of 128, Qwen2.5's 12 over 2 K/V heads, Llama's 64-wide heads with a
+    window) at the self-llm job's lengths and beyond two blocks."""
+    from helpers import check_packed_attention
+
+    from chatlora.train import attention_kernels
+
+    default = dict(attention_kernels.LAUNCH)
+    try:
+        attention_kernels.LAUNCH.update(BM=16, BN=16)
+        check_packed_attention("cuda", dtype, tol)
+    finally:
+        attention_kernels.LAUNCH.update(default)
+    cases = [((58, 61, 47, 200, 73), 16, 16, 16, 128, -1), ((58, 150, 67), 8, 12, 2, 128, -1),
+             ((300, 90), 4, 32, 8, 64, 40)]
+    check_packed_attention("cuda", dtype, tol, cases=cases)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])

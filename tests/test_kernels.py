@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import run_interpreted
 
 if os.environ.get("CI"):  # CI installs the test extras: a missing triton is a set-up bug, not a skip
     importlib.import_module("triton")
@@ -34,8 +35,7 @@ CHECK = textwrap.dedent(f"""
 
 
 def run(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TRITON_INTERPRET="1", CHATLORA_TRITON="1"))
+    return run_interpreted(script)
 
 
 def test_decode_kernels_equal_the_torch_operations_under_the_interpreter():
@@ -274,9 +274,13 @@ FUSED_PASS_CHECK = textwrap.dedent(f"""
     fast = FusedStep(model, "cpu")
     from chatlora.models import triton_kernels
     assert triton_kernels.enabled(torch.device("cpu")) and fast.net.kernels   # the kernels are in the pass
+    from chatlora.train import attention_kernels
+    attended, packed = [], attention_kernels.packed_attention
+    attention_kernels.packed_attention = lambda *a: attended.append(1) or packed(*a)
     fast.zero_grad()
     loss = fast.accumulate(examples, 16, None).item()
     assert abs(loss - ref) / ref < 1e-5, (loss, ref)
+    assert attended   # the layers attend through the packed-row kernel
     for (_, p), g in zip(trainable_parameters(model), grads):
         assert (p.grad - g).norm() / g.norm() < 1e-4
 
@@ -337,7 +341,8 @@ def test_training_kernels_equal_torch(breakage):
 
 @pytest.mark.slow
 def test_the_fused_pass_with_the_training_kernels_equals_peft(index_dir):
-    """The fused pass running the kernels under the interpreter: equal to peft (float32, no dropout);
+    """The fused pass running the kernels under the interpreter (the packed-row attention among them):
+    equal to peft (float32, no dropout);
     with dropout a checkpointed pass equals the uncheckpointed one (the keep flags drawn again) and
     the dropout takes effect; a model the LoRA kernels do not fit keeps stored masks, alike."""
     done = run(FUSED_PASS_CHECK.replace("{index_dir!r}", repr(str(index_dir))))
@@ -404,3 +409,50 @@ def test_the_first_run_notice_looks_for_compiled_kernels_in_tritons_cache(tmp_pa
     (tmp_path / "cache" / "1a2b" / "_a_grad.json").write_text("{}")
     assert triton_kernels.in_cache(gradients.KERNELS)
     assert all(hasattr(kernels, name) or hasattr(lora_kernels, name) for name in gradients.KERNELS)
+
+
+ATTENTION_CHECK = textwrap.dedent(f"""
+    import sys
+    import torch
+    sys.path.insert(0, {TESTS!r})
+    from helpers import ATTENTION_CASES, check_packed_attention
+    from chatlora.models import triton_kernels
+    from chatlora.train import attention_kernels
+
+    assert triton_kernels.enabled(torch.device("cpu"))
+    attention = attention_kernels.packed_attention
+    BREAK = None
+    # blocks of 16 rows: the cases' sequences take one to three blocks, most not full
+    attention_kernels.LAUNCH.update(BM=16, BN=16)
+    check_packed_attention("cpu", torch.float32, 1e-5, attention=attention)
+    check_packed_attention("cpu", torch.float16, 2e-3, cases=ATTENTION_CASES[2:], attention=attention)
+    # query and key blocks of different sizes, and the default blocks (one per sequence here)
+    attention_kernels.LAUNCH.update(BM=32, BN=16)
+    check_packed_attention("cpu", torch.float32, 1e-5, cases=ATTENTION_CASES[:2], attention=attention)
+    attention_kernels.LAUNCH.update(BM=64, BN=64)
+    check_packed_attention("cpu", torch.float32, 1e-5, cases=ATTENTION_CASES[1:2], attention=attention)
+    print("attention kernels match")
+""")
+
+
+@pytest.mark.parametrize("breakage", [
+    None,
+    # a sequence boundary moved by one token
+    "attention = lambda qk, v, s, *a: attention_kernels.packed_attention(qk, v, s + (s == s[1]).int(), *a)",
+    # the window one key shorter than asked
+    "attention = lambda qk, v, s, h, sc, left: attention_kernels.packed_attention(qk, v, s, h, sc, left - (left > 0))",
+    # grouped heads: the K/V heads read in the wrong order
+    "attention = lambda qk, v, s, h, *a: attention_kernels.packed_attention("
+    "torch.cat([qk[:, :h], qk[:, h:].flip(1)], 1), v.flip(1), s, h, *a)",
+])
+def test_packed_attention_equals_float64_torch(breakage):
+    """The packed-row attention kernels (train/attention_kernels.py) under the interpreter against
+    float64 torch: output and the gradients of q/k and v, with sequences across block boundaries, one-token
+    sequences, empty slots, grouped K/V heads and a sliding window; each broken case feeds the kernel
+    other input than the reference gets, and must be caught."""
+    script = ATTENTION_CHECK if breakage is None else ATTENTION_CHECK.replace("BREAK = None", breakage)
+    done = run_interpreted(script)
+    if breakage is None:
+        assert done.returncode == 0 and "attention kernels match" in done.stdout, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0 and "packed attention" in done.stderr, done.stderr[-3000:]

@@ -13,8 +13,9 @@ on the peft model (tests/test_fastpath.py compares the loss and every LoRA gradi
     of stored (lora_kernels.py; each module its own dropout, as in peft); elsewhere torch's
     operations, the q/k/v and gate/up adapters as batched GEMMs;
   - RoPE on q and k together (on a GPU one kernel, v split off in the same pass: kernels.py);
-  - attention within each example: on a GPU in bf16/fp16, flash attention over the row's sequences
-    (torch's flash kernel called directly: no work for pairs of different examples, grouped-query K/V
+  - attention within each example: with the kernels, a Triton kernel cut to the row's short
+    sequences (attention_kernels.py); without them, on a GPU in bf16/fp16, torch's flash kernel over
+    the row's sequences (called directly: no work for pairs of different examples, grouped-query K/V
     heads read as they are); elsewhere one block-diagonal mask per pass for all layers;
   - the vocabulary projection only at supervised positions, with the cross-entropy in chunks whose
     forward pass also computes the input's gradient (no logits kept for backward);
@@ -44,8 +45,8 @@ import torch.utils.checkpoint
 from chatlora.models import triton_kernels
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
+from chatlora.train import attention_kernels, lora_kernels
 from chatlora.train import kernels as train_kernels
-from chatlora.train import lora_kernels
 from chatlora.train.head import chunked_cross_entropy
 
 ADAPTER = "default"
@@ -131,6 +132,7 @@ class FusedForward:
         self.scale = 1.0
         self.packed_dropout = False  # tests: stored masks without checkpointing
         self.flash = True            # tests: False computes the mask path on a GPU too
+        self.attention_kernel = True  # tests: False takes torch's flash kernel with the other kernels on
         self.kernels = True          # tests: False keeps torch's operations on a GPU too (as CHATLORA_TRITON=0)
         self._norm = self._activation = self._seed = None   # this pass's (`loss_sum`)
         self._kernels = self._lora_kernels = False
@@ -205,7 +207,10 @@ class FusedForward:
                       else torch.zeros(1, dtype=torch.int64, device=ids.device))
         cos, sin = self.arch.rope(positions, self.dtype)
         rope = (cos, sin) if kernels else (cos[:, None, :], sin[:, None, :])   # kernels.rope_qkv's, or `rotate`'s
-        if starts is not None and self.uses_flash(ids.device):
+        if starts is not None and kernels and self.attention_kernel and self.flash and \
+                attention_kernels.fits(self.arch.head_dim, self.dtype, torch.device(ids.device)):
+            attention = partial(self._packed_attention, starts=starts.to(torch.int32))
+        elif starts is not None and self.uses_flash(ids.device):
             attention = partial(self._flash_attention, starts=starts.to(torch.int32), longest=ids.shape[0])
         else:
             attention = partial(self._masked_attention, mask=self._mask(segments))
@@ -241,19 +246,31 @@ class FusedForward:
         allowed = same & causal & self.arch.in_window(columns[:, None], columns[None, :])
         return torch.zeros(same.shape, dtype=self.dtype, device=segments.device).masked_fill_(~allowed, float("-inf"))
 
-    def _masked_attention(self, q, k, v, mask):
-        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
+    def _masked_attention(self, qk, v, mask):
+        """qk [T, heads + kv_heads, head_dim] (the query heads first), v [T, kv_heads, head_dim]
+        -> [T, heads, head_dim]."""
+        q, k = qk[:, :self.arch.heads], qk[:, self.arch.heads:]
         q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
         k, v = self.arch.expand_kv(k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.arch.head_dim ** -0.5)
         return a[0].transpose(0, 1)
 
-    def _flash_attention(self, q, k, v, starts, longest: int):
+    def _flash_attention(self, qk, v, starts, longest: int):
         """As `_masked_attention`, by flash attention over each sequence between consecutive `starts`
         (empty slots do nothing): the work of the examples' own squares, not the whole row's."""
+        q, k = qk[:, :self.arch.heads], qk[:, self.arch.heads:]
+        return _VarlenFlash.apply(q, k, v, starts, longest, self.arch.head_dim ** -0.5, self._left())
+
+    def _packed_attention(self, qk, v, starts):
+        """As `_flash_attention`, by the Triton kernel cut to the row's short sequences; q and k's
+        gradient comes back as one tensor."""
+        return attention_kernels.packed_attention(qk, v, starts, self.arch.heads, self.arch.head_dim ** -0.5,
+                                                  self._left())
+
+    def _left(self) -> int:
+        """Keys a query sees before itself: all of its sequence's (-1), or its window's."""
         window = self.arch.window
-        left = -1 if window is None else window - 1     # keys from query - left to the query itself
-        return _VarlenFlash.apply(q, k, v, starts, longest, self.arch.head_dim ** -0.5, left)
+        return -1 if window is None else window - 1
 
     def _draw_masks(self, layer: AdaptedLayer, t: int, device) -> dict[str, list[torch.Tensor] | None]:
         """Bit-packed keep masks for every adapter input of `layer` (per stacked group, or per adapter)."""
@@ -287,7 +304,7 @@ class FusedForward:
             else:
                 qk, v = arch.split_qkv(y)
                 qk = rotate(qk, *rope)
-            return attention(qk[:, :arch.heads], qk[:, arch.heads:], v).reshape(t, arch.heads * arch.head_dim)
+            return attention(qk, v).reshape(t, arch.heads * arch.head_dim)
 
         def linear(name, x, residual=None):
             return self._linear(layer.projections[name], x, w, drops[name] if drops else None, dropout, residual)
