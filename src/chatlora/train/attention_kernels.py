@@ -30,8 +30,9 @@ from chatlora.models.triton_kernels import tl, triton
 
 LOG2E = 1.4426950408889634   # the kernels work in powers of 2: exp(x) = exp2(x * LOG2E)
 # Query rows (BM) and key rows (BN) per program, and warps: the self-llm examples (~60 tokens) fill
-# one block each. Tests shrink the blocks to cross block boundaries with short sequences.
-LAUNCH = dict(BM=64, BN=64, num_warps=4)
+# one query block each. BN 32 ran 2.6% faster than 64 inside the captured pass on the H200
+# (bench/pass_sweep.py, 2026-12-01). Tests shrink the blocks to cross block boundaries.
+LAUNCH = dict(BM=64, BN=32, num_warps=4)
 
 
 def fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
