@@ -39,6 +39,19 @@ def median_ms(fn, n=20):
     return statistics.median(times)
 
 
+def kernel_ms(fn, n=1):
+    """(ms of GPU kernel time per call of `fn`, summed over its CUDA kernels without the gaps between
+    launches; kernels per call; the profile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sum(e.self_device_time_total for e in events) / 1e3 / n, round(sum(e.count for e in events) / n), prof
+
+
 def main():
     cfg = load_config(overrides=["data.held_out_fraction=0"], flags={"model.path": sys.argv[1]})
     data = dataset_for_config(cfg)
@@ -92,15 +105,8 @@ def main():
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t0) / 40 * 1e3
 
-    from torch.profiler import ProfilerActivity, profile
-
     fast.graphs = False
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fast.accumulate(ex, 16, 2048)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    kernels = sum(e.count for e in events)
-    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    device_ms, kernels, prof = kernel_ms(lambda: fast.accumulate(ex, 16, 2048))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=150))
     print(f"\nbucket {shape.tokens} tokens / {shape.supervised} supervised; {sum(len(e.input_ids) for e in ex)} real tokens; "
           f"mean {tokens:.0f} tokens per step")
