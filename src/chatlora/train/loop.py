@@ -35,8 +35,9 @@ from chatlora.data.dataset import dataset_for_config
 from chatlora.errors import UserError
 from chatlora.models.arch import TARGETS
 from chatlora.models.load import load_model
-from chatlora.models.lora import attach, trainable_parameters
+from chatlora.models.lora import attach, peft_module, trainable_parameters
 from chatlora.models.quantize import describe as describe_quantized
+from chatlora.models.quantize import quiet_optional_imports
 from chatlora.rundir import Metrics, end_status, plot_losses, prepare_run_dir, write_run_files, write_status
 from chatlora.tracking import Trackers
 from chatlora.train import distributed
@@ -118,6 +119,15 @@ def _together(ranks, fn):
     return result
 
 
+def _import_model_libraries() -> None:
+    """transformers' model classes and peft, imported before the model loads so that the first
+    metrics row's `startup_s` tells their seconds (most of a start on a fresh machine) from the load's."""
+    with quiet_optional_imports():
+        import transformers
+        transformers.AutoModelForCausalLM   # the lazy module imports the model classes on first access
+    peft_module()
+
+
 def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device: str, name: str | None,
            stop_signal: list[int]) -> Path:
     started = time.perf_counter()
@@ -146,6 +156,11 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         name = write_run_files(run, cfg, base, fmt, ds.report, name)
         write_status(run, "running", started=round(time.time(), 3))
 
+    _import_model_libraries()
+    startup["libraries"] = round(time.perf_counter() - started, 2)
+    if device.startswith("cuda"):   # the GPU's context is made here, not inside the model's load
+        torch.zeros(1, device=device).item()
+    startup["device"] = round(time.perf_counter() - started, 2)
     model = attach(load_model(base, cfg.model.dtype, device, cfg.model.quantize), cfg.lora)
     startup["model"] = round(time.perf_counter() - started, 2)
     quantized = describe_quantized(model, TARGETS)
