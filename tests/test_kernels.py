@@ -456,3 +456,16 @@ def test_packed_attention_equals_float64_torch(breakage):
         assert done.returncode == 0 and "attention kernels match" in done.stdout, done.stderr[-3000:]
     else:
         assert done.returncode != 0 and "packed attention" in done.stderr, done.stderr[-3000:]
+
+
+def test_packed_attention_takes_only_the_head_sizes_checked_on_a_gpu():
+    """Power-of-two heads of 16 to 128 only (64 and 128 compiled and checked on the H200; 256 would
+    outgrow shared memory), and on a GPU half precision only: other models keep torch's kernel."""
+    import torch
+
+    from chatlora.train.attention_kernels import fits
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [d for d in (8, 16, 32, 64, 96, 128, 256) if fits(d, torch.bfloat16, gpu)] == [16, 32, 64, 128]
+    assert fits(128, torch.float16, gpu) and not fits(128, torch.float32, gpu)
+    assert fits(128, torch.float32, cpu) and not fits(256, torch.float32, cpu)

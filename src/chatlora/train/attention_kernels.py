@@ -36,9 +36,12 @@ LAUNCH = dict(BM=64, BN=32, num_warps=4)
 
 
 def fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the kernels take this shape: a power-of-two head size the dot products accept; on a
-    GPU half precision only (float32 products there would be TF32, coarser than the torch path's)."""
-    shape_ok = head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
+    """Whether the kernels take this shape: a power-of-two head size the dot products accept, at most
+    128 (checked on the H200 at 64 and 128; at 256 the dk/dv kernel's tiles would hold as many
+    elements as BM 128 / BN 64 at 128, which outgrew a block's shared memory there), larger heads
+    keeping torch's flash kernel; on a GPU half precision only (float32 products there would be TF32,
+    coarser than the torch path's)."""
+    shape_ok = head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 128
     return shape_ok and (device.type != "cuda" or dtype in (torch.bfloat16, torch.float16))
 
 
