@@ -435,6 +435,58 @@ ATTENTION_CHECK = textwrap.dedent(f"""
 """)
 
 
+ATTENTION_SMALL_GPU = textwrap.dedent(f"""
+    import sys
+    import torch
+    import triton
+    sys.path.insert(0, {TESTS!r})
+    from helpers import ATTENTION_CASES, check_packed_attention
+    from chatlora.train import attention_kernels
+
+    class SmallGPU:   # a kernel whose launches with tiles over `rows` rows need more shared memory than there is
+        def __init__(self, kernel, rows):
+            self.kernel, self.rows, self.__name__, self.refused = kernel, rows, kernel.__name__, []
+
+        def __getitem__(self, grid):
+            def run(*args, BM, BN, **constants):
+                if max(BM, BN) > self.rows:
+                    self.refused.append((BM, BN))
+                    raise triton.runtime.errors.OutOfResources(300000, 101376, "shared memory")
+                return self.kernel[grid](*args, BM=BM, BN=BN, **constants)
+            return run
+
+    names = ("_forward_kernel", "_dq_kernel", "_dkv_kernel")
+    real = {{name: getattr(attention_kernels, name) for name in names}}
+    small = {{name: SmallGPU(real[name], 16) for name in names}}
+    for name in names:
+        setattr(attention_kernels, name, small[name])
+    check_packed_attention("cpu", torch.float32, 1e-5, cases=ATTENTION_CASES[:1])
+    assert all(k.refused == [(64, 32), (32, 32)] for k in small.values()), [k.refused for k in small.values()]
+    assert len(attention_kernels.too_large) == 6
+    check_packed_attention("cpu", torch.float32, 1e-5, cases=ATTENTION_CASES[:1])
+    assert all(len(k.refused) == 2 for k in small.values()), "a launch too large was tried again"
+    # a GPU that holds none of the launches: the kernel's own error, not a silent wrong result
+    for name in names:
+        setattr(attention_kernels, name, SmallGPU(real[name], 8))
+    attention_kernels.too_large.clear()
+    try:
+        check_packed_attention("cpu", torch.float32, 1e-5, cases=ATTENTION_CASES[:1])
+        raise SystemExit("no error")
+    except triton.runtime.errors.OutOfResources:
+        pass
+    print("smaller launches used")
+""")
+
+
+def test_packed_attention_takes_smaller_tiles_where_shared_memory_is_short():
+    """On a GPU whose blocks cannot hold a kernel's tiles at LAUNCH (simulated: the launch raises
+    Triton's OutOfResources, as it does there before launching), each kernel runs with the next
+    smaller launch and still matches float64 torch; a launch that did not fit is not tried again for
+    that shape, and where none fits the error is raised."""
+    done = run_interpreted(ATTENTION_SMALL_GPU)
+    assert done.returncode == 0 and "smaller launches used" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("breakage", [
     None,
     # a sequence boundary moved by one token

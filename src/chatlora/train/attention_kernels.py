@@ -33,6 +33,11 @@ LOG2E = 1.4426950408889634   # the kernels work in powers of 2: exp(x) = exp2(x 
 # one query block each. BN 32 ran 2.6% faster than 64 inside the captured pass on the H200
 # (bench/pass_sweep.py, 2026-12-01). Tests shrink the blocks to cross block boundaries.
 LAUNCH = dict(BM=64, BN=32, num_warps=4)
+# Tried in order where a GPU's shared memory per block cannot hold a kernel's tiles at LAUNCH (an
+# H200 block has 227 KiB; consumer GPUs about 100, a T4 64). A launch too large for one kernel is
+# remembered, per device and shape, so later passes start from one that fits.
+SMALLER_LAUNCHES = (dict(BM=32, BN=32, num_warps=4), dict(BM=16, BN=16, num_warps=4))
+too_large: set[tuple] = set()   # (kernel, device, dtype, heads of q/k, head size, launch) that did not fit
 
 
 def fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -179,14 +184,24 @@ if triton is not None:
         tl.store(dv + cols[:, None] * s_v + g * D + d[None, :], dvs.to(dv.dtype.element_ty), mask=col_ok[:, None])
 
 
-def _settings(qk, starts, heads: int, left: int, block: int):
-    """The launch's shared arguments: the grid for `block`-row blocks and the constexprs."""
-    tokens, slots = qk.shape[0], starts.shape[0] - 1
-    group = heads // (qk.shape[1] - heads)
-    grid_blocks = slots + tokens // block      # each sequence adds at most one partial block
-    constants = dict(GROUP=group, D=qk.shape[2], BM=LAUNCH["BM"], BN=LAUNCH["BN"],
-                     SLOTS=triton.next_power_of_2(slots + 1), WINDOW=left >= 0, num_warps=LAUNCH["num_warps"])
-    return grid_blocks, slots, constants
+def _launch(kernel, along: str, grid_heads: int, qk, slots: int, heads: int, left: int, *args) -> None:
+    """`kernel` over the row's blocks of `along` ("BM": query rows, "BN": key rows) and `grid_heads`,
+    with the first launch (LAUNCH, then SMALLER_LAUNCHES) this GPU's shared memory holds. The tiling
+    does not change what a kernel computes, so the forward and backward kernels may differ in it."""
+    tokens = qk.shape[0]
+    shape = (kernel.__name__, str(qk.device), qk.dtype, qk.shape[1], qk.shape[2])
+    fitting = [launch for launch in (LAUNCH, *SMALLER_LAUNCHES) if (*shape, tuple(launch.items())) not in too_large]
+    for launch in fitting:
+        constants = dict(GROUP=heads // (qk.shape[1] - heads), D=qk.shape[2], BM=launch["BM"], BN=launch["BN"],
+                         SLOTS=triton.next_power_of_2(slots + 1), WINDOW=left >= 0, num_warps=launch["num_warps"])
+        blocks = slots + tokens // launch[along]      # each sequence adds at most one partial block
+        try:
+            kernel[(blocks, grid_heads)](*args, **constants)
+            return
+        except triton.runtime.errors.OutOfResources:   # raised before the launch: nothing was written
+            if launch is fitting[-1]:
+                raise
+            too_large.add((*shape, tuple(launch.items())))
 
 
 class _PackedAttention(torch.autograd.Function):
@@ -195,9 +210,9 @@ class _PackedAttention(torch.autograd.Function):
         tokens, _, dim = qk.shape
         out = torch.empty(tokens, heads, dim, dtype=qk.dtype, device=qk.device)
         lse = torch.empty(tokens, heads, dtype=torch.float32, device=qk.device)
-        blocks, slots, constants = _settings(qk, starts, heads, left, LAUNCH["BM"])
-        _forward_kernel[(blocks, heads)](qk, v, out, lse, starts, slots, scale * LOG2E, left, qk.stride(0),
-                                         v.stride(0), out.stride(0), heads, **constants)
+        slots = starts.shape[0] - 1
+        _launch(_forward_kernel, "BM", heads, qk, slots, heads, left, qk, v, out, lse, starts, slots,
+                scale * LOG2E, left, qk.stride(0), v.stride(0), out.stride(0), heads)
         ctx.save_for_backward(qk, v, out, lse, starts)
         ctx.settings = (heads, scale, left)
         return out
@@ -209,13 +224,12 @@ class _PackedAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dqk, dv = torch.empty_like(qk), torch.empty_like(v)
         delta = torch.empty_like(lse)
-        blocks, slots, constants = _settings(qk, starts, heads, left, LAUNCH["BM"])
-        _dq_kernel[(blocks, heads)](qk, v, out, dout, lse, delta, dqk, starts, slots, scale, scale * LOG2E, left,
-                                    qk.stride(0), v.stride(0), out.stride(0), heads, **constants)
-        blocks, _, _ = _settings(qk, starts, heads, left, LAUNCH["BN"])
-        _dkv_kernel[(blocks, qk.shape[1] - heads)](qk, v, dout, lse, delta, dqk, dv, starts, slots, scale,
-                                                   scale * LOG2E, left, qk.stride(0), v.stride(0), out.stride(0),
-                                                   heads, **constants)
+        slots = starts.shape[0] - 1
+        rest = (scale, scale * LOG2E, left, qk.stride(0), v.stride(0), out.stride(0), heads)
+        _launch(_dq_kernel, "BM", heads, qk, slots, heads, left,
+                qk, v, out, dout, lse, delta, dqk, starts, slots, *rest)
+        _launch(_dkv_kernel, "BN", qk.shape[1] - heads, qk, slots, heads, left,
+                qk, v, dout, lse, delta, dqk, dv, starts, slots, *rest)
         return dqk, dv, None, None, None, None
 
 
