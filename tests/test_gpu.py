@@ -507,6 +507,26 @@ def test_packed_attention_kernels_equal_float64_torch_on_cuda(dtype, tol):
     check_packed_attention("cuda", dtype, tol, cases=cases)
 
 
+def test_packed_attention_falls_back_from_tiles_too_large_for_shared_memory():
+    """BM 128 / BN 64 at heads of 128 needs more shared memory than an H200 block has (242 of 227 KiB
+    for the dk/dv kernel, bench/pass_sweep.py): with it as the first launch, the kernels that cannot
+    take it run with a smaller one, match float64 torch, and the refused launch is remembered."""
+    from helpers import check_packed_attention
+
+    from chatlora.train import attention_kernels
+
+    default = dict(attention_kernels.LAUNCH)
+    try:
+        attention_kernels.LAUNCH.update(BM=128, BN=64, num_warps=8)
+        attention_kernels.too_large.clear()
+        check_packed_attention("cuda", torch.bfloat16, 1e-2, cases=[((58, 61, 47, 200, 73), 16, 16, 16, 128, -1)])
+        assert any(entry[0] == "_dkv_kernel" for entry in attention_kernels.too_large), attention_kernels.too_large
+    finally:
+        attention_kernels.LAUNCH.clear()
+        attention_kernels.LAUNCH.update(default)
+        attention_kernels.too_large.clear()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_training_kernels_equal_the_torch_operations_on_cuda(dtype, tol):
     """The fused pass's RMSNorm, SiLU * up and cross-entropy kernels compiled on the GPU, forward and
