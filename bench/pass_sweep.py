@@ -10,7 +10,8 @@ steps): first the current settings, then each alternative in `ALTERNATIVES` alon
 launch changed, the rest current), then torch's flash kernel in place of the packed-row attention
 kernel, then the current settings again (the run's drift). Each setting's first replayed loss is
 printed beside its time, from the same generator state, as a check that it computes the same
-pass. On a GPU.
+pass. A launch too large for the GPU's shared memory is reported and left out (the attention kernels
+would otherwise run it with a smaller one). On a GPU.
 """
 
 import argparse
@@ -39,7 +40,8 @@ from chatlora.train.steps import StepPlan  # noqa: E402
 TABLES = {"attention": attention_kernels.LAUNCH, **{name: lora_kernels.LAUNCH[name] for name in lora_kernels.LAUNCH}}
 ALTERNATIVES = {   # a kernel -> launches to try in its place (bench/lora_kernel_tiles.py's winners among them)
     "attention": [dict(BM=32, BN=32, num_warps=4), dict(BM=64, BN=32, num_warps=4), dict(BM=32, BN=64, num_warps=4),
-                  dict(BM=64, BN=64, num_warps=8), dict(BM=64, BN=16, num_warps=4)],
+                  dict(BM=64, BN=64, num_warps=8), dict(BM=64, BN=16, num_warps=4), dict(BM=128, BN=32, num_warps=4),
+                  dict(BM=128, BN=64, num_warps=8)],
     "a_forward": [dict(BT=32, BK=128, SPAN=512, num_warps=2), dict(BT=16, BK=128, SPAN=512, num_warps=4),
                   dict(BT=16, BK=64, SPAN=1024, num_warps=4)],
     "a_grad": [dict(BT=16, BK=128, SPLIT=64, num_warps=8), dict(BT=16, BK=64, SPLIT=64, num_warps=4),
@@ -82,10 +84,15 @@ def main():
     rows = []
 
     def record(kernel, launch, label=None):
+        attention_kernels.too_large.clear()
         try:
             ms, loss = measure(fast, steps)
         except triton.runtime.errors.OutOfResources as error:   # a launch too large for this GPU
             print(f"{kernel:<10} {label or json.dumps(launch):<58} does not fit: {error}", flush=True)
+            return
+        if attention_kernels.too_large:   # the attention kernels ran with a smaller launch than this one
+            print(f"{kernel:<10} {label or json.dumps(launch):<58} does not fit: "
+                  f"{sorted(entry[0] for entry in attention_kernels.too_large)}", flush=True)
             return
         rows.append(dict(kernel=kernel, launch=launch, label=label, ms=ms, loss=loss, tokens_per_s=tokens / ms * 1e3))
         print(f"{kernel:<10} {label or json.dumps(launch):<58} {ms:8.2f} ms  {tokens / ms * 1e3:8.0f} tok/s  "
