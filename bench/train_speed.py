@@ -7,7 +7,8 @@ Every path sees the same tokenized huanhuan examples (chatlora's `index` templat
 (r 8, alpha 32, dropout 0.1, q,k,v,o,gate,up,down), 16 examples per optimizer step, lr 1e-4, bf16
 weights. The reference is the tutorial's: `transformers.Trainer`, batch 4 x accumulation 4,
 gradient checkpointing, `DataCollatorForSeq2Seq` padding to the longest. chatlora's variants
-(`VARIANTS`: plain peft model, fused pass eager, the default fused pass + CUDA graphs, the lowmem
+(`VARIANTS`: plain peft model, fused pass eager, the default fused pass + CUDA graphs (also with
+its model built by transformers and peft instead of read from the weights, for the start-up), the lowmem
 preset, 64 examples per step, and on the 4-bit NF4 base: default, lowmem, plain) each run
 `chatlora train` in a fresh process. `--references none,nf4` also runs the recipe on the NF4 base
 (the HF QLoRA recipe, torchao's layers); `--held-out-steps N` trains bf16 LoRA and QLoRA N steps each
@@ -105,6 +106,8 @@ VARIANTS = {  # name: (label, preset, train overrides, base weights)
     "eager": ("chatlora, fused pass, no graphs (fast_path=eager)", None, {"fast_path": "eager"}, "none"),
     "graphs": ("chatlora train (default: fused pass + CUDA graphs)", None, {}, "none"),
     "graphs_torch_ops": ("chatlora train, torch's ops for Triton's (CHATLORA_TRITON=0)", None, {}, "none"),
+    "graphs_transformers": ("chatlora train, model built by transformers + peft (CHATLORA_NATIVE_MODEL=0)",
+                            None, {}, "none"),
     "lowmem": ("chatlora train --preset lowmem", "lowmem", {}, "none"),
     "batch64": ("chatlora, 64 examples per step", None,
                 {"examples_per_step": 64, "micro_batch_examples": 64, "micro_batch_tokens": 4096}, "none"),
@@ -113,7 +116,8 @@ VARIANTS = {  # name: (label, preset, train overrides, base weights)
     "nf4_plain": ("chatlora, plain peft on the NF4 base (fast_path=plain)", None, {"fast_path": "plain"}, "nf4"),
 }
 
-VARIANT_ENVIRONMENT = {"graphs_torch_ops": {"CHATLORA_TRITON": "0"}}   # set in the variant's own process
+VARIANT_ENVIRONMENT = {"graphs_torch_ops": {"CHATLORA_TRITON": "0"},   # set in the variant's own process
+                       "graphs_transformers": {"CHATLORA_NATIVE_MODEL": "0"}}
 
 
 def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:

@@ -633,3 +633,28 @@ def test_dropout_masks_change_with_every_replay_and_survive_a_recompute(index_di
         got.append((step.accumulate(examples, 16, 300).item(), step.net.flat.grad.clone()))
     assert abs(got[0][0] - got[1][0]) / got[0][0] < 1e-6
     assert ((got[0][1] - got[1][1]).norm() / got[0][1].norm()).item() < 1e-5
+
+
+def test_a_run_on_the_model_read_without_transformers_trains_as_on_theirs_on_cuda(index_dir, huanhuan_rows,
+                                                                                   tmp_path, monkeypatch):
+    """The default run (bf16, fused pass, CUDA graphs) on the model read straight from the weights
+    (models/native.py) logs the same losses and writes the same adapter as with the model built by
+    transformers and peft (CHATLORA_NATIVE_MODEL=0), dropout off: the same weights, seeded adapters
+    and kernels."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:48]), encoding="utf-8")
+    runs = {}
+    for loader in ("native", "transformers"):
+        monkeypatch.setenv("CHATLORA_NATIVE_MODEL", "1" if loader == "native" else "0")
+        cfg = load_config(overrides=["train.max_steps=3", "lora.dropout=0", "data.held_out_fraction=0"],
+                          flags={"model.path": str(index_dir), "data.path": str(data)})
+        final = train(cfg, tmp_path / loader)
+        rows = [json.loads(x) for x in (tmp_path / loader / "metrics.jsonl").read_text().splitlines()]
+        runs[loader] = ([r["loss"] for r in rows if "loss" in r], rows[0]["startup_s"],
+                        load_file(str(final / "adapter_model.safetensors")))
+    assert "libraries" not in runs["native"][1] and "libraries" in runs["transformers"][1]
+    assert runs["native"][0] == pytest.approx(runs["transformers"][0], rel=1e-6) and len(runs["native"][0]) == 3
+    for name, ref in runs["transformers"][2].items():
+        assert torch.allclose(runs["native"][2][name], ref, rtol=1e-5, atol=1e-7), name

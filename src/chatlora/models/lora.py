@@ -58,6 +58,17 @@ def save_adapter(model, directory: Path, state_dict: dict | None = None) -> None
     model.save_pretrained(str(directory), safe_serialization=True, **extra)
 
 
+def set_adapter_weights(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved adapter weights (`source`: where they came from, for the message) into `model`'s
+    adapters: a peft model's, or a model built without peft (models/native.py) under the same names."""
+    if hasattr(model, "load_adapter_tensors"):
+        model.load_adapter_tensors(tensors, source)
+        return
+    result = peft_module().set_peft_model_state_dict(model, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{source}: adapter weights do not fit the model: {result.unexpected_keys[:3]}")
+
+
 def load_adapter(base_model, directory: Path, trainable: bool = False):
     PeftModel = peft_module().PeftModel
     if not all((Path(directory) / f).is_file() for f in ADAPTER_FILES):

@@ -32,7 +32,7 @@ import torch
 
 from chatlora.atomic import file_sha256, new_directory
 from chatlora.errors import UserError
-from chatlora.models.lora import peft_module, save_adapter
+from chatlora.models.lora import save_adapter, set_adapter_weights
 from chatlora.train.distributed import like
 
 MARKER = "COMPLETE"
@@ -256,7 +256,6 @@ def latest_checkpoint(run: Path, with_final: bool = False) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, ranks=None, sharded: bool = False) -> dict:
     """Restore adapter weights, optimizer and RNG states (this rank's) from `path`; return its
     trainer_state. A run resumes with the number of processes it was written with."""
-    set_peft_model_state_dict = peft_module().set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = json.loads((path / "trainer_state.json").read_text())
@@ -272,9 +271,7 @@ def load_checkpoint(path: Path, model, optimizer, ranks=None, sharded: bool = Fa
                 if p.requires_grad:
                     p.copy_(like(adapter[name.replace(".default.", ".")], p))
     else:
-        result = set_peft_model_state_dict(model, adapter)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{path}: adapter weights do not fit the model: {result.unexpected_keys[:3]}")
+        set_adapter_weights(model, adapter, str(path))
     tensors = load_file(str(path / "resume_state.safetensors"))
     opt_json = state["optimizer"]
     opt_state: dict = {}

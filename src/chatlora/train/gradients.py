@@ -9,12 +9,13 @@ on their way back to the host (`StepFigures`): at once, or on one GPU while the 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from chatlora.config import Config
 from chatlora.errors import UserError
-from chatlora.models import triton_kernels
+from chatlora.models import native, triton_kernels
 from chatlora.train import distributed
 from chatlora.train.checkpoint import NonFiniteError
 from chatlora.train.distributed import Ranks
@@ -109,17 +110,39 @@ class FusedGradients:
             supervised_count(examples)
 
 
+def fused_mode(t, device: str) -> str:
+    """What `train.fast_path` asks for on `device`: "graphs", "eager" or "plain"."""
+    if t.fast_path == "auto":
+        return "graphs" if device.startswith("cuda") else "plain"
+    return t.fast_path
+
+
+def native_model_reason(base_dir, cfg: Config, device: str, ranks: Ranks) -> str | None:
+    """None when the run can build its model without transformers and peft (models/native.py): one
+    process on the fused pass, a 16-bit base the module reads exactly. Else why not (the run then
+    loads through transformers and peft, the same model and adapters)."""
+    if os.environ.get("CHATLORA_NATIVE_MODEL") == "0":
+        return "CHATLORA_NATIVE_MODEL=0"
+    if ranks.active:
+        return "several processes"
+    if fused_mode(cfg.train, device) == "plain" or not cfg.train.packing:
+        return "the plain peft path"
+    if cfg.model.quantize != "none":
+        return "a 4-bit base"
+    return native.unsupported_reason(base_dir, cfg.lora)
+
+
 def choose_fused_step(model, cfg: Config, device: str) -> FusedStep | None:
     """The fused training pass when `train.fast_path` asks for it and the model allows it, else None."""
     t = cfg.train
-    mode = t.fast_path
-    if mode == "auto":
-        mode = "graphs" if device.startswith("cuda") else "plain"
+    mode = fused_mode(t, device)
     if mode == "plain":
         return None
     reason = unsupported_reason(model, cfg.lora) or (None if t.packing else "train.packing is off")
     if reason is None and mode == "graphs" and not device.startswith("cuda"):
         reason = "CUDA graphs need a GPU"
+    if reason and isinstance(model, native.NativeLoraModel):   # native_model_reason admits no such run
+        raise RuntimeError(f"the model built without transformers cannot train on the plain path ({reason})")
     if reason:
         if t.fast_path != "auto":
             raise UserError(f"train.fast_path={t.fast_path} is not available: {reason}")

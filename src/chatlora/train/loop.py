@@ -33,8 +33,9 @@ from tqdm import tqdm
 from chatlora.config import Config
 from chatlora.data.dataset import dataset_for_config
 from chatlora.errors import UserError
+from chatlora.models import native
 from chatlora.models.arch import TARGETS
-from chatlora.models.load import load_model
+from chatlora.models.load import load_model, pick_dtype
 from chatlora.models.lora import attach, peft_module, trainable_parameters
 from chatlora.models.quantize import describe as describe_quantized
 from chatlora.models.quantize import quiet_optional_imports
@@ -52,7 +53,14 @@ from chatlora.train.checkpoint import (
     write_checkpoint,
 )
 from chatlora.train.flat_optimizer import FlatAdamW
-from chatlora.train.gradients import FusedGradients, PlainGradients, StepFigures, choose_fused_step, defers_read_back
+from chatlora.train.gradients import (
+    FusedGradients,
+    PlainGradients,
+    StepFigures,
+    choose_fused_step,
+    defers_read_back,
+    native_model_reason,
+)
 from chatlora.train.steps import StepPlan, pack, pad, supervised_count
 
 
@@ -156,17 +164,24 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
         name = write_run_files(run, cfg, base, fmt, ds.report, name)
         write_status(run, "running", started=round(time.time(), 3))
 
-    _import_model_libraries()
-    startup["libraries"] = round(time.perf_counter() - started, 2)
+    # The fused pass needs only the weights: read straight from the safetensors files, the model
+    # skips transformers' and peft's imports and model building (seconds of every start)
+    without_transformers = native_model_reason(base.dir, cfg, device, ranks) is None
+    if not without_transformers:
+        _import_model_libraries()
+        startup["libraries"] = round(time.perf_counter() - started, 2)
     if device.startswith("cuda"):   # the GPU's context is made here, not inside the model's load
         torch.zeros(1, device=device).item()
     startup["device"] = round(time.perf_counter() - started, 2)
-    model = attach(load_model(base, cfg.model.dtype, device, cfg.model.quantize), cfg.lora)
+    if without_transformers:
+        model = native.load(base.dir, cfg.lora, pick_dtype(cfg.model.dtype, device), device)
+    else:
+        model = attach(load_model(base, cfg.model.dtype, device, cfg.model.quantize), cfg.lora)
     startup["model"] = round(time.perf_counter() - started, 2)
     quantized = describe_quantized(model, TARGETS)
     if quantized and main:
         say(quantized.line())
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing and not without_transformers:   # the fused pass checkpoints on its own
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if ranks.active:  # same initial adapter on every rank (same seed), own dropout masks per rank
