@@ -60,6 +60,28 @@ def test_native_model_is_the_transformers_and_peft_model(family, family_dir, ind
     assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
 
 
+@pytest.mark.parametrize("family, change", [
+    # configs as the hub's files write them, before transformers 5's rope_parameters and layer_types
+    ("llama3", lambda c: c.update(rope_theta=c["rope_parameters"].pop("rope_theta"),
+                                  rope_scaling=c.pop("rope_parameters"))),
+    ("qwen2", lambda c: c.update(rope_theta=c.pop("rope_parameters")["rope_theta"], rope_scaling=None,
+                                 layer_types=None, sliding_window=4096, use_sliding_window=False)),
+])
+def test_hub_config_layouts_read_as_transformers_reads_them(family, change, family_dir, tmp_path):
+    import shutil
+
+    directory = tmp_path / family
+    shutil.copytree(family_dir(family), directory)
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    config = {k: v for k, v in config.items() if v is not None or k == "rope_scaling"}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert native.unsupported_reason(directory, LORA) is None
+    mine, theirs = both(directory)
+    a, b = Architecture.of(mine.get_base_model()), Architecture.of(theirs.get_base_model())
+    assert torch.equal(a.inv_freq, b.inv_freq) and a.window == b.window and a.rope_scale == b.rope_scale
+
+
 def test_fused_pass_on_the_native_model_equals_it_on_the_peft_model(family_dir):
     """The fused pass's loss and every adapter gradient on one packed row, dropout off."""
     from chatlora.data.dataset import Example

@@ -306,9 +306,12 @@ def load(directory: Path, lora_cfg, dtype: torch.dtype, device: str) -> NativeLo
 
     config = read_config(directory)
     inv_freq, rope_type = rope(config)
+    place = torch.device(device)
+    if place.type == "cuda" and place.index is None:
+        place = torch.device("cuda", torch.cuda.current_device())
     weights: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):   # straight to the device: no host copy of the whole model
-        for name, tensor in load_file(str(path), device=str(torch.device(device))).items():
+        for name, tensor in load_file(str(path), device=str(place)).items():
             weights[name] = tensor.to(dtype)
     model = NativeLoraModel(NativeCausalLM(config, weights, inv_freq, rope_type), lora_cfg)
     reason = architecture_reason(model.get_base_model())
