@@ -138,6 +138,9 @@ def test_native_adapter_directory_loads_in_peft(family_dir, tmp_path):
     (lambda c: c.update(model_type="gemma2"), "model type 'gemma2'"),
     (lambda c: c.update(layer_types=None, use_sliding_window=True), "sliding window"),
     (lambda c: c.update(num_hidden_layers=1), "weights other than the model layer's"),
+    (lambda c: c.update(intermediate_size=128), "weights other than the model layer's"),   # shapes
+    (lambda c: c.update(model_type="llama"), "weights other than the model layer's"),      # biases Llama lacks
+    (lambda c: c.pop("num_key_value_heads"), "num_key_value_heads"),
 ])
 def test_what_the_native_model_cannot_read_exactly_is_named(family_dir, tmp_path, change, reason):
     import shutil

@@ -36,8 +36,8 @@ from chatlora.models.arch import unsupported_reason as architecture_reason
 ADAPTER = "default"   # peft's name for a model's only adapter
 ROPE_TYPES = ("default", "linear", "llama3")
 # Config fields whose absence would leave the value to transformers' per-family defaults.
-REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "rms_norm_eps")
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "rms_norm_eps")
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -62,7 +62,7 @@ def read_config(directory: Path) -> SimpleNamespace | str:
         return f"config.json leaves {', '.join(missing)} to transformers' defaults"
     c = SimpleNamespace(**raw)
     c._name_or_path = str(directory)
-    c.num_key_value_heads = raw.get("num_key_value_heads") or c.num_attention_heads
+    c.num_key_value_heads = raw["num_key_value_heads"] or c.num_attention_heads   # null: as many as the heads
     c.head_dim = raw.get("head_dim") or c.hidden_size // c.num_attention_heads
     c.hidden_act = raw.get("hidden_act", "silu")
     c.tie_word_embeddings = bool(raw.get("tie_word_embeddings", False))
@@ -104,20 +104,38 @@ def rope(config: SimpleNamespace) -> tuple[torch.Tensor, str] | str:
     return inv_freq, kind
 
 
-def expected_weights(config: SimpleNamespace, present: set[str]) -> set[str]:
-    """The weight names of this config's model; biases and q/k norms as the files have them."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
-    for i in range(config.num_hidden_layers):
+def biased(config: SimpleNamespace) -> set[str]:
+    """The projections with a bias, as each family's transformers class builds them."""
+    attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+    if config.model_type == "qwen2":
+        return {"q_proj", "k_proj", "v_proj"}
+    if config.model_type == "mistral":
+        return set()
+    out = attention if getattr(config, "attention_bias", False) else set()
+    return out | (mlp if config.model_type == "llama" and getattr(config, "mlp_bias", False) else set())
+
+
+def expected_weights(config: SimpleNamespace) -> dict[str, tuple[int, ...]]:
+    """Every weight of this config's model (as transformers' class for the family builds it) and its shape."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    outs_ins = {"q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size), "v_proj": (kv, c.hidden_size),
+                "o_proj": (c.hidden_size, q), "gate_proj": (c.intermediate_size, c.hidden_size),
+                "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
+    names = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    with_bias = biased(c)
+    for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        names[p + "input_layernorm.weight"] = names[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
         for parent, modules in PROJECTIONS.values():
             for m in modules:
-                names.add(f"{p}{parent}.{m}.weight")
-                if f"{p}{parent}.{m}.bias" in present:
-                    names.add(f"{p}{parent}.{m}.bias")
-        names |= {p + f"self_attn.{n}.weight" for n in ("q_norm", "k_norm") if p + f"self_attn.{n}.weight" in present}
+                names[f"{p}{parent}.{m}.weight"] = outs_ins[m]
+                if m in with_bias:
+                    names[f"{p}{parent}.{m}.bias"] = outs_ins[m][:1]
+        if c.model_type == "qwen3":
+            names[p + "self_attn.q_norm.weight"] = names[p + "self_attn.k_norm.weight"] = (c.head_dim,)
     return names
 
 
@@ -137,16 +155,16 @@ def unsupported_reason(directory: Path, lora_cfg) -> str | None:
     files = weight_files(directory)
     if not files:
         return "no safetensors weights"
-    present: set[str] = set()
+    present: dict[str, tuple[int, ...]] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            present |= set(f.keys())
-    present = {k for k in present if not k.endswith("rotary_emb.inv_freq")}   # old files keep RoPE's table
-    expected = expected_weights(config, present)
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")   # transformers ties the head to the embeddings whatever the file has
-    if present != expected:
-        odd = sorted(present ^ expected)
+            present.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    # old files keep RoPE's table; transformers ties a tied head to the embeddings whatever the file has
+    present = {k: v for k, v in present.items() if not k.endswith("rotary_emb.inv_freq")
+               and not (config.tie_word_embeddings and k == "lm_head.weight")}
+    expected = expected_weights(config)
+    odd = sorted(set(present) ^ set(expected)) or sorted(k for k in expected if present[k] != expected[k])
+    if odd:
         return f"weights other than the model layer's ({', '.join(odd[:3])}{'...' if len(odd) > 3 else ''})"
     return None
 
