@@ -82,6 +82,23 @@ def test_hub_config_layouts_read_as_transformers_reads_them(family, change, fami
     assert torch.equal(a.inv_freq, b.inv_freq) and a.window == b.window and a.rope_scale == b.rope_scale
 
 
+def test_sharded_weights_read_by_their_index_and_other_files_left_alone(family_dir, tmp_path):
+    """A sharded checkpoint is read through model.safetensors.index.json, and a safetensors file of
+    another format beside it (Mistral's repositories ship consolidated.safetensors) is ignored, as
+    transformers ignores it."""
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "sharded"
+    load_model(BaseModel("m", family_dir("mistral"), "hf"), "float32", "cpu").save_pretrained(
+        directory, max_shard_size="100KB")
+    assert len(native.weight_files(directory)) > 1
+    save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, str(directory / "consolidated.safetensors"))
+    assert native.unsupported_reason(directory, LORA) is None
+    mine, theirs = both(directory)
+    peft_params = dict(theirs.named_parameters())
+    assert all(torch.equal(p, peft_params[n]) for n, p in mine.named_parameters())
+
+
 def test_fused_pass_on_the_native_model_equals_it_on_the_peft_model(family_dir):
     """The fused pass's loss and every adapter gradient on one packed row, dropout off."""
     from chatlora.data.dataset import Example

@@ -41,7 +41,18 @@ REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 
 
 def weight_files(directory: Path) -> list[Path]:
-    return sorted(Path(directory).glob("*.safetensors"))
+    """The model's safetensors files, as transformers picks them: those of the shard index, else
+    model.safetensors (a repository may hold other formats' files beside them, e.g. Mistral's
+    consolidated.safetensors)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return []
+        return [directory / name for name in shards]
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
 def read_config(directory: Path) -> SimpleNamespace | str:
@@ -153,8 +164,8 @@ def unsupported_reason(directory: Path, lora_cfg) -> str | None:
     if lora_cfg.dora or set(lora_cfg.targets) - TARGETS:
         return "DoRA or LoRA outside the decoder layers' projections"
     files = weight_files(directory)
-    if not files:
-        return "no safetensors weights"
+    if not files or not all(f.is_file() for f in files):
+        return "no model.safetensors or complete shard index"
     present: dict[str, tuple[int, ...]] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
