@@ -170,6 +170,15 @@ def test_what_the_native_model_cannot_read_exactly_is_named(family_dir, tmp_path
     assert reason in (native.unsupported_reason(directory, LORA) or "")
 
 
+def test_a_damaged_weight_file_is_left_to_transformers_to_report(family_dir, tmp_path):
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(family_dir("qwen3"), directory)
+    (directory / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert "model.safetensors unreadable" in native.unsupported_reason(directory, LORA)
+
+
 def test_runs_that_need_transformers_say_why(index_dir):
     from chatlora.train.distributed import Ranks
     from chatlora.train.gradients import native_model_reason

@@ -168,8 +168,11 @@ def unsupported_reason(directory: Path, lora_cfg) -> str | None:
         return "no model.safetensors or complete shard index"
     present: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            present.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:   # safetensors' own error type: a damaged file is transformers' to report
+            return f"{path.name} unreadable ({e})"
     # old files keep RoPE's table; transformers ties a tied head to the embeddings whatever the file has
     present = {k: v for k, v in present.items() if not k.endswith("rotary_emb.inv_freq")
                and not (config.tie_word_embeddings and k == "lm_head.weight")}
