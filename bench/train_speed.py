@@ -134,7 +134,7 @@ def chatlora_path(model_dir: str, name: str, steps: int, warmup: int) -> dict:
     tokens_per_step = statistics.mean(r["tokens"] for r in timed)
     out = _summary(step_seconds, tokens_per_step, torch.cuda.max_memory_allocated())
     out["time_to_first_step_s"] = rows[0]["elapsed_s"]
-    out["startup_s"] = rows[0].get("startup_s")   # data, libraries, device, model, the rest of the set-up ready
+    out["startup_s"] = rows[0].get("startup_s")   # data, libraries, device, model, optimizer, ready
     out["label"] = label
     out["losses"] = [r["loss"] for r in rows]
     return out
