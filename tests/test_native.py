@@ -43,7 +43,7 @@ def test_native_model_is_the_transformers_and_peft_model(family, family_dir, ind
     q/k norms and head_dim, Mistral's window, Index converted to Llama): same names, bit-equal
     tensors (base weights and the seeded initial adapters), same dropout and scale, same architecture."""
     directory = prepare_base(str(index_dir)).dir if family == "index" else family_dir(family)
-    assert native.unsupported_reason(directory, LORA) is None
+    assert native.unsupported_reason(directory) is None
     mine, theirs = both(directory)
     ours, peft_params = dict(mine.named_parameters()), dict(theirs.named_parameters())
     assert sorted(ours) == sorted(peft_params)
@@ -76,7 +76,7 @@ def test_hub_config_layouts_read_as_transformers_reads_them(family, change, fami
     change(config)
     config = {k: v for k, v in config.items() if v is not None or k == "rope_scaling"}
     (directory / "config.json").write_text(json.dumps(config))
-    assert native.unsupported_reason(directory, LORA) is None
+    assert native.unsupported_reason(directory) is None
     mine, theirs = both(directory)
     a, b = Architecture.of(mine.get_base_model()), Architecture.of(theirs.get_base_model())
     assert torch.equal(a.inv_freq, b.inv_freq) and a.window == b.window and a.rope_scale == b.rope_scale
@@ -93,7 +93,7 @@ def test_sharded_weights_read_by_their_index_and_other_files_left_alone(family_d
         directory, max_shard_size="100KB")
     assert len(native.weight_files(directory)) > 1
     save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, str(directory / "consolidated.safetensors"))
-    assert native.unsupported_reason(directory, LORA) is None
+    assert native.unsupported_reason(directory) is None
     mine, theirs = both(directory)
     peft_params = dict(theirs.named_parameters())
     assert all(torch.equal(p, peft_params[n]) for n, p in mine.named_parameters())
@@ -167,7 +167,7 @@ def test_what_the_native_model_cannot_read_exactly_is_named(family_dir, tmp_path
     config = json.loads((directory / "config.json").read_text())
     change(config)
     (directory / "config.json").write_text(json.dumps(config))
-    assert reason in (native.unsupported_reason(directory, LORA) or "")
+    assert reason in (native.unsupported_reason(directory) or "")
 
 
 def test_a_damaged_weight_file_is_left_to_transformers_to_report(family_dir, tmp_path):
@@ -176,7 +176,7 @@ def test_a_damaged_weight_file_is_left_to_transformers_to_report(family_dir, tmp
     directory = tmp_path / "model"
     shutil.copytree(family_dir("qwen3"), directory)
     (directory / "model.safetensors").write_bytes(b"\xff" * 16)
-    assert "model.safetensors unreadable" in native.unsupported_reason(directory, LORA)
+    assert "model.safetensors unreadable" in native.unsupported_reason(directory)
 
 
 def test_runs_that_need_transformers_say_why(index_dir):

@@ -19,6 +19,12 @@ from chatlora.errors import UserError
 from chatlora.models.quantize import is_quantized, quiet_optional_imports
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER = "default"   # peft's name for a model's only adapter
+
+
+def saved_name(parameter_name: str) -> str:
+    """peft's saved name of an adapter parameter: its name without the adapter's."""
+    return parameter_name.replace(f".{ADAPTER}.", ".")
 
 
 def peft_module():

@@ -8,7 +8,7 @@ tree is plain torch modules with the same names and attributes (`model.layers.N.
 .lora_A.default.weight`, `base_layer`, `scaling`, `lora_dropout`), so parameter names, checkpoints and
 the adapter directory are the ones peft makes and reads (tests/test_native.py loads them with peft).
 
-    reason = unsupported_reason(directory, lora_cfg)     # None: this module reads that model exactly
+    reason = unsupported_reason(directory)               # None: this module reads that model exactly
     model = load(directory, lora_cfg, torch.bfloat16, "cuda")
     model.save_pretrained(out)                           # adapter_config.json + adapter_model.safetensors
 
@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from chatlora.atomic import write_text
-from chatlora.models.arch import FAMILIES, PROJECTIONS, TARGETS
-from chatlora.models.arch import unsupported_reason as architecture_reason
+from chatlora.models.arch import FAMILIES, PROJECTIONS
+from chatlora.models.lora import ADAPTER, saved_name
 
-ADAPTER = "default"   # peft's name for a model's only adapter
 ROPE_TYPES = ("default", "linear", "llama3")
 # Config fields whose absence would leave the value to transformers' per-family defaults.
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -150,9 +149,10 @@ def expected_weights(config: SimpleNamespace) -> dict[str, tuple[int, ...]]:
     return names
 
 
-def unsupported_reason(directory: Path, lora_cfg) -> str | None:
-    """None when `load` builds exactly the model and adapters that transformers and peft would, else why
-    not. Reads config.json and the safetensors headers only."""
+def unsupported_reason(directory: Path) -> str | None:
+    """None when `load` builds exactly the model that transformers would, else why not. Reads
+    config.json and the safetensors headers only (which adapters the fused pass covers is its own
+    question: train/fused.adapter_reason)."""
     from safetensors import safe_open
 
     config = read_config(directory)
@@ -161,8 +161,6 @@ def unsupported_reason(directory: Path, lora_cfg) -> str | None:
     rotary = rope(config)
     if isinstance(rotary, str):
         return rotary
-    if lora_cfg.dora or set(lora_cfg.targets) - TARGETS:
-        return "DoRA or LoRA outside the decoder layers' projections"
     files = weight_files(directory)
     if not files or not all(f.is_file() for f in files):
         return "no model.safetensors or complete shard index"
@@ -326,11 +324,6 @@ class NativeLoraModel(nn.Module):
             p.copy_(tensors[name])
 
 
-def saved_name(parameter_name: str) -> str:
-    """peft's saved name of an adapter parameter: its name without the adapter's."""
-    return parameter_name.replace(f".{ADAPTER}.", ".")
-
-
 def load(directory: Path, lora_cfg, dtype: torch.dtype, device: str) -> NativeLoraModel:
     """The model in `directory` (see `unsupported_reason`) in `dtype` on `device`, with fresh adapters
     (float32, as peft keeps the adapters of a 16-bit model), ready to train."""
@@ -345,8 +338,4 @@ def load(directory: Path, lora_cfg, dtype: torch.dtype, device: str) -> NativeLo
     for path in weight_files(directory):   # straight to the device: no host copy of the whole model
         for name, tensor in load_file(str(path), device=str(place)).items():
             weights[name] = tensor.to(dtype)
-    model = NativeLoraModel(NativeCausalLM(config, weights, inv_freq, rope_type), lora_cfg)
-    reason = architecture_reason(model.get_base_model())
-    if reason:   # unsupported_reason's checks should have said so first
-        raise RuntimeError(f"{directory}: the model layer does not cover this model ({reason})")
-    return model
+    return NativeLoraModel(NativeCausalLM(config, weights, inv_freq, rope_type), lora_cfg)

@@ -32,7 +32,7 @@ import torch
 
 from chatlora.atomic import file_sha256, new_directory
 from chatlora.errors import UserError
-from chatlora.models.lora import save_adapter, set_adapter_weights
+from chatlora.models.lora import save_adapter, saved_name, set_adapter_weights
 from chatlora.train.distributed import like
 
 MARKER = "COMPLETE"
@@ -269,7 +269,7 @@ def load_checkpoint(path: Path, model, optimizer, ranks=None, sharded: bool = Fa
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    p.copy_(like(adapter[name.replace(".default.", ".")], p))
+                    p.copy_(like(adapter[saved_name(name)], p))
     else:
         set_adapter_weights(model, adapter, str(path))
     tensors = load_file(str(path / "resume_state.safetensors"))

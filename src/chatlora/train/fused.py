@@ -45,28 +45,30 @@ import torch.utils.checkpoint
 from chatlora.models import triton_kernels
 from chatlora.models.arch import TARGETS, Architecture, Layer, Projection, block, fused_layers, rotate, times_weight_t
 from chatlora.models.arch import unsupported_reason as architecture_reason
+from chatlora.models.lora import ADAPTER
 from chatlora.train import attention_kernels, lora_kernels
 from chatlora.train import kernels as train_kernels
 from chatlora.train.head import chunked_cross_entropy
-
-ADAPTER = "default"
 
 
 def unsupported_reason(model, lora_cfg) -> str | None:
     """None when the fused pass computes exactly this peft model's function, else why it cannot."""
     lm = model.get_base_model()
-    reason = architecture_reason(lm)
+    reason = architecture_reason(lm) or adapter_reason(lora_cfg)
     if reason:
         return reason
-    if lora_cfg.dora:
-        return "DoRA"
-    extra = set(lora_cfg.targets) - TARGETS
-    if extra:
-        return f"LoRA on {sorted(extra)}"
     scales = {m.scaling[ADAPTER] for m in lm.modules() if isinstance(getattr(m, "scaling", None), dict) and ADAPTER in m.scaling}
     if len(scales) > 1:
         return "LoRA modules with different scales"
     return None
+
+
+def adapter_reason(lora_cfg) -> str | None:
+    """None when the fused pass covers adapters configured as `lora_cfg`, else why not."""
+    if lora_cfg.dora:
+        return "DoRA"
+    extra = set(lora_cfg.targets) - TARGETS
+    return f"LoRA on {sorted(extra)}" if extra else None
 
 
 @dataclass

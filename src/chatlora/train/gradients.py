@@ -19,7 +19,7 @@ from chatlora.models import native, triton_kernels
 from chatlora.train import distributed
 from chatlora.train.checkpoint import NonFiniteError
 from chatlora.train.distributed import Ranks
-from chatlora.train.fused import unsupported_reason
+from chatlora.train.fused import adapter_reason, unsupported_reason
 from chatlora.train.fused_step import FusedStep
 from chatlora.train.steps import held_out_loss, loss_sum, micro_batches, supervised_count
 
@@ -129,7 +129,7 @@ def native_model_reason(base_dir, cfg: Config, device: str, ranks: Ranks) -> str
         return "the plain peft path"
     if cfg.model.quantize != "none":
         return "a 4-bit base"
-    return native.unsupported_reason(base_dir, cfg.lora)
+    return adapter_reason(cfg.lora) or native.unsupported_reason(base_dir)
 
 
 def choose_fused_step(model, cfg: Config, device: str) -> FusedStep | None:
