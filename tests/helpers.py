@@ -1,5 +1,8 @@
 """Helpers shared by the tests (no test module imports another; the tiny models come from
-chatlora.testing, the fixtures from conftest.py)."""
+chatlora.testing, the fixtures from conftest.py).
+
+The server's libraries (fastapi, starlette) are imported inside the helpers that need them: the GPU
+tests use the kernel helpers here on machines that have no web stack installed."""
 
 from __future__ import annotations
 
@@ -14,14 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from chatlora.config import ServeConfig, load_config
 from chatlora.decode import kernels
 from chatlora.models.load import load_model, prepare_base
 from chatlora.models.lora import attach, trainable_parameters
-from chatlora.serve.app import Server, build_app, in_background
 from chatlora.templates import chat_format
 from chatlora.train.gradients import accumulate_gradients
 
@@ -99,12 +100,16 @@ class Slow(torch.nn.Module):
         return self.inner(*a, **k)
 
 
-def local_client(app) -> TestClient:
+def local_client(app):
     """An in-process client that calls the server by a loopback name, as a local browser does."""
+    from fastapi.testclient import TestClient
+
     return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
 def make_client(loaded, key=None, **limits):
+    from chatlora.serve.app import Server, build_app
+
     run, model = loaded
     return local_client(build_app(Server(run, model, ServeConfig(**limits)), key))
 
@@ -119,8 +124,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def running(server: Server, key: str | None = None):
-    """A real uvicorn server for `server` on a free loopback port, in a thread; yields its URL."""
+def running(server, key: str | None = None):
+    """A real uvicorn server for `server` (a serve.app.Server) on a free loopback port, in a thread;
+    yields its URL."""
+    from chatlora.serve.app import in_background
+
     return in_background(server, key)
 
 
