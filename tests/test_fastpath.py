@@ -411,10 +411,11 @@ def test_chunked_cross_entropy_equals_the_full_one(rows):
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters(amsgrad):
     """AdamW on one flat tensor whose views are the parameters (train/flat_optimizer.py) moves every
-    parameter exactly as torch's AdamW over the parameters does, bit for bit, over steps with new
-    gradients and learning rates; its state dict is AdamW's, tensor for tensor (so checkpoints are
-    the same files); and loaded from AdamW's state dict it goes on identically. With amsgrad, its
-    third moment travels the same way."""
+    parameter exactly as torch's fused AdamW over the parameters does, bit for bit, over steps with
+    new gradients and learning rates, and skips a step flagged not finite as it does (no update, not
+    counted); its state dict is AdamW's, tensor for tensor (so checkpoints are the same files); and
+    loaded from AdamW's state dict it goes on identically. With amsgrad, its third moment travels
+    the same way."""
     from chatlora.train.flat_optimizer import FlatAdamW
 
     g = torch.Generator().manual_seed(0)
@@ -430,7 +431,8 @@ def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters(amsgr
     order = [2, 0, 3, 1]                                   # the optimizer's order is not the buffer's
     ours = FlatAdamW([params[i] for i in order], flat, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     reference = [torch.nn.Parameter(v.clone()) for v in views]
-    theirs = torch.optim.AdamW([reference[i] for i in order], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    theirs = torch.optim.AdamW([reference[i] for i in order], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad,
+                             fused=True)
     for step in range(3):
         flat.grad.copy_(torch.randn(flat.shape, generator=g))
         for r, p in zip(reference, params):
@@ -439,7 +441,14 @@ def test_the_flat_optimizer_updates_and_saves_as_adamw_over_the_parameters(amsgr
             opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
             opt.step()
         assert all(torch.equal(p, r) for p, r in zip(params, reference))
+    before = [p.clone() for p in params]
+    for opt in (ours, theirs):   # a step whose figures were not finite: no update, not counted
+        opt.found_inf = torch.ones(())
+        opt.step()
+        opt.found_inf = None
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
     mine, want = ours.state_dict(), theirs.state_dict()
+    assert mine["state"][0]["step"].item() == want["state"][0]["step"].item() == 3
     assert mine["param_groups"] == want["param_groups"] and mine["state"].keys() == want["state"].keys()
     for i in want["state"]:
         assert mine["state"][i].keys() == want["state"][i].keys()

@@ -320,17 +320,16 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
     from chatlora.errors import UserError
     from chatlora.train.checkpoint import latest_checkpoint
     from chatlora.train.distributed import Ranks
+    from chatlora.train.flat_optimizer import FlatAdamW
     from chatlora.train.gradients import FusedGradients, defers_read_back
 
     updates = []   # whether the adapter weights moved, per optimizer step
+    real_step = FlatAdamW.step
 
-    class Watched(torch.optim.AdamW):
-        def step(self, *args, **kwargs):
-            before = [p.detach().clone() for g in self.param_groups for p in g["params"]]
-            out = super().step(*args, **kwargs)
-            updates.append(any(not torch.equal(x, p) for x, p in
-                               zip(before, [p for g in self.param_groups for p in g["params"]])))
-            return out
+    def watched(self):
+        before = self.flat.detach().clone()
+        real_step(self)
+        updates.append(not torch.equal(before, self.flat.detach()))
 
     real = FusedGradients.clip_grad_norm_
     calls = {"n": 0}
@@ -342,7 +341,7 @@ def test_non_finite_step_on_cuda_applies_no_update_and_stops_naming_it(index_dir
         return real(self, max_norm)
 
     monkeypatch.setattr(FusedGradients, "clip_grad_norm_", poisoned)
-    monkeypatch.setattr(torch.optim, "AdamW", Watched)
+    monkeypatch.setattr(FlatAdamW, "step", watched)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in huanhuan_rows[:64]))
     cfg = load_config(overrides=["train.max_steps=6", "train.save_every=2", "train.eval_every=0"],

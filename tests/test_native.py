@@ -196,7 +196,7 @@ def test_runs_that_need_transformers_say_why(index_dir):
 
 def test_training_without_transformers_imports_neither_library_and_resumes_exactly(index_dir, tiny_data, tmp_path):
     """A fused-pass run (CPU, eager) on a model the native module reads imports neither transformers'
-    model classes nor peft; resumed from its step-2 checkpoint, it repeats step 3 exactly (dropout on:
+    model classes nor peft, nor torch._dynamo (torch.optim's import: seconds of a start); resumed from its step-2 checkpoint, it repeats step 3 exactly (dropout on:
     the masks' RNG state is restored too)."""
     prepare_base(str(index_dir))   # a cached model: the conversion, once per download, uses transformers
     script = f"""
@@ -212,8 +212,8 @@ train(cfg(3), {str(tmp_path / "straight")!r})
 shutil.copytree({str(tmp_path / "straight")!r}, {str(tmp_path / "resumed")!r})   # as it stood after step 2
 shutil.rmtree({str(tmp_path / "resumed" / "final")!r})
 train(cfg(3), {str(tmp_path / "resumed")!r}, resume=True)
-print(json.dumps([m for m in ("peft", "transformers.modeling_utils", "transformers.models.auto.modeling_auto")
-                  if m in sys.modules]))
+print(json.dumps([m for m in ("peft", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+                            "torch._dynamo") if m in sys.modules]))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -195,11 +195,14 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
     params = [p for _, p in trainable_parameters(model)]
     defer = defers_read_back(device, ranks)
     fast = None if sharded else choose_fused_step(model, cfg, device)   # its parameters: views into one tensor
-    # fused: one kernel for all adapter tensors on a GPU (the foreach version launches per chunk of
-    # tensors); it also skips a step on the device when told the step's figures are not finite
-    settings = dict(lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.startswith("cuda") or defer)
-    optimizer = FlatAdamW(params, fast.net.flat, **settings) if fast else torch.optim.AdamW(params, **settings)
-    # the fused pass built and the optimizer made (torch.optim imports torch._dynamo on its first use)
+    # the fused pass: its own AdamW on the one flat buffer (torch's fused kernel, without torch.optim's
+    # import of torch._dynamo); fused elsewhere too on a GPU: one kernel for all adapter tensors (the
+    # foreach version launches per chunk of tensors). It skips a step on the device when told the
+    # step's figures are not finite.
+    settings = dict(lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = (FlatAdamW(params, fast.net.flat, **settings) if fast else
+                 torch.optim.AdamW(params, **settings, fused=device.startswith("cuda") or defer))
+    # the fused pass built and the optimizer made
     startup["optimizer"] = round(time.perf_counter() - started, 2)
 
     plan = StepPlan(len(ds.train), t.examples_per_step, t.seed)
