@@ -194,6 +194,21 @@ def test_runs_that_need_transformers_say_why(index_dir):
     assert reason("train.fast_path=eager", "train.packing=false") == "the plain peft path"
 
 
+def test_graphs_asked_for_on_a_cpu_stay_the_users_error_on_the_model_read_directly(index_dir, tiny_data, tmp_path):
+    """`train.fast_path=graphs` on a CPU picks the native model (a fused-pass run) and then cannot
+    capture graphs: a UserError naming why, as with transformers' model, not an internal error."""
+    from chatlora.errors import UserError
+    from chatlora.train.distributed import Ranks
+    from chatlora.train.gradients import native_model_reason
+    from chatlora.train.loop import train
+
+    cfg = load_config(overrides=["train.fast_path=graphs", "train.max_steps=1"],
+                      flags={"model.path": str(index_dir), "data.path": str(tiny_data)})
+    assert native_model_reason(prepare_base(str(index_dir)).dir, cfg, "cpu", Ranks()) is None
+    with pytest.raises(UserError, match="train.fast_path=graphs is not available: CUDA graphs need a GPU"):
+        train(cfg, tmp_path / "run")
+
+
 def test_training_without_transformers_imports_neither_library_and_resumes_exactly(index_dir, tiny_data, tmp_path):
     """A fused-pass run (CPU, eager) on a model the native module reads imports neither transformers'
     model classes nor peft, nor torch._dynamo (torch.optim's import: seconds of a start); resumed from its step-2 checkpoint, it repeats step 3 exactly (dropout on:

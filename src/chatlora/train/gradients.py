@@ -141,11 +141,11 @@ def choose_fused_step(model, cfg: Config, device: str) -> FusedStep | None:
     reason = unsupported_reason(model, cfg.lora) or (None if t.packing else "train.packing is off")
     if reason is None and mode == "graphs" and not device.startswith("cuda"):
         reason = "CUDA graphs need a GPU"
-    if reason and isinstance(model, native.NativeLoraModel):   # native_model_reason admits no such run
-        raise RuntimeError(f"the model built without transformers cannot train on the plain path ({reason})")
     if reason:
-        if t.fast_path != "auto":
+        if t.fast_path != "auto":   # asked for by name (graphs on a CPU, say): the user's to change
             raise UserError(f"train.fast_path={t.fast_path} is not available: {reason}")
+        if isinstance(model, native.NativeLoraModel):   # native_model_reason admits no such run
+            raise RuntimeError(f"the model built without transformers cannot train on the plain path ({reason})")
         print(f"chatlora: the fast training path does not cover this run ({reason}); using the plain peft model")
         return None
     step = FusedStep(model, device, graphs=mode == "graphs", checkpoint=t.gradient_checkpointing)
