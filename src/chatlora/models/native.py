@@ -251,12 +251,12 @@ class NativeCausalLM(nn.Module):
             layer = nn.Module()
             layer.input_layernorm = Weight(weights[p + "input_layernorm.weight"])
             layer.post_attention_layernorm = Weight(weights[p + "post_attention_layernorm.weight"])
-            for parent, modules in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                    ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-                holder = nn.Module()
+            for parent, modules in PROJECTIONS.values():   # q, k, v, o, then gate, up, down: transformers' order
+                if not hasattr(layer, parent):
+                    setattr(layer, parent, nn.Module())
                 for m in modules:
-                    setattr(holder, m, Linear(weights[f"{p}{parent}.{m}.weight"], weights.get(f"{p}{parent}.{m}.bias")))
-                setattr(layer, parent, holder)
+                    setattr(getattr(layer, parent), m,
+                            Linear(weights[f"{p}{parent}.{m}.weight"], weights.get(f"{p}{parent}.{m}.bias")))
             for n in ("q_norm", "k_norm"):
                 if p + f"self_attn.{n}.weight" in weights:
                     setattr(layer.self_attn, n, Weight(weights[p + f"self_attn.{n}.weight"]))
@@ -316,7 +316,7 @@ class NativeLoraModel(nn.Module):
     @torch.no_grad()
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Copy saved adapter weights (peft's names) into the adapters; every one must fit."""
-        params = {saved_name(n): p for n, p in self.named_parameters() if p.requires_grad}
+        params = self.adapter_tensors()
         if set(tensors) != set(params):
             odd = sorted(set(tensors) ^ set(params))
             raise RuntimeError(f"{source}: adapter weights do not fit the model: {odd[:3]}")

@@ -196,9 +196,9 @@ def _train(cfg: Config, run: Path, resume: bool, overwrite: bool, ranks, device:
     defer = defers_read_back(device, ranks)
     fast = None if sharded else choose_fused_step(model, cfg, device)   # its parameters: views into one tensor
     # the fused pass: its own AdamW on the one flat buffer (torch's fused kernel, without torch.optim's
-    # import of torch._dynamo); fused elsewhere too on a GPU: one kernel for all adapter tensors (the
-    # foreach version launches per chunk of tensors). It skips a step on the device when told the
-    # step's figures are not finite.
+    # import of torch._dynamo); elsewhere fused on a GPU: one kernel for all adapter tensors (the
+    # foreach version launches per chunk of tensors). Fused AdamW skips a step on the device when
+    # told the step's figures are not finite, which a deferred read-back relies on.
     settings = dict(lr=t.learning_rate, weight_decay=t.weight_decay)
     optimizer = (FlatAdamW(params, fast.net.flat, **settings) if fast else
                  torch.optim.AdamW(params, **settings, fused=device.startswith("cuda") or defer))
